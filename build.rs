@@ -1,0 +1,24 @@
+//! Compiles the protos with protox (pure Rust, so no protoc is needed on any machine), generates
+//! the tonic code, and writes the descriptor set that server reflection serves.
+
+use std::{env, fs, path::PathBuf};
+
+const PROTOS: &[&str] = &[
+    "proto/hopper/delegation/v1/resources.proto",
+    "proto/hopper/delegation/v1/instance_service.proto",
+    "proto/hopper/delegation/v1/task_service.proto",
+    "proto/hopper/delegation/v1/delegation_service.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    // `compile_fds` does not write the descriptor set itself; reflection needs it.
+    fs::write(
+        out_dir.join("hopper_descriptor.bin"),
+        protox::prost::Message::encode_to_vec(&descriptors),
+    )?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,345 @@
+//! The delegation lifecycle: the one place that says which transitions exist, where a task may
+//! be delegated, how far a completion bubbles, and what a cancellation reaches.
+//!
+//! ```text
+//!            accept            complete
+//!  pending ──────────► accepted ─────────► completed
+//!     │                   │
+//!     │ reject            │ cancel (also cascades to every active hop below)
+//!     ▼                   ▼
+//!  rejected           cancelled ◄── cancel ── pending
+//! ```
+//!
+//! The store enforces each transition as a compare-and-set on the statuses returned by
+//! [`Transition::from`], so concurrent callers cannot both win.
+
+use super::{DelegationStatus, DelegationType, InstanceStatus, TaskStatus};
+use crate::error::Error;
+
+/// A change of a delegation's status requested by a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// The target takes the task on.
+    Accept,
+    /// The target refuses the task.
+    Reject,
+    /// The work is done.
+    Complete,
+    /// The delegation is called off.
+    Cancel,
+}
+
+impl Transition {
+    /// The statuses this transition may start from.
+    pub fn from(self) -> &'static [DelegationStatus] {
+        use DelegationStatus::*;
+        match self {
+            Self::Accept | Self::Reject => &[Pending],
+            Self::Complete => &[Accepted],
+            Self::Cancel => &DelegationStatus::ACTIVE,
+        }
+    }
+
+    /// The status this transition leads to.
+    pub fn to(self) -> DelegationStatus {
+        match self {
+            Self::Accept => DelegationStatus::Accepted,
+            Self::Reject => DelegationStatus::Rejected,
+            Self::Complete => DelegationStatus::Completed,
+            Self::Cancel => DelegationStatus::Cancelled,
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Accept => "accept",
+            Self::Reject => "reject",
+            Self::Complete => "complete",
+            Self::Cancel => "cancel",
+        }
+    }
+
+    /// Checks that a delegation in `current` may take this transition; the error names the
+    /// current status.
+    pub fn check(self, id: &str, current: DelegationStatus) -> Result<DelegationStatus, Error> {
+        if self.from().contains(&current) {
+            return Ok(self.to());
+        }
+        let allowed: Vec<_> = self.from().iter().map(|s| s.as_str()).collect();
+        Err(Error::precondition(format!(
+            "delegation {id} is {current}; it must be {} to {}",
+            allowed.join(" or "),
+            self.verb()
+        )))
+    }
+}
+
+/// Where the target of a delegation lies, seen from its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relation {
+    /// The target is the source itself.
+    Same,
+    /// The target is below the source.
+    Descendant,
+    /// The target is above the source.
+    Ancestor,
+    /// Neither above nor below: a sibling, a cousin, or another tree.
+    Unrelated,
+}
+
+impl Relation {
+    /// Works the relation out from the ancestor chains of both instances (each starting with the
+    /// instance itself).
+    pub fn between(source_lineage: &[String], target_lineage: &[String]) -> Self {
+        match (source_lineage.first(), target_lineage.first()) {
+            (Some(source), Some(target)) if source == target => Self::Same,
+            (Some(source), _) if target_lineage.contains(source) => Self::Descendant,
+            (_, Some(target)) if source_lineage.contains(target) => Self::Ancestor,
+            _ => Self::Unrelated,
+        }
+    }
+}
+
+/// What the rules need to know about a proposed delegation.
+#[derive(Debug)]
+pub struct ProposedHop<'a> {
+    /// The task being delegated.
+    pub task_id: &'a str,
+    /// The task's status.
+    pub task_status: TaskStatus,
+    /// Where the task is now.
+    pub task_location: &'a str,
+    /// Whether the task is a subtask of another task.
+    pub is_subtask: bool,
+    /// The id of a pending delegation of the task, if it has one.
+    pub pending_delegation: Option<&'a str>,
+    /// The sending instance.
+    pub source: &'a str,
+    /// The receiving instance.
+    pub target: &'a str,
+    /// The receiving instance's run state.
+    pub target_status: InstanceStatus,
+    /// The kind of hop.
+    pub kind: DelegationType,
+    /// Where the target lies from the source.
+    pub relation: Relation,
+}
+
+/// Checks every rule for creating a delegation. The error names the offending state.
+pub fn check_new_hop(hop: &ProposedHop<'_>) -> Result<(), Error> {
+    if hop.relation == Relation::Same {
+        return Err(Error::invalid(
+            "target_instance_id",
+            "must differ from source_instance_id",
+        ));
+    }
+    if hop.task_status.is_final() {
+        return Err(Error::precondition(format!(
+            "task {} is {}; a finished task cannot be delegated",
+            hop.task_id, hop.task_status
+        )));
+    }
+    if let Some(pending) = hop.pending_delegation {
+        return Err(Error::precondition(format!(
+            "task {} already has a pending delegation {pending}",
+            hop.task_id
+        )));
+    }
+    if hop.task_location != hop.source {
+        return Err(Error::precondition(format!(
+            "task {} is at instance {}, not at the source {}",
+            hop.task_id, hop.task_location, hop.source
+        )));
+    }
+    if !hop.target_status.takes_work() {
+        return Err(Error::precondition(format!(
+            "target instance {} is {}; only created, starting or running instances take work",
+            hop.target, hop.target_status
+        )));
+    }
+    if hop.kind == DelegationType::Decompose && !hop.is_subtask {
+        return Err(Error::precondition(format!(
+            "task {} is not a subtask; only subtasks are delegated with decompose",
+            hop.task_id
+        )));
+    }
+    let (expected, wanted) = match hop.kind {
+        DelegationType::Route | DelegationType::Decompose => (Relation::Descendant, "a descendant"),
+        DelegationType::Escalate => (Relation::Ancestor, "an ancestor"),
+        DelegationType::Reassign => (Relation::Unrelated, "neither an ancestor nor a descendant"),
+    };
+    if hop.relation != expected {
+        return Err(Error::precondition(format!(
+            "a {} delegation goes to {wanted} of the source, and {} is {} of {}",
+            hop.kind,
+            hop.target,
+            describe(hop.relation),
+            hop.source
+        )));
+    }
+    Ok(())
+}
+
+fn describe(relation: Relation) -> &'static str {
+    match relation {
+        Relation::Same => "the same instance as",
+        Relation::Descendant => "a descendant",
+        Relation::Ancestor => "an ancestor",
+        Relation::Unrelated => "neither an ancestor nor a descendant",
+    }
+}
+
+/// How far a completion bubbles. `chain` holds the kinds of the completed delegation and of its
+/// ancestors within the same task, nearest first. Returns how many ancestors complete with it,
+/// and whether the task itself is done (the completion reached the origin of its chain).
+///
+/// A completed hop completes its parent, unless it is a `decompose` hop: a subtask's completion
+/// does not finish its parent task on its own.
+pub fn bubbling(chain: &[DelegationType]) -> (usize, bool) {
+    let reach = chain
+        .iter()
+        .position(|kind| *kind == DelegationType::Decompose)
+        .unwrap_or(chain.len().saturating_sub(1));
+    let task_done = reach + 1 >= chain.len();
+    (reach, task_done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DelegationStatus::*;
+
+    #[test]
+    fn each_transition_starts_from_its_statuses_only() {
+        let table = [
+            (Transition::Accept, Pending, Some(Accepted)),
+            (Transition::Accept, Accepted, None),
+            (Transition::Reject, Pending, Some(Rejected)),
+            (Transition::Reject, Accepted, None),
+            (Transition::Complete, Accepted, Some(Completed)),
+            (Transition::Complete, Pending, None),
+            (Transition::Cancel, Pending, Some(Cancelled)),
+            (Transition::Cancel, Accepted, Some(Cancelled)),
+            (Transition::Cancel, Completed, None),
+            (Transition::Cancel, Rejected, None),
+            (Transition::Accept, Cancelled, None),
+        ];
+        for (transition, from, expected) in table {
+            assert_eq!(
+                transition.check("d", from).ok(),
+                expected,
+                "{transition:?} from {from}"
+            );
+        }
+        let err = Transition::Complete.check("d1", Pending).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "delegation d1 is pending; it must be accepted to complete"
+        );
+    }
+
+    #[test]
+    fn relations_follow_lineage() {
+        let lineage = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let global = lineage(&["g"]);
+        let project = lineage(&["p", "g"]);
+        let orch = lineage(&["o", "p", "g"]);
+        let other = lineage(&["q", "g"]);
+        assert_eq!(Relation::between(&global, &orch), Relation::Descendant);
+        assert_eq!(Relation::between(&orch, &global), Relation::Ancestor);
+        assert_eq!(Relation::between(&project, &other), Relation::Unrelated);
+        assert_eq!(Relation::between(&project, &project), Relation::Same);
+    }
+
+    fn hop() -> ProposedHop<'static> {
+        ProposedHop {
+            task_id: "t",
+            task_status: TaskStatus::Pending,
+            task_location: "g",
+            is_subtask: false,
+            pending_delegation: None,
+            source: "g",
+            target: "p",
+            target_status: InstanceStatus::Running,
+            kind: DelegationType::Route,
+            relation: Relation::Descendant,
+        }
+    }
+
+    #[test]
+    fn a_hop_must_follow_every_rule() {
+        assert!(check_new_hop(&hop()).is_ok());
+        let refused = [
+            ProposedHop {
+                relation: Relation::Same,
+                ..hop()
+            },
+            ProposedHop {
+                task_status: TaskStatus::Done,
+                ..hop()
+            },
+            ProposedHop {
+                pending_delegation: Some("d0"),
+                ..hop()
+            },
+            ProposedHop {
+                task_location: "x",
+                ..hop()
+            },
+            ProposedHop {
+                target_status: InstanceStatus::Stopped,
+                ..hop()
+            },
+            ProposedHop {
+                kind: DelegationType::Decompose,
+                ..hop()
+            },
+            ProposedHop {
+                kind: DelegationType::Escalate,
+                ..hop()
+            },
+            ProposedHop {
+                kind: DelegationType::Reassign,
+                ..hop()
+            },
+            ProposedHop {
+                relation: Relation::Ancestor,
+                ..hop()
+            },
+        ];
+        for case in refused {
+            assert!(check_new_hop(&case).is_err(), "{case:?}");
+        }
+        let fine = [
+            ProposedHop {
+                kind: DelegationType::Decompose,
+                is_subtask: true,
+                ..hop()
+            },
+            ProposedHop {
+                kind: DelegationType::Escalate,
+                relation: Relation::Ancestor,
+                ..hop()
+            },
+            ProposedHop {
+                kind: DelegationType::Reassign,
+                relation: Relation::Unrelated,
+                ..hop()
+            },
+        ];
+        for case in fine {
+            assert!(check_new_hop(&case).is_ok(), "{case:?}");
+        }
+    }
+
+    #[test]
+    fn completions_bubble_to_the_origin_but_not_past_a_decompose_hop() {
+        use DelegationType::*;
+        assert_eq!(bubbling(&[Route]), (0, true));
+        assert_eq!(bubbling(&[Route, Route]), (1, true));
+        assert_eq!(bubbling(&[Escalate, Route, Route]), (2, true));
+        assert_eq!(bubbling(&[Decompose]), (0, true));
+        assert_eq!(bubbling(&[Route, Decompose]), (1, true));
+        assert_eq!(bubbling(&[Decompose, Route]), (0, false));
+    }
+}

@@ -1,0 +1,129 @@
+//! The vocabulary of Hopper (scopes, statuses, delegation types), the input limits, and the
+//! lifecycle rules in [`lifecycle`]. Pure: no I/O, no transport, no database access.
+//!
+//! The enums derive diesel's `AsExpression`/`FromSqlRow` markers so that rows can carry them
+//! typed; the actual text mapping lives in `store::sql_types`.
+
+pub mod lifecycle;
+pub mod limits;
+
+use std::fmt;
+
+/// Declares an enum stored as lower-case text, with its text form written once.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        pub enum $name { $($(#[$vmeta])* $variant,)+ }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &[Self] = &[$(Self::$variant,)+];
+
+            /// The stored text form.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text,)+ }
+            }
+
+            /// Parses the stored text form.
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($text => Some(Self::$variant),)+ _ => None }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// Where an instance sits in the Hopper tree.
+    Scope {
+        Global = "global",
+        Project = "project",
+        Orchestration = "orchestration",
+        Personal = "personal",
+        Family = "family",
+        Event = "event",
+        Federated = "federated",
+    }
+}
+
+text_enum! {
+    /// Run state of an instance.
+    InstanceStatus {
+        Created = "created",
+        Starting = "starting",
+        Running = "running",
+        Stopping = "stopping",
+        Stopped = "stopped",
+        Paused = "paused",
+        Error = "error",
+        Terminated = "terminated",
+    }
+}
+
+text_enum! {
+    /// Status of a task.
+    TaskStatus {
+        Pending = "pending",
+        Claimed = "claimed",
+        InProgress = "in_progress",
+        Blocked = "blocked",
+        Done = "done",
+        Cancelled = "cancelled",
+    }
+}
+
+text_enum! {
+    /// How a delegation moves a task.
+    DelegationType {
+        /// Down the tree, to a descendant.
+        Route = "route",
+        /// A subtask sent down to a descendant.
+        Decompose = "decompose",
+        /// Up the tree, to an ancestor.
+        Escalate = "escalate",
+        /// Sideways, to an instance that is neither ancestor nor descendant.
+        Reassign = "reassign",
+    }
+}
+
+text_enum! {
+    /// Where a delegation is in its lifecycle (see [`lifecycle`]).
+    DelegationStatus {
+        Pending = "pending",
+        Accepted = "accepted",
+        Rejected = "rejected",
+        Completed = "completed",
+        Cancelled = "cancelled",
+    }
+}
+
+impl DelegationStatus {
+    /// Pending and accepted delegations are live: they can still change.
+    pub const ACTIVE: [Self; 2] = [Self::Pending, Self::Accepted];
+
+    /// Whether the delegation can still change.
+    pub fn is_active(self) -> bool {
+        Self::ACTIVE.contains(&self)
+    }
+}
+
+impl InstanceStatus {
+    /// Whether an instance in this state may receive delegations.
+    pub fn takes_work(self) -> bool {
+        matches!(self, Self::Created | Self::Starting | Self::Running)
+    }
+}
+
+impl TaskStatus {
+    /// Whether the task is finished for good.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Done | Self::Cancelled)
+    }
+}

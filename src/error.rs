@@ -1,0 +1,185 @@
+//! The one error type of the request path, and its one mapping to a gRPC status.
+//!
+//! `anyhow` is used only at start-up (`main`). Everything a request can hit is an [`Error`]:
+//! the rules produce `InvalidArgument`, `NotFound` and `FailedPrecondition` with a message that
+//! names the field, the entity or the current state; [`From<diesel::result::Error>`] turns
+//! database failures into `Unavailable` (connection lost, lock or serialisation conflict) or
+//! `Internal`, and the `From<Error> for tonic::Status` impl below is the only place that picks
+//! gRPC codes.
+
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Everything that can go wrong while serving a request.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// A request field is malformed; nothing was looked up.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The request field, as named in the proto.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A record the request names does not exist.
+    #[error("{entity} {id} not found")]
+    NotFound {
+        /// What kind of record ("task", "instance", "delegation").
+        entity: &'static str,
+        /// The id that was asked for.
+        id: String,
+    },
+    /// A record the request would create exists already.
+    #[error("{entity} {id} already exists")]
+    AlreadyExists {
+        /// What kind of record.
+        entity: &'static str,
+        /// The taken id.
+        id: String,
+    },
+    /// The request is well-formed but the current state forbids it; the message names the state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The database cannot be reached or refused for a passing reason; retrying may succeed.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or a corrupt row; the details are logged, the client gets a short message.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// An `InvalidArgument` for `field`.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// A `NotFound` for the `entity` with this `id`.
+    pub fn not_found(entity: &'static str, id: impl Into<String>) -> Self {
+        Self::NotFound {
+            entity,
+            id: id.into(),
+        }
+    }
+
+    /// A `FailedPrecondition` with this message.
+    pub fn precondition(message: impl Into<String>) -> Self {
+        Self::FailedPrecondition(message.into())
+    }
+}
+
+impl From<DieselError> for Error {
+    fn from(err: DieselError) -> Self {
+        match &err {
+            DieselError::DatabaseError(kind, info) => match kind {
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::SerializationFailure => {
+                    Self::Unavailable(info.message().to_owned())
+                }
+                // SQLite reports a lock it could not get within busy_timeout this way.
+                _ if info.message().contains("database is locked") => {
+                    Self::Unavailable(info.message().to_owned())
+                }
+                _ => Self::Internal(err.to_string()),
+            },
+            DieselError::BrokenTransactionManager => Self::Unavailable(err.to_string()),
+            _ => Self::Internal(err.to_string()),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        let message = err.to_string();
+        match err {
+            Error::InvalidArgument { field, reason } => Status::with_error_details(
+                Code::InvalidArgument,
+                message,
+                ErrorDetails::with_bad_request_violation(field, reason),
+            ),
+            Error::NotFound { .. } => Status::not_found(message),
+            Error::AlreadyExists { .. } => Status::already_exists(message),
+            Error::FailedPrecondition(_) => Status::failed_precondition(message),
+            Error::Unavailable(_) => Status::unavailable(message),
+            Error::Internal(_) => {
+                tracing::error!(error = %message, "internal error");
+                Status::internal("internal error; see the server log")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_maps_to_its_code() {
+        let cases = [
+            (
+                Error::invalid("title", "is required"),
+                Code::InvalidArgument,
+                "title: is required",
+            ),
+            (
+                Error::not_found("task", "t1"),
+                Code::NotFound,
+                "task t1 not found",
+            ),
+            (
+                Error::AlreadyExists {
+                    entity: "instance",
+                    id: "g".into(),
+                },
+                Code::AlreadyExists,
+                "instance g already exists",
+            ),
+            (
+                Error::precondition("task t is done"),
+                Code::FailedPrecondition,
+                "task t is done",
+            ),
+            (
+                Error::Unavailable("gone".into()),
+                Code::Unavailable,
+                "database unavailable: gone",
+            ),
+            (
+                Error::Internal("bug".into()),
+                Code::Internal,
+                "internal error; see the server log",
+            ),
+        ];
+        for (err, code, message) in cases {
+            let status = Status::from(err);
+            assert_eq!((status.code(), status.message()), (code, message));
+        }
+    }
+
+    #[test]
+    fn invalid_argument_carries_a_field_violation() {
+        let status = Status::from(Error::invalid("reason", "is required"));
+        let details = status.get_error_details();
+        let violations = &details
+            .bad_request()
+            .expect("bad request details")
+            .field_violations;
+        assert_eq!(violations[0].field, "reason");
+        assert_eq!(violations[0].description, "is required");
+    }
+
+    #[test]
+    fn database_failures_map_to_unavailable_or_internal() {
+        assert!(matches!(
+            Error::from(DieselError::BrokenTransactionManager),
+            Error::Unavailable(_)
+        ));
+        assert!(matches!(
+            Error::from(DieselError::NotFound),
+            Error::Internal(_)
+        ));
+    }
+}

@@ -1,0 +1,32 @@
+//! The Hopper delegation service: a gRPC server that records how tasks travel between Hopper
+//! instances (Global -> Project -> Orchestration, …) and bubbles completions back up the chain.
+//!
+//! # Layout
+//!
+//! Requests flow `rpc` -> `repository` -> (`domain` rules, `store` queries):
+//!
+//! - `proto/hopper/delegation/v1/*.proto`, compiled by `build.rs` into [`proto`].
+//! - [`server`]: assembles the services, health and reflection; owns shutdown.
+//! - [`rpc`]: one file per gRPC service; parses requests, converts records. No database here.
+//! - [`repository`]: one function per operation; each write is one transaction.
+//! - [`domain`]: the vocabulary and the lifecycle state machine ([`domain::lifecycle`]); pure.
+//! - [`store`]: diesel-async on PostgreSQL or SQLite; one query body for both backends.
+//! - [`error`]: the one error type and its one mapping to gRPC status codes.
+//! - `src/main.rs`: the command line (`serve`, `migrate`).
+//!
+//! `docs/ARCHITECTURE.md` explains the design choices.
+
+pub mod domain;
+pub mod error;
+pub mod repository;
+pub mod rpc;
+pub mod server;
+pub mod store;
+
+/// Code generated from `proto/hopper/delegation/v1`.
+pub mod proto {
+    tonic::include_proto!("hopper.delegation.v1");
+
+    /// The descriptors of every Hopper proto, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("hopper_descriptor");
+}

@@ -1,0 +1,98 @@
+//! The `hopper-delegation` binary: parses the command line, sets up logging, and runs the
+//! server or the migrations.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use hopper_delegation::{
+    server,
+    store::{self, DatabaseUrl, Db, Migrate},
+};
+use tokio::net::TcpListener;
+
+/// Records how tasks travel between Hopper instances and bubbles completions back up.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Migrate the database, then serve gRPC until SIGTERM or Ctrl-C.
+    Serve(ServeArgs),
+    /// Apply pending migrations and exit.
+    Migrate(DatabaseArgs),
+}
+
+#[derive(Args)]
+struct DatabaseArgs {
+    /// postgres://… or postgresql://… for PostgreSQL; sqlite://PATH or a bare path for SQLite.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://hopper.db")]
+    database_url: DatabaseUrl,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "HOPPER_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Size of the database connection pool.
+    #[arg(long, env = "HOPPER_MAX_CONNECTIONS", default_value_t = 16)]
+    max_connections: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Migrate(args) => {
+            let applied = store::migrate(&args.database_url, Migrate::Latest).await?;
+            tracing::info!(?applied, "database is up to date");
+        }
+        Command::Serve(args) => {
+            let url = &args.database.database_url;
+            let applied = store::migrate(url, Migrate::Latest)
+                .await
+                .context("could not migrate the database")?;
+            tracing::info!(?applied, "database is up to date");
+            let db = Db::open(url, args.max_connections)?;
+            let listener = TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("could not listen on {}", args.listen))?;
+            tracing::info!(address = %listener.local_addr()?, "serving gRPC");
+            server::run(listener, db, shutdown_signal()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,427 @@
+//! Creating delegations and moving them through their lifecycle, with bubbling and cascade.
+//!
+//! Every write first locks the row of the task concerned ([`tasks::lock`]), so the writers of
+//! one task run one after another and each sees the state its predecessor left; the transition
+//! itself is still a compare-and-set on the status (`UPDATE … WHERE status IN …`).
+
+use std::collections::HashSet;
+
+use super::{Page, PageRequest, decode_cursor, encode_cursor, new_id};
+use crate::{
+    domain::{
+        DelegationStatus, DelegationType,
+        lifecycle::{self, ProposedHop, Relation, Transition},
+    },
+    error::Error,
+    store::{
+        Conn, Db,
+        delegations::{self, Change, Delegation, Listing},
+        instances, now,
+        tasks::{self, Task},
+    },
+};
+
+/// A validated CreateDelegation request.
+#[derive(Debug, Clone)]
+pub struct NewDelegation {
+    /// The task to delegate.
+    pub task_id: String,
+    /// The sending instance.
+    pub source_instance_id: String,
+    /// The receiving instance.
+    pub target_instance_id: String,
+    /// The kind of hop.
+    pub delegation_type: DelegationType,
+    /// Free-form notes.
+    pub notes: Option<String>,
+    /// Who is delegating.
+    pub delegated_by: Option<String>,
+}
+
+/// A task's chain from origin to current location.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    /// The hops, origin first.
+    pub delegations: Vec<Delegation>,
+    /// Where the chain starts.
+    pub origin_instance_id: String,
+    /// Where the task is now.
+    pub current_instance_id: String,
+}
+
+/// What a completion changed.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The completed delegation.
+    pub delegation: Delegation,
+    /// The delegations it bubbled up to, nearest first.
+    pub completed_ancestors: Vec<Delegation>,
+    /// The task afterwards.
+    pub task: Task,
+}
+
+/// What a cancellation changed.
+#[derive(Debug, Clone)]
+pub struct Cancellation {
+    /// The cancelled delegation.
+    pub delegation: Delegation,
+    /// The active delegations below it that were cancelled too, nearest first.
+    pub cancelled_descendants: Vec<Delegation>,
+    /// The delegation's task afterwards.
+    pub task: Task,
+}
+
+/// Sends a task from its current instance to another one.
+pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
+    let mut tx = db.begin().await?;
+    let conn: &mut Conn = &mut tx;
+    let outcome = async {
+        let task = tasks::lock(conn, &new.task_id)
+            .await?
+            .ok_or_else(|| Error::not_found("task", &new.task_id))?;
+        let source = &new.source_instance_id;
+        let target = &new.target_instance_id;
+        let source_lineage = instances::lineage(conn, source).await?;
+        if source_lineage.is_empty() {
+            return Err(Error::not_found("source instance", source));
+        }
+        let target_instance = instances::find(conn, target)
+            .await?
+            .ok_or_else(|| Error::not_found("target instance", target))?;
+        let target_lineage = instances::lineage(conn, target).await?;
+        let pending = delegations::pending_of_task(conn, &task.id).await?;
+        lifecycle::check_new_hop(&ProposedHop {
+            task_id: &task.id,
+            task_status: task.status,
+            task_location: &task.instance_id,
+            is_subtask: task.parent_task_id.is_some(),
+            pending_delegation: pending.as_deref(),
+            source,
+            target,
+            target_status: target_instance.status,
+            kind: new.delegation_type,
+            relation: Relation::between(&source_lineage, &target_lineage),
+        })?;
+        let parent_delegation_id = match delegations::accepted_into(conn, &task.id, source).await? {
+            Some(id) => Some(id),
+            None => match &task.parent_task_id {
+                Some(parent_task) => delegations::accepted_into(conn, parent_task, source).await?,
+                None => None,
+            },
+        };
+        let at = now();
+        let delegation = Delegation {
+            id: new_id(),
+            task_id: task.id.clone(),
+            parent_delegation_id,
+            source_instance_id: new.source_instance_id.clone(),
+            target_instance_id: new.target_instance_id.clone(),
+            delegation_type: new.delegation_type,
+            status: DelegationStatus::Pending,
+            delegated_at: at,
+            accepted_at: None,
+            completed_at: None,
+            result: None,
+            rejection_reason: None,
+            notes: new.notes,
+            delegated_by: new.delegated_by,
+            created_at: at,
+            updated_at: at,
+        };
+        delegations::insert(conn, &delegation).await?;
+        tasks::move_to(conn, &task.id, target, at).await?;
+        Ok(delegation)
+    }
+    .await;
+    tx.finish(outcome).await
+}
+
+/// Reads one delegation.
+pub async fn get(db: &Db, id: &str) -> Result<Delegation, Error> {
+    find(&mut db.conn().await?, id).await
+}
+
+async fn find(conn: &mut Conn, id: &str) -> Result<Delegation, Error> {
+    delegations::find(conn, id)
+        .await?
+        .ok_or_else(|| Error::not_found("delegation", id))
+}
+
+/// Replaces a delegation's notes.
+pub async fn update_notes(db: &Db, id: &str, notes: &str) -> Result<Delegation, Error> {
+    let change = Change {
+        notes: Some(notes),
+        ..Change::at(now())
+    };
+    let mut conn = db.conn().await?;
+    let updated = delegations::update(&mut conn, &[id], DelegationStatus::ALL, &change).await?;
+    updated
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::not_found("delegation", id))
+}
+
+/// Lists every delegation of a task, oldest first.
+pub async fn list_for_task(
+    db: &Db,
+    task_id: &str,
+    page: &PageRequest,
+) -> Result<Page<Delegation>, Error> {
+    let after = decode_cursor(&page.token)?;
+    let mut conn = db.conn().await?;
+    if tasks::find(&mut conn, task_id).await?.is_none() {
+        return Err(Error::not_found("task", task_id));
+    }
+    list(&mut conn, Listing::OfTask(task_id), after, page.size).await
+}
+
+/// Lists the pending delegations sent to an instance, oldest first.
+pub async fn list_pending(
+    db: &Db,
+    instance_id: &str,
+    page: &PageRequest,
+) -> Result<Page<Delegation>, Error> {
+    let after = decode_cursor(&page.token)?;
+    let mut conn = db.conn().await?;
+    if instances::find(&mut conn, instance_id).await?.is_none() {
+        return Err(Error::not_found("instance", instance_id));
+    }
+    list(
+        &mut conn,
+        Listing::PendingFor(instance_id),
+        after,
+        page.size,
+    )
+    .await
+}
+
+async fn list(
+    conn: &mut Conn,
+    listing: Listing<'_>,
+    after: Option<delegations::Cursor>,
+    size: usize,
+) -> Result<Page<Delegation>, Error> {
+    let limit = i64::try_from(size + 1).unwrap_or(i64::MAX);
+    let rows = delegations::list(conn, listing, after.as_ref(), limit).await?;
+    Ok(Page::cut(rows, size, cursor_of))
+}
+
+fn cursor_of(delegation: &Delegation) -> String {
+    encode_cursor(&(delegation.delegated_at, delegation.id.clone()))
+}
+
+/// Reads a task's chain, origin first.
+pub async fn chain(db: &Db, task_id: &str) -> Result<Chain, Error> {
+    let mut conn = db.conn().await?;
+    let task = tasks::find(&mut conn, task_id)
+        .await?
+        .ok_or_else(|| Error::not_found("task", task_id))?;
+    let delegations = delegations::current_chain(&mut conn, task_id).await?;
+    let origin_instance_id = delegations.first().map_or_else(
+        || task.instance_id.clone(),
+        |d| d.source_instance_id.clone(),
+    );
+    Ok(Chain {
+        delegations,
+        origin_instance_id,
+        current_instance_id: task.instance_id,
+    })
+}
+
+/// Locks the delegation's task, then reads the delegation as it is under that lock.
+async fn lock(conn: &mut Conn, id: &str) -> Result<(Delegation, Task), Error> {
+    let task = tasks::lock_by_delegation(conn, id)
+        .await?
+        .ok_or_else(|| Error::not_found("delegation", id))?;
+    Ok((find(conn, id).await?, task))
+}
+
+/// Applies `transition` to one delegation as a compare-and-set and returns it changed.
+async fn transition(
+    conn: &mut Conn,
+    delegation: &Delegation,
+    transition: Transition,
+    change: Change<'_>,
+) -> Result<Delegation, Error> {
+    let status = transition.check(&delegation.id, delegation.status)?;
+    let change = Change {
+        status: Some(status),
+        ..change
+    };
+    let updated = delegations::update(conn, &[&delegation.id], transition.from(), &change).await?;
+    updated.into_iter().next().ok_or_else(|| {
+        Error::Internal(format!(
+            "delegation {} changed under the task lock",
+            delegation.id
+        ))
+    })
+}
+
+/// The target takes the task on.
+pub async fn accept(db: &Db, id: &str) -> Result<Delegation, Error> {
+    let mut tx = db.begin().await?;
+    let conn: &mut Conn = &mut tx;
+    let outcome = async {
+        let (delegation, _) = lock(conn, id).await?;
+        let at = now();
+        let change = Change {
+            accepted_at: Some(at),
+            ..Change::at(at)
+        };
+        transition(conn, &delegation, Transition::Accept, change).await
+    }
+    .await;
+    tx.finish(outcome).await
+}
+
+/// The target refuses the task, which goes back to the source.
+pub async fn reject(db: &Db, id: &str, reason: &str) -> Result<Delegation, Error> {
+    let mut tx = db.begin().await?;
+    let conn: &mut Conn = &mut tx;
+    let outcome = async {
+        let (delegation, _) = lock(conn, id).await?;
+        let at = now();
+        let change = Change {
+            rejection_reason: Some(reason),
+            ..Change::at(at)
+        };
+        let rejected = transition(conn, &delegation, Transition::Reject, change).await?;
+        tasks::move_to(conn, &rejected.task_id, &rejected.source_instance_id, at).await?;
+        Ok(rejected)
+    }
+    .await;
+    tx.finish(outcome).await
+}
+
+/// Completes a delegation and bubbles the completion up its chain; when the origin completes,
+/// the task is DONE with the result, back at the origin's source.
+pub async fn complete(
+    db: &Db,
+    id: &str,
+    result: Option<&serde_json::Value>,
+    notes: Option<&str>,
+) -> Result<Completion, Error> {
+    let mut tx = db.begin().await?;
+    let conn: &mut Conn = &mut tx;
+    let outcome = async {
+        let (delegation, task) = lock(conn, id).await?;
+        transition_allowed(&delegation, Transition::Complete)?;
+        if let Some(child) = delegations::active_child(conn, id, &delegation.task_id).await? {
+            return Err(Error::precondition(format!(
+                "task {} is delegated onward by delegation {} ({}, to {}); \
+                     delegation {id} completes when that one does",
+                delegation.task_id, child.id, child.status, child.target_instance_id
+            )));
+        }
+        let lineage = delegations::lineage(conn, id).await?;
+        let kinds: Vec<_> = lineage.iter().map(|d| d.delegation_type).collect();
+        let (reach, task_done) = lifecycle::bubbling(&kinds);
+        let ancestors = &lineage[1..=reach];
+        if let Some(stuck) = ancestors
+            .iter()
+            .find(|d| d.status != DelegationStatus::Accepted)
+        {
+            return Err(Error::Internal(format!(
+                "delegation {} above {id} is {}, not accepted",
+                stuck.id, stuck.status
+            )));
+        }
+
+        let at = now();
+        let completed = Change {
+            completed_at: Some(at),
+            result,
+            ..Change::at(at)
+        };
+        let delegation = transition(
+            conn,
+            &delegation,
+            Transition::Complete,
+            Change { notes, ..completed },
+        )
+        .await?;
+        let ids: Vec<&str> = ancestors.iter().map(|d| d.id.as_str()).collect();
+        let completed_ancestors = if ids.is_empty() {
+            Vec::new()
+        } else {
+            let change = Change {
+                status: Some(DelegationStatus::Completed),
+                ..completed
+            };
+            let from = Transition::Complete.from();
+            in_order(delegations::update(conn, &ids, from, &change).await?, &ids)
+        };
+        let task = if task_done {
+            let origin = lineage[reach].source_instance_id.as_str();
+            tasks::finish(conn, &task.id, origin, result, at).await?
+        } else {
+            task
+        };
+        Ok(Completion {
+            delegation,
+            completed_ancestors,
+            task,
+        })
+    }
+    .await;
+    tx.finish(outcome).await
+}
+
+fn transition_allowed(delegation: &Delegation, transition: Transition) -> Result<(), Error> {
+    transition
+        .check(&delegation.id, delegation.status)
+        .map(drop)
+}
+
+/// Cancels a delegation and every active delegation below it; each task concerned goes back to
+/// the source of its topmost cancelled hop.
+pub async fn cancel(db: &Db, id: &str) -> Result<Cancellation, Error> {
+    let mut tx = db.begin().await?;
+    let conn: &mut Conn = &mut tx;
+    let outcome = async {
+        let (delegation, _) = lock(conn, id).await?;
+        transition_allowed(&delegation, Transition::Cancel)?;
+        let below = delegations::active_below(conn, id).await?;
+        let at = now();
+        let delegation = transition(conn, &delegation, Transition::Cancel, Change::at(at)).await?;
+        let ids: Vec<&str> = below.iter().map(|d| d.id.as_str()).collect();
+        let cancelled_descendants = if ids.is_empty() {
+            Vec::new()
+        } else {
+            let change = Change {
+                status: Some(DelegationStatus::Cancelled),
+                ..Change::at(at)
+            };
+            // Rows of other tasks (subtasks) may have changed since they were read, as
+            // their tasks are not locked here: the compare-and-set keeps what finished.
+            let from = Transition::Cancel.from();
+            in_order(delegations::update(conn, &ids, from, &change).await?, &ids)
+        };
+        let mut returned = HashSet::from([delegation.task_id.as_str()]);
+        for hop in &cancelled_descendants {
+            if returned.insert(hop.task_id.as_str()) {
+                tasks::move_to(conn, &hop.task_id, &hop.source_instance_id, at).await?;
+            }
+        }
+        let task = tasks::move_to(
+            conn,
+            &delegation.task_id,
+            &delegation.source_instance_id,
+            at,
+        )
+        .await?;
+        Ok(Cancellation {
+            delegation,
+            cancelled_descendants,
+            task,
+        })
+    }
+    .await;
+    tx.finish(outcome).await
+}
+
+/// Puts rows returned by an UPDATE (in no particular order) in the order of `ids`.
+fn in_order(mut rows: Vec<Delegation>, ids: &[&str]) -> Vec<Delegation> {
+    rows.sort_by_key(|row| ids.iter().position(|id| *id == row.id));
+    rows
+}

@@ -1,0 +1,178 @@
+//! `hopper.delegation.v1.DelegationService`.
+
+use tonic::{Request, Response, Status};
+
+use super::{FromProto, all, id, json, optional_text, text};
+use crate::{
+    domain::{DelegationType, limits},
+    proto::{self as pb, delegation_service_server::DelegationService},
+    repository::{
+        PageRequest,
+        delegations::{self, NewDelegation},
+    },
+    store::Db,
+};
+
+/// Serves DelegationService from a database.
+#[derive(Clone)]
+pub struct DelegationApi {
+    db: Db,
+}
+
+impl DelegationApi {
+    /// A service over `db`.
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+}
+
+#[tonic::async_trait]
+impl DelegationService for DelegationApi {
+    async fn create_delegation(
+        &self,
+        request: Request<pb::CreateDelegationRequest>,
+    ) -> Result<Response<pb::Delegation>, Status> {
+        let r = request.into_inner();
+        let new = NewDelegation {
+            task_id: id("task_id", r.task_id)?,
+            source_instance_id: id("source_instance_id", r.source_instance_id)?,
+            target_instance_id: id("target_instance_id", r.target_instance_id)?,
+            delegation_type: DelegationType::required("delegation_type", r.delegation_type)?,
+            notes: optional_text("notes", r.notes, limits::MAX_NOTES_LEN)?,
+            delegated_by: optional_text("delegated_by", r.delegated_by, limits::MAX_NAME_LEN)?,
+        };
+        Ok(Response::new(
+            delegations::create(&self.db, new).await?.into(),
+        ))
+    }
+
+    async fn get_delegation(
+        &self,
+        request: Request<pb::GetDelegationRequest>,
+    ) -> Result<Response<pb::Delegation>, Status> {
+        let delegation_id = id("id", request.into_inner().id)?;
+        Ok(Response::new(
+            delegations::get(&self.db, &delegation_id).await?.into(),
+        ))
+    }
+
+    async fn update_delegation(
+        &self,
+        request: Request<pb::UpdateDelegationRequest>,
+    ) -> Result<Response<pb::Delegation>, Status> {
+        let r = request.into_inner();
+        let delegation_id = id("id", r.id)?;
+        let notes = text("notes", r.notes, limits::MAX_NOTES_LEN, false)?;
+        let updated = delegations::update_notes(&self.db, &delegation_id, &notes).await?;
+        Ok(Response::new(updated.into()))
+    }
+
+    async fn list_task_delegations(
+        &self,
+        request: Request<pb::ListTaskDelegationsRequest>,
+    ) -> Result<Response<pb::ListTaskDelegationsResponse>, Status> {
+        let r = request.into_inner();
+        let task_id = id("task_id", r.task_id)?;
+        let page = PageRequest {
+            size: limits::page_size(r.page_size)?,
+            token: r.page_token,
+        };
+        let page = delegations::list_for_task(&self.db, &task_id, &page).await?;
+        Ok(Response::new(pb::ListTaskDelegationsResponse {
+            delegations: all(page.items),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn get_delegation_chain(
+        &self,
+        request: Request<pb::GetDelegationChainRequest>,
+    ) -> Result<Response<pb::GetDelegationChainResponse>, Status> {
+        let task_id = id("task_id", request.into_inner().task_id)?;
+        let chain = delegations::chain(&self.db, &task_id).await?;
+        Ok(Response::new(pb::GetDelegationChainResponse {
+            task_id,
+            delegations: all(chain.delegations),
+            origin_instance_id: chain.origin_instance_id,
+            current_instance_id: chain.current_instance_id,
+        }))
+    }
+
+    async fn list_pending_delegations(
+        &self,
+        request: Request<pb::ListPendingDelegationsRequest>,
+    ) -> Result<Response<pb::ListPendingDelegationsResponse>, Status> {
+        let r = request.into_inner();
+        let instance_id = id("instance_id", r.instance_id)?;
+        let page = PageRequest {
+            size: limits::page_size(r.page_size)?,
+            token: r.page_token,
+        };
+        let page = delegations::list_pending(&self.db, &instance_id, &page).await?;
+        Ok(Response::new(pb::ListPendingDelegationsResponse {
+            delegations: all(page.items),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn accept_delegation(
+        &self,
+        request: Request<pb::AcceptDelegationRequest>,
+    ) -> Result<Response<pb::Delegation>, Status> {
+        let delegation_id = id("id", request.into_inner().id)?;
+        Ok(Response::new(
+            delegations::accept(&self.db, &delegation_id).await?.into(),
+        ))
+    }
+
+    async fn reject_delegation(
+        &self,
+        request: Request<pb::RejectDelegationRequest>,
+    ) -> Result<Response<pb::Delegation>, Status> {
+        let r = request.into_inner();
+        let delegation_id = id("id", r.id)?;
+        let reason = text("reason", r.reason, limits::MAX_REASON_LEN, true)?;
+        let rejected = delegations::reject(&self.db, &delegation_id, &reason).await?;
+        Ok(Response::new(rejected.into()))
+    }
+
+    async fn complete_delegation(
+        &self,
+        request: Request<pb::CompleteDelegationRequest>,
+    ) -> Result<Response<pb::CompleteDelegationResponse>, Status> {
+        let r = request.into_inner();
+        let delegation_id = id("id", r.id)?;
+        let result = r
+            .result
+            .map(|s| json::from_struct("result", s))
+            .transpose()?;
+        if let Some(result) = &result {
+            limits::json("result", result)?;
+        }
+        let notes = r
+            .notes
+            .map(|n| text("notes", n, limits::MAX_NOTES_LEN, false))
+            .transpose()?;
+        let done =
+            delegations::complete(&self.db, &delegation_id, result.as_ref(), notes.as_deref())
+                .await?;
+        Ok(Response::new(pb::CompleteDelegationResponse {
+            delegation: Some(done.delegation.into()),
+            completed_ancestors: all(done.completed_ancestors),
+            task: Some(done.task.into()),
+        }))
+    }
+
+    async fn cancel_delegation(
+        &self,
+        request: Request<pb::CancelDelegationRequest>,
+    ) -> Result<Response<pb::CancelDelegationResponse>, Status> {
+        let delegation_id = id("id", request.into_inner().id)?;
+        let cancelled = delegations::cancel(&self.db, &delegation_id).await?;
+        Ok(Response::new(pb::CancelDelegationResponse {
+            delegation: Some(cancelled.delegation.into()),
+            cancelled_descendants: all(cancelled.cancelled_descendants),
+            task: Some(cancelled.task.into()),
+        }))
+    }
+}

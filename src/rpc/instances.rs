@@ -1,0 +1,99 @@
+//! `hopper.delegation.v1.InstanceService`.
+
+use tonic::{Request, Response, Status};
+
+use super::{FromProto, all, id, json, text};
+use crate::{
+    domain::{InstanceStatus, Scope, limits},
+    proto::{self as pb, instance_service_server::InstanceService},
+    repository::{
+        PageRequest,
+        instances::{self, NewInstance},
+    },
+    store::{Db, instances::Filter},
+};
+
+/// Serves InstanceService from a database.
+#[derive(Clone)]
+pub struct InstanceApi {
+    db: Db,
+}
+
+impl InstanceApi {
+    /// A service over `db`.
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+}
+
+#[tonic::async_trait]
+impl InstanceService for InstanceApi {
+    async fn register_instance(
+        &self,
+        request: Request<pb::RegisterInstanceRequest>,
+    ) -> Result<Response<pb::Instance>, Status> {
+        let r = request.into_inner();
+        let config = match r.config {
+            Some(config) => json::from_struct("config", config)?,
+            None => serde_json::Value::Object(Default::default()),
+        };
+        limits::json("config", &config)?;
+        let new = NewInstance {
+            id: limits::optional_id("id", &r.id)?,
+            name: text("name", r.name, limits::MAX_NAME_LEN, true)?,
+            scope: Scope::required("scope", r.scope)?,
+            parent_id: limits::optional_id("parent_id", &r.parent_id)?,
+            status: InstanceStatus::from_proto("status", r.status)?
+                .unwrap_or(InstanceStatus::Created),
+            config,
+        };
+        Ok(Response::new(
+            instances::register(&self.db, new).await?.into(),
+        ))
+    }
+
+    async fn get_instance(
+        &self,
+        request: Request<pb::GetInstanceRequest>,
+    ) -> Result<Response<pb::Instance>, Status> {
+        let instance_id = id("id", request.into_inner().id)?;
+        Ok(Response::new(
+            instances::get(&self.db, &instance_id).await?.into(),
+        ))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<pb::ListInstancesRequest>,
+    ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        let r = request.into_inner();
+        let filter = Filter {
+            scope: Scope::from_proto("scope", r.scope)?,
+            parent_id: limits::optional_id("parent_id", &r.parent_id)?,
+            status: InstanceStatus::from_proto("status", r.status)?,
+        };
+        let page = PageRequest {
+            size: limits::page_size(r.page_size)?,
+            token: r.page_token,
+        };
+        let page = instances::list(&self.db, &filter, &page).await?;
+        Ok(Response::new(pb::ListInstancesResponse {
+            instances: all(page.items),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn update_instance_status(
+        &self,
+        request: Request<pb::UpdateInstanceStatusRequest>,
+    ) -> Result<Response<pb::Instance>, Status> {
+        let r = request.into_inner();
+        let instance_id = id("id", r.id)?;
+        let status = InstanceStatus::required("status", r.status)?;
+        Ok(Response::new(
+            instances::set_status(&self.db, &instance_id, status)
+                .await?
+                .into(),
+        ))
+    }
+}

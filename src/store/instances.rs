@@ -1,0 +1,128 @@
+//! The `hopper_instances` table.
+
+use chrono::NaiveDateTime;
+use diesel::{prelude::*, sql_types::Text};
+use diesel_async::RunQueryDsl;
+
+use super::{Conn, schema::hopper_instances, with_conn};
+use crate::domain::{InstanceStatus, Scope};
+
+/// One Hopper instance.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = hopper_instances)]
+pub struct Instance {
+    /// Unique id.
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Where it sits in the tree.
+    pub scope: Scope,
+    /// The parent instance; `None` for a root.
+    pub parent_id: Option<String>,
+    /// Run state.
+    pub status: InstanceStatus,
+    /// Free-form configuration.
+    pub config: serde_json::Value,
+    /// When it was registered.
+    pub created_at: NaiveDateTime,
+    /// When it last changed.
+    pub updated_at: NaiveDateTime,
+}
+
+/// Filters for [`list`]; `None` matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this scope.
+    pub scope: Option<Scope>,
+    /// Only direct children of this instance.
+    pub parent_id: Option<String>,
+    /// Only this run state.
+    pub status: Option<InstanceStatus>,
+}
+
+/// Inserts a new instance.
+pub async fn insert(conn: &mut Conn, instance: &Instance) -> QueryResult<()> {
+    with_conn!(conn, |c| diesel::insert_into(hopper_instances::table)
+        .values(instance)
+        .execute(c)
+        .await
+        .map(drop))
+}
+
+/// Reads one instance.
+pub async fn find(conn: &mut Conn, id: &str) -> QueryResult<Option<Instance>> {
+    with_conn!(conn, |c| hopper_instances::table
+        .find(id)
+        .select(Instance::as_select())
+        .first(c)
+        .await
+        .optional())
+}
+
+/// Lists instances matching `filter` with ids greater than `after`, ordered by id.
+pub async fn list(
+    conn: &mut Conn,
+    filter: &Filter,
+    after: Option<&str>,
+    limit: i64,
+) -> QueryResult<Vec<Instance>> {
+    with_conn!(conn, |c| {
+        let mut query = hopper_instances::table
+            .select(Instance::as_select())
+            .into_boxed();
+        if let Some(scope) = filter.scope {
+            query = query.filter(hopper_instances::scope.eq(scope));
+        }
+        if let Some(parent_id) = &filter.parent_id {
+            query = query.filter(hopper_instances::parent_id.eq(parent_id));
+        }
+        if let Some(status) = filter.status {
+            query = query.filter(hopper_instances::status.eq(status));
+        }
+        if let Some(after) = after {
+            query = query.filter(hopper_instances::id.gt(after));
+        }
+        query.order(hopper_instances::id).limit(limit).load(c).await
+    })
+}
+
+/// Sets an instance's run state; `None` if there is no such instance.
+pub async fn set_status(
+    conn: &mut Conn,
+    id: &str,
+    status: InstanceStatus,
+    now: NaiveDateTime,
+) -> QueryResult<Option<Instance>> {
+    with_conn!(conn, |c| diesel::update(hopper_instances::table.find(id))
+        .set((
+            hopper_instances::status.eq(status),
+            hopper_instances::updated_at.eq(now)
+        ))
+        .returning(Instance::as_returning())
+        .get_result(c)
+        .await
+        .optional())
+}
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = Text)]
+    id: String,
+}
+
+/// The instance and its ancestors, nearest first, in one round trip; empty if unknown.
+pub async fn lineage(conn: &mut Conn, id: &str) -> QueryResult<Vec<String>> {
+    const LINEAGE: &str = "
+        WITH RECURSIVE lineage (id, parent_id, depth) AS (
+            SELECT id, parent_id, 0 FROM hopper_instances WHERE id = $1
+            UNION ALL
+            SELECT i.id, i.parent_id, l.depth + 1
+            FROM hopper_instances i JOIN lineage l ON i.id = l.parent_id
+        )
+        SELECT id FROM lineage ORDER BY depth";
+    with_conn!(conn, |c| diesel::sql_query(LINEAGE)
+        .bind::<Text, _>(id)
+        .load::<Id>(c)
+        .await
+        .map(|rows| rows.into_iter().map(|row| row.id).collect()))
+}

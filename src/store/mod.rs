@@ -1,0 +1,388 @@
+//! Persistence with diesel-async on PostgreSQL or embedded SQLite, chosen at run time by the
+//! database URL.
+//!
+//! Every query is written once: [`with_conn!`] expands the same body in each arm of the
+//! [`Conn`] enum, so diesel type-checks it against both backends. Only the migrations differ
+//! per backend (`migrations/postgres`, `migrations/sqlite`). The table modules hold functions
+//! that take a connection and return `QueryResult`; the caller (`repository`) decides where a
+//! transaction starts and ends.
+
+pub mod delegations;
+pub mod instances;
+pub mod schema;
+mod sql_types;
+pub mod tasks;
+
+use std::{path::PathBuf, str::FromStr, time::Duration};
+
+use ::deadpool::{Runtime, managed::Timeouts};
+use chrono::{NaiveDateTime, SubsecRound, Utc};
+use diesel::migration::{Migration, MigrationSource};
+use diesel::{Connection, connection::SimpleConnection, sqlite::SqliteConnection};
+use diesel_async::{
+    AsyncConnection, AsyncPgConnection, SimpleAsyncConnection, TransactionManager,
+    async_connection_wrapper::AsyncConnectionWrapper,
+    pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, deadpool},
+    sync_connection_wrapper::SyncConnectionWrapper,
+};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures_util::FutureExt;
+
+use crate::error::Error;
+
+/// SQLite runs its blocking calls on tokio's blocking pool through this wrapper.
+pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
+
+const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+/// How long a request waits for a pooled connection (or for a new one to be set up) before it
+/// fails with UNAVAILABLE instead of hanging.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long SQLite waits for another writer's lock before giving up.
+const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
+
+/// Where the data lives, parsed from `--database-url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `postgres://…` or `postgresql://…`, passed to the driver as given.
+    Postgres(String),
+    /// `sqlite://PATH`, `sqlite:PATH` or a bare path; the file is created if missing.
+    Sqlite(PathBuf),
+}
+
+impl FromStr for DatabaseUrl {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres(url.to_owned()));
+        }
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url);
+        if path.is_empty() || path == ":memory:" || path.contains("mode=memory") {
+            // A pool would give every connection its own empty in-memory database.
+            return Err(format!(
+                "{url:?}: give SQLite a file path, e.g. sqlite://hopper.db"
+            ));
+        }
+        if url.contains("://") && !url.starts_with("sqlite://") {
+            return Err(format!(
+                "{url:?}: use postgres://…, sqlite://PATH or a file path"
+            ));
+        }
+        Ok(Self::Sqlite(PathBuf::from(path)))
+    }
+}
+
+impl DatabaseUrl {
+    fn sqlite_path(path: &std::path::Path) -> String {
+        path.to_string_lossy().into_owned()
+    }
+}
+
+/// A pool of connections to one database. Cheap to clone.
+#[derive(Clone)]
+pub enum Db {
+    /// PostgreSQL through diesel-async's native driver.
+    Pg(deadpool::Pool<AsyncPgConnection>),
+    /// SQLite through diesel's sync connection on the blocking pool.
+    Sqlite(deadpool::Pool<SqliteConn>),
+}
+
+/// One pooled connection, of either backend. Returned to the pool on drop; a connection dropped
+/// inside a transaction (say, the request was cancelled) is discarded, which rolls it back.
+pub enum Conn {
+    /// A PostgreSQL connection.
+    Pg(deadpool::Object<AsyncPgConnection>),
+    /// A SQLite connection.
+    Sqlite(deadpool::Object<SqliteConn>),
+}
+
+/// Runs the same query body on whichever backend `$conn` (a `&mut Conn`) holds: `$c` is bound
+/// to the backend's connection in each arm.
+macro_rules! with_conn {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::store::Conn::Pg(pooled) => {
+                let $c = &mut **pooled;
+                $body
+            }
+            $crate::store::Conn::Sqlite(pooled) => {
+                let $c = &mut **pooled;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_conn;
+
+/// Whether a write failed on a unique constraint (a taken id, a second pending delegation).
+pub fn is_unique_violation(err: &diesel::result::Error) -> bool {
+    matches!(
+        err,
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
+    )
+}
+
+/// The current time as stored: UTC, truncated to microseconds, which both backends keep exactly.
+pub fn now() -> NaiveDateTime {
+    Utc::now().naive_utc().trunc_subsecs(6)
+}
+
+impl Db {
+    /// Opens a pool; nothing is checked until the first connection is needed.
+    pub fn open(url: &DatabaseUrl, max_connections: usize) -> Result<Self, Error> {
+        let timeouts = Timeouts {
+            wait: Some(CONNECTION_TIMEOUT),
+            create: Some(CONNECTION_TIMEOUT),
+            recycle: Some(CONNECTION_TIMEOUT),
+        };
+        let build_error = |e: deadpool::BuildError| Error::Internal(e.to_string());
+        Ok(match url {
+            DatabaseUrl::Postgres(url) => {
+                let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url.clone());
+                Self::Pg(
+                    deadpool::Pool::builder(manager)
+                        .max_size(max_connections)
+                        .timeouts(timeouts)
+                        .runtime(Runtime::Tokio1)
+                        .build()
+                        .map_err(build_error)?,
+                )
+            }
+            DatabaseUrl::Sqlite(path) => {
+                let mut config = ManagerConfig::<SqliteConn>::default();
+                config.custom_setup = Box::new(|url| setup_sqlite(url).boxed());
+                let manager = AsyncDieselConnectionManager::<SqliteConn>::new_with_config(
+                    DatabaseUrl::sqlite_path(path),
+                    config,
+                );
+                Self::Sqlite(
+                    deadpool::Pool::builder(manager)
+                        .max_size(max_connections)
+                        .timeouts(timeouts)
+                        .runtime(Runtime::Tokio1)
+                        .build()
+                        .map_err(build_error)?,
+                )
+            }
+        })
+    }
+
+    /// Checks a connection out of the pool; UNAVAILABLE if none can be had in time.
+    pub async fn conn(&self) -> Result<Conn, Error> {
+        let unavailable = |e: deadpool::PoolError| Error::Unavailable(e.to_string());
+        Ok(match self {
+            Self::Pg(pool) => Conn::Pg(pool.get().await.map_err(unavailable)?),
+            Self::Sqlite(pool) => Conn::Sqlite(pool.get().await.map_err(unavailable)?),
+        })
+    }
+
+    /// Starts a transaction on a pooled connection; end it with [`Tx::finish`].
+    ///
+    /// SQLite transactions start with `BEGIN IMMEDIATE`, taking the write lock up front: a
+    /// deferred `BEGIN` that reads and then writes fails with "database is locked" under
+    /// concurrency instead of waiting for the lock. PostgreSQL runs READ COMMITTED; the
+    /// repository serialises the writers of one task by locking the task's row first.
+    pub async fn begin(&self) -> Result<Tx, Error> {
+        let mut conn = self.conn().await?;
+        conn.begin().await?;
+        Ok(Tx(conn))
+    }
+}
+
+/// An open transaction. Dropped without [`Tx::finish`] (say, the request was cancelled), its
+/// connection is discarded by the pool, which rolls the transaction back.
+pub struct Tx(Conn);
+
+impl Tx {
+    /// Commits if `outcome` is `Ok`, rolls back otherwise, and passes `outcome` on (or the
+    /// commit's error).
+    pub async fn finish<T>(mut self, outcome: Result<T, Error>) -> Result<T, Error> {
+        match outcome {
+            Ok(value) => match self.0.commit().await {
+                Ok(()) => Ok(value),
+                Err(err) => {
+                    // A failed COMMIT may leave the transaction open; close it (the pool
+                    // discards the connection if that fails too).
+                    let _ = self.0.rollback().await;
+                    Err(err.into())
+                }
+            },
+            Err(err) => {
+                let _ = self.0.rollback().await;
+                Err(err)
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut Conn {
+        &mut self.0
+    }
+}
+
+impl Conn {
+    async fn begin(&mut self) -> diesel::QueryResult<()> {
+        match self {
+            Self::Pg(c) => {
+                <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(
+                    &mut **c,
+                )
+                .await
+            }
+            Self::Sqlite(c) => {
+                c.spawn_blocking(|c| {
+                    diesel::connection::AnsiTransactionManager::begin_transaction_sql(
+                        c,
+                        "BEGIN IMMEDIATE",
+                    )
+                })
+                .await
+            }
+        }
+    }
+
+    async fn commit(&mut self) -> diesel::QueryResult<()> {
+        with_conn!(self, |c| commit_transaction(c).await)
+    }
+
+    async fn rollback(&mut self) -> diesel::QueryResult<()> {
+        with_conn!(self, |c| rollback_transaction(c).await)
+    }
+}
+
+async fn commit_transaction<C: AsyncConnection>(conn: &mut C) -> diesel::QueryResult<()> {
+    C::TransactionManager::commit_transaction(conn).await
+}
+
+async fn rollback_transaction<C: AsyncConnection>(conn: &mut C) -> diesel::QueryResult<()> {
+    C::TransactionManager::rollback_transaction(conn).await
+}
+
+/// Opens one SQLite connection the way the service needs it: WAL so readers never block the
+/// writer, a busy timeout so writers queue instead of failing, and foreign keys enforced.
+async fn setup_sqlite(path: &str) -> diesel::ConnectionResult<SqliteConn> {
+    let mut conn = SqliteConn::establish(path).await?;
+    conn.batch_execute(&format!(
+        "PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};
+         PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = NORMAL;
+         PRAGMA foreign_keys = ON;"
+    ))
+    .await
+    .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+    Ok(conn)
+}
+
+/// What to do with the embedded migrations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrate {
+    /// Apply every pending migration.
+    Latest,
+    /// Apply at most this many pending migrations, oldest first.
+    Steps(usize),
+    /// Revert this many applied migrations, newest first.
+    Revert(usize),
+}
+
+/// Applies or reverts the migrations embedded in the binary; returns the versions touched.
+///
+/// On PostgreSQL a session advisory lock makes replicas that start together migrate one at a
+/// time; the second finds nothing pending.
+pub async fn migrate(url: &DatabaseUrl, action: Migrate) -> anyhow::Result<Vec<String>> {
+    let url = url.clone();
+    tokio::task::spawn_blocking(move || match url {
+        DatabaseUrl::Postgres(url) => {
+            let mut conn =
+                <AsyncConnectionWrapper<AsyncPgConnection> as Connection>::establish(&url)?;
+            SimpleConnection::batch_execute(&mut conn, "SELECT pg_advisory_lock(7243001)")?;
+            run_migrations(&mut conn, PG_MIGRATIONS, action)
+        }
+        DatabaseUrl::Sqlite(path) => {
+            let mut conn = SqliteConnection::establish(&DatabaseUrl::sqlite_path(&path))?;
+            conn.batch_execute(&format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};"))?;
+            run_migrations(&mut conn, SQLITE_MIGRATIONS, action)
+        }
+    })
+    .await?
+}
+
+fn run_migrations<DB: diesel::backend::Backend>(
+    conn: &mut impl MigrationHarness<DB>,
+    source: EmbeddedMigrations,
+    action: Migrate,
+) -> anyhow::Result<Vec<String>> {
+    let fail = |e| anyhow::anyhow!("migration failed: {e}");
+    let all = MigrationSource::<DB>::migrations(&source).map_err(fail)?;
+    let applied: Vec<String> = conn
+        .applied_migrations()
+        .map_err(fail)?
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let is_applied =
+        |m: &&Box<dyn Migration<DB>>| applied.contains(&m.name().version().to_string());
+    let mut touched = Vec::new();
+    match action {
+        Migrate::Latest | Migrate::Steps(_) => {
+            let limit = if let Migrate::Steps(n) = action {
+                n
+            } else {
+                usize::MAX
+            };
+            for migration in all.iter().filter(|m| !is_applied(m)).take(limit) {
+                touched.push(conn.run_migration(&**migration).map_err(fail)?.to_string());
+            }
+        }
+        Migrate::Revert(n) => {
+            for migration in all.iter().rev().filter(is_applied).take(n) {
+                touched.push(
+                    conn.revert_migration(&**migration)
+                        .map_err(fail)?
+                        .to_string(),
+                );
+            }
+        }
+    }
+    Ok(touched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_pick_the_backend() {
+        let pg = "postgres://root@127.0.0.1/test";
+        assert_eq!(pg.parse(), Ok(DatabaseUrl::Postgres(pg.into())));
+        let pg = "postgresql://h/db";
+        assert_eq!(pg.parse(), Ok(DatabaseUrl::Postgres(pg.into())));
+        let sqlite = |p: &str| Ok(DatabaseUrl::Sqlite(PathBuf::from(p)));
+        assert_eq!("sqlite://hopper.db".parse(), sqlite("hopper.db"));
+        assert_eq!("sqlite:///var/lib/h.db".parse(), sqlite("/var/lib/h.db"));
+        assert_eq!("sqlite:h.db".parse(), sqlite("h.db"));
+        assert_eq!("data/h.db".parse(), sqlite("data/h.db"));
+        for bad in [
+            "",
+            "sqlite://",
+            "sqlite://:memory:",
+            ":memory:",
+            "mysql://x/y",
+        ] {
+            assert!(bad.parse::<DatabaseUrl>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! The tables, declared once for both backends (see `migrations/` for the DDL).
+
+diesel::table! {
+    /// Hopper instances: the nodes of the Global -> Project -> Orchestration tree.
+    hopper_instances (id) {
+        id -> Text,
+        name -> Text,
+        scope -> Text,
+        parent_id -> Nullable<Text>,
+        status -> Text,
+        config -> Jsonb,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    /// Tasks, each held by one instance at a time.
+    tasks (id) {
+        id -> Text,
+        title -> Text,
+        description -> Text,
+        instance_id -> Text,
+        parent_task_id -> Nullable<Text>,
+        status -> Text,
+        result -> Nullable<Jsonb>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    /// One row per hop of a task between two instances.
+    task_delegations (id) {
+        id -> Text,
+        task_id -> Text,
+        parent_delegation_id -> Nullable<Text>,
+        source_instance_id -> Text,
+        target_instance_id -> Text,
+        delegation_type -> Text,
+        status -> Text,
+        delegated_at -> Timestamp,
+        accepted_at -> Nullable<Timestamp>,
+        completed_at -> Nullable<Timestamp>,
+        result -> Nullable<Jsonb>,
+        rejection_reason -> Nullable<Text>,
+        notes -> Nullable<Text>,
+        delegated_by -> Nullable<Text>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::joinable!(tasks -> hopper_instances (instance_id));
+diesel::joinable!(task_delegations -> tasks (task_id));
+diesel::allow_tables_to_appear_in_same_query!(hopper_instances, tasks, task_delegations);
