@@ -1,0 +1,323 @@
+//! Test support: a fresh database of either backend per test, a server on 127.0.0.1:0 with
+//! tonic clients, and small builders for the Global -> Project -> Orchestration story.
+//!
+//! PostgreSQL tests create a database of their own (dropped afterwards) through
+//! `HOPPER_TEST_POSTGRES_URL` (default `postgres://root@127.0.0.1:5432/test`). If no server
+//! answers, they are skipped with a message, except when `CI=true` or
+//! `HOPPER_REQUIRE_POSTGRES=1`, where that is a failure.
+
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::{future::Future, net::SocketAddr};
+
+use diesel::{QueryableByName, sql_types::Text};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use hopper_delegation::{
+    domain::{DelegationType, InstanceStatus, Scope},
+    proto::{
+        delegation_service_client::DelegationServiceClient,
+        instance_service_client::InstanceServiceClient, task_service_client::TaskServiceClient,
+    },
+    repository::{
+        delegations::{self as delegation_ops, NewDelegation},
+        instances::{self as instance_ops, NewInstance},
+        tasks::{self as task_ops, NewTask},
+    },
+    server,
+    store::{self, Conn, DatabaseUrl, Db, Migrate, delegations::Delegation},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Expands each test body once per backend: `mod NAME { fn sqlite(); fn postgres(); }`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($(#[$meta:meta])* async fn $name:ident($backend:ident: Backend) $body:block)+) => {$(
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn body($backend: $crate::common::Backend) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                body($crate::common::Backend::Sqlite).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                if $crate::common::postgres_available().await {
+                    body($crate::common::Backend::Postgres).await
+                }
+            }
+        }
+    )+};
+}
+
+fn admin_url() -> String {
+    std::env::var("HOPPER_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".to_owned())
+}
+
+fn postgres_required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+        || std::env::var("HOPPER_REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
+}
+
+/// Whether PostgreSQL tests can run; panics if they must and cannot.
+pub async fn postgres_available() -> bool {
+    match AsyncPgConnection::establish(&admin_url()).await {
+        Ok(_) => true,
+        Err(err) if postgres_required() => {
+            panic!("PostgreSQL is required here but {} refused: {err}", admin_url())
+        }
+        Err(err) => {
+            eprintln!("SKIPPED: no PostgreSQL at {} ({err})", admin_url());
+            false
+        }
+    }
+}
+
+/// A fresh, empty database that is deleted when dropped.
+pub struct TestDb {
+    pub url: DatabaseUrl,
+    pub backend: Backend,
+    _dir: Option<tempfile::TempDir>,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    /// Creates an empty database (no migrations applied).
+    pub async fn empty(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = DatabaseUrl::Sqlite(dir.path().join("hopper.db"));
+                Self { url, backend, _dir: Some(dir), pg_name: None }
+            }
+            Backend::Postgres => {
+                let name = format!("hopper_test_{}", uuid::Uuid::new_v4().simple());
+                let mut admin = AsyncPgConnection::establish(&admin_url()).await.expect("admin");
+                admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create db");
+                let base = admin_url();
+                let server = base.rsplit_once('/').map_or(base.as_str(), |(server, _)| server);
+                let url = DatabaseUrl::Postgres(format!("{server}/{name}"));
+                Self { url, backend, _dir: None, pg_name: Some(name) }
+            }
+        }
+    }
+
+    /// Creates a database with every migration applied.
+    pub async fn migrated(backend: Backend) -> Self {
+        let db = Self::empty(backend).await;
+        store::migrate(&db.url, Migrate::Latest).await.expect("migrate");
+        db
+    }
+
+    /// A pool on this database.
+    pub fn pool(&self) -> Db {
+        Db::open(&self.url, 16).expect("pool")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else { return };
+        // Drop cannot await; a short-lived runtime on its own thread does the clean-up.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let mut admin = AsyncPgConnection::establish(&admin_url()).await.ok()?;
+                let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                admin.batch_execute(&drop).await.ok()
+            });
+            std::io::Result::Ok(())
+        })
+        .join();
+    }
+}
+
+/// Runs one statement returning a single text column `line`, on either backend.
+pub async fn text_rows(conn: &mut Conn, sql: &str) -> Vec<String> {
+    #[derive(QueryableByName)]
+    struct Line {
+        #[diesel(sql_type = Text)]
+        line: String,
+    }
+    let rows: Vec<Line> = match conn {
+        Conn::Pg(c) => diesel::sql_query(sql).load(&mut **c).await,
+        Conn::Sqlite(c) => diesel::sql_query(sql).load(&mut **c).await,
+    }
+    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.into_iter().map(|row| row.line).collect()
+}
+
+/// Runs statements that return nothing, on either backend.
+pub async fn execute(conn: &mut Conn, sql: &str) {
+    match conn {
+        Conn::Pg(c) => c.batch_execute(sql).await,
+        Conn::Sqlite(c) => c.batch_execute(sql).await,
+    }
+    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Counts rows per table and dumps the delegations, to show that a failed request wrote nothing.
+pub async fn snapshot(db: &Db) -> Vec<String> {
+    let mut conn = db.conn().await.expect("conn");
+    text_rows(
+        &mut conn,
+        "SELECT 'instances ' || COUNT(*) AS line FROM hopper_instances
+         UNION ALL SELECT 'tasks ' || COUNT(*) FROM tasks
+         UNION ALL SELECT 'delegations ' || COUNT(*) FROM task_delegations
+         UNION ALL SELECT t.id || ' ' || t.status || ' ' || t.instance_id || ' ' ||
+                          CAST(t.updated_at AS TEXT) FROM tasks t
+         UNION ALL SELECT d.id || ' ' || d.status || ' ' || CAST(d.updated_at AS TEXT)
+                   FROM task_delegations d",
+    )
+    .await
+}
+
+/// Registers a RUNNING instance.
+pub async fn instance(db: &Db, id: &str, scope: Scope, parent: Option<&str>) {
+    instance_ops::register(
+        db,
+        NewInstance {
+            id: Some(id.to_owned()),
+            name: id.to_uppercase(),
+            scope,
+            parent_id: parent.map(str::to_owned),
+            status: InstanceStatus::Running,
+            config: serde_json::json!({}),
+        },
+    )
+    .await
+    .expect("register instance");
+}
+
+/// Registers global, project (under global), orch (under project) and a sibling project2
+/// with orch2 below it.
+pub async fn hierarchy(db: &Db) {
+    instance(db, "global", Scope::Global, None).await;
+    instance(db, "project", Scope::Project, Some("global")).await;
+    hierarchy_rest(db).await;
+}
+
+/// Registers what [`hierarchy`] does beyond `global` and `project`.
+pub async fn hierarchy_rest(db: &Db) {
+    instance(db, "orch", Scope::Orchestration, Some("project")).await;
+    instance(db, "project2", Scope::Project, Some("global")).await;
+    instance(db, "orch2", Scope::Orchestration, Some("project2")).await;
+}
+
+/// Creates a task at an instance.
+pub async fn task(db: &Db, id: &str, at: &str) {
+    task_ops::create(
+        db,
+        NewTask {
+            id: Some(id.to_owned()),
+            title: format!("task {id}"),
+            description: String::new(),
+            instance_id: Some(at.to_owned()),
+            parent_task_id: None,
+        },
+    )
+    .await
+    .expect("create task");
+}
+
+/// The request for a hop of `task` from `source` to `target`.
+pub fn hop(task: &str, source: &str, target: &str, kind: DelegationType) -> NewDelegation {
+    NewDelegation {
+        task_id: task.to_owned(),
+        source_instance_id: source.to_owned(),
+        target_instance_id: target.to_owned(),
+        delegation_type: kind,
+        notes: None,
+        delegated_by: Some("tests".to_owned()),
+    }
+}
+
+/// Delegates and accepts a route hop.
+pub async fn accepted_route(db: &Db, task: &str, source: &str, target: &str) -> Delegation {
+    let d = delegation_ops::create(db, hop(task, source, target, DelegationType::Route))
+        .await
+        .expect("create delegation");
+    delegation_ops::accept(db, &d.id).await.expect("accept")
+}
+
+/// A server on 127.0.0.1:0 over a fresh migrated database, with clients.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub db: TestDb,
+    pub instances: InstanceServiceClient<Channel>,
+    pub tasks: TaskServiceClient<Channel>,
+    pub delegations: DelegationServiceClient<Channel>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> Self {
+        let db = TestDb::migrated(backend).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server::run(listener, db.pool(), async {
+            let _ = stop.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        Self {
+            addr,
+            db,
+            instances: InstanceServiceClient::new(channel.clone()),
+            tasks: TaskServiceClient::new(channel.clone()),
+            delegations: DelegationServiceClient::new(channel),
+            shutdown: Some(shutdown),
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.take().map(|s| s.send(()));
+        if let Some(handle) = self.handle.take() {
+            handle.await.expect("server task").expect("server");
+        }
+    }
+}
+
+/// Runs `n` copies of a future concurrently on the runtime's threads and collects the results.
+pub async fn race<F, T>(n: usize, make: impl Fn(usize) -> F) -> Vec<T>
+where
+    F: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let future = make(i);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                future.await
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(n);
+    for handle in handles {
+        results.push(handle.await.expect("task"));
+    }
+    results
+}
