@@ -19,7 +19,10 @@ use serde_json::json;
 use DelegationType::{Decompose, Escalate, Reassign, Route};
 
 fn page(size: usize, token: &str) -> PageRequest {
-    PageRequest { size, token: token.to_owned() }
+    PageRequest {
+        size,
+        token: token.to_owned(),
+    }
 }
 
 fn failed_precondition<T: std::fmt::Debug>(outcome: Result<T, Error>) -> String {
@@ -423,12 +426,26 @@ on_both_backends! {
             assert_eq!((wins, losses), (1, N - 1), "{name}: {outcomes:?}");
         }
 
-        // Mixed: accept, reject and cancel on one pending delegation.
+        // Mixed: accept, reject and cancel on one pending delegation. The winners must form
+        // a legal history, each transition winning at most once.
         task(&db, "mixed", "global").await;
         let d = delegations::create(&db, hop("mixed", "global", "project", Route)).await.unwrap();
-        let ops = [accept, reject, cancel];
-        let outcomes = race(N, |i| ops[i % 3](db.clone(), d.id.clone())).await;
-        assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
+        let ops = [("accept", accept), ("reject", reject), ("cancel", cancel)];
+        let outcomes = race(N, |i| ops[i % 3].1(db.clone(), d.id.clone())).await;
+        let mut winners: Vec<_> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.is_ok())
+            .map(|(i, _)| ops[i % 3].0)
+            .collect();
+        winners.sort_unstable();
+        let expected_status = match winners.as_slice() {
+            ["accept"] => DelegationStatus::Accepted,
+            ["reject"] => DelegationStatus::Rejected,
+            ["cancel"] | ["accept", "cancel"] => DelegationStatus::Cancelled,
+            other => panic!("not a legal history: {other:?}"),
+        };
+        assert_eq!(delegations::get(&db, &d.id).await.unwrap().status, expected_status);
     }
 
     async fn racing_delegations_of_one_task_leave_one_pending(backend: Backend) {

@@ -84,7 +84,7 @@ mod tests {
         });
         let back = from_struct("result", to_struct(doc.clone())).unwrap();
         assert_eq!(back, doc);
-        assert_eq!(back.to_string().contains("1.0"), false);
+        assert!(!back.to_string().contains("1.0"));
     }
 
     #[test]

@@ -94,6 +94,10 @@ pub enum Db {
 
 /// One pooled connection, of either backend. Returned to the pool on drop; a connection dropped
 /// inside a transaction (say, the request was cancelled) is discarded, which rolls it back.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per request, on the request's own future; boxing would allocate per checkout"
+)]
 pub enum Conn {
     /// A PostgreSQL connection.
     Pg(deadpool::Object<AsyncPgConnection>),
@@ -326,15 +330,15 @@ fn run_migrations<DB: diesel::backend::Backend>(
     action: Migrate,
 ) -> anyhow::Result<Vec<String>> {
     let fail = |e| anyhow::anyhow!("migration failed: {e}");
-    let all = MigrationSource::<DB>::migrations(&source).map_err(fail)?;
+    let owned = MigrationSource::<DB>::migrations(&source).map_err(fail)?;
+    let all: Vec<&dyn Migration<DB>> = owned.iter().map(|m| &**m).collect();
     let applied: Vec<String> = conn
         .applied_migrations()
         .map_err(fail)?
         .iter()
         .map(ToString::to_string)
         .collect();
-    let is_applied =
-        |m: &&Box<dyn Migration<DB>>| applied.contains(&m.name().version().to_string());
+    let is_applied = |m: &dyn Migration<DB>| applied.contains(&m.name().version().to_string());
     let mut touched = Vec::new();
     match action {
         Migrate::Latest | Migrate::Steps(_) => {
@@ -343,17 +347,13 @@ fn run_migrations<DB: diesel::backend::Backend>(
             } else {
                 usize::MAX
             };
-            for migration in all.iter().filter(|m| !is_applied(m)).take(limit) {
-                touched.push(conn.run_migration(&**migration).map_err(fail)?.to_string());
+            for migration in all.iter().filter(|m| !is_applied(**m)).take(limit) {
+                touched.push(conn.run_migration(*migration).map_err(fail)?.to_string());
             }
         }
         Migrate::Revert(n) => {
-            for migration in all.iter().rev().filter(is_applied).take(n) {
-                touched.push(
-                    conn.revert_migration(&**migration)
-                        .map_err(fail)?
-                        .to_string(),
-                );
+            for migration in all.iter().rev().filter(|m| is_applied(**m)).take(n) {
+                touched.push(conn.revert_migration(*migration).map_err(fail)?.to_string());
             }
         }
     }

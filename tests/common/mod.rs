@@ -77,7 +77,10 @@ pub async fn postgres_available() -> bool {
     match AsyncPgConnection::establish(&admin_url()).await {
         Ok(_) => true,
         Err(err) if postgres_required() => {
-            panic!("PostgreSQL is required here but {} refused: {err}", admin_url())
+            panic!(
+                "PostgreSQL is required here but {} refused: {err}",
+                admin_url()
+            )
         }
         Err(err) => {
             eprintln!("SKIPPED: no PostgreSQL at {} ({err})", admin_url());
@@ -101,16 +104,33 @@ impl TestDb {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let url = DatabaseUrl::Sqlite(dir.path().join("hopper.db"));
-                Self { url, backend, _dir: Some(dir), pg_name: None }
+                Self {
+                    url,
+                    backend,
+                    _dir: Some(dir),
+                    pg_name: None,
+                }
             }
             Backend::Postgres => {
                 let name = format!("hopper_test_{}", uuid::Uuid::new_v4().simple());
-                let mut admin = AsyncPgConnection::establish(&admin_url()).await.expect("admin");
-                admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create db");
+                let mut admin = AsyncPgConnection::establish(&admin_url())
+                    .await
+                    .expect("admin");
+                admin
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create db");
                 let base = admin_url();
-                let server = base.rsplit_once('/').map_or(base.as_str(), |(server, _)| server);
+                let server = base
+                    .rsplit_once('/')
+                    .map_or(base.as_str(), |(server, _)| server);
                 let url = DatabaseUrl::Postgres(format!("{server}/{name}"));
-                Self { url, backend, _dir: None, pg_name: Some(name) }
+                Self {
+                    url,
+                    backend,
+                    _dir: None,
+                    pg_name: Some(name),
+                }
             }
         }
     }
@@ -118,7 +138,9 @@ impl TestDb {
     /// Creates a database with every migration applied.
     pub async fn migrated(backend: Backend) -> Self {
         let db = Self::empty(backend).await;
-        store::migrate(&db.url, Migrate::Latest).await.expect("migrate");
+        store::migrate(&db.url, Migrate::Latest)
+            .await
+            .expect("migrate");
         db
     }
 
@@ -130,10 +152,14 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let Some(name) = self.pg_name.take() else { return };
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
         // Drop cannot await; a short-lived runtime on its own thread does the clean-up.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(async {
                 let mut admin = AsyncPgConnection::establish(&admin_url()).await.ok()?;
                 let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");

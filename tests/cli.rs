@@ -1,0 +1,94 @@
+//! The binary as an operator runs it: `migrate`, `serve` on the SQLite default, SIGTERM.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::TestDb;
+
+fn hopper() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hopper-delegation"))
+}
+
+on_both_backends! {
+    async fn migrate_brings_a_database_up_to_date(backend: Backend) {
+        let db = TestDb::empty(backend).await;
+        let url = match &db.url {
+            hopper_delegation::store::DatabaseUrl::Postgres(url) => url.clone(),
+            hopper_delegation::store::DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+        };
+        for _ in 0..2 {
+            let output = hopper().args(["migrate", "--database-url", &url]).output().unwrap();
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+            assert!(String::from_utf8_lossy(&output.stderr).contains("database is up to date"));
+        }
+        let pending = hopper_delegation::store::migrate(&db.url, hopper_delegation::store::Migrate::Latest).await.unwrap();
+        assert!(pending.is_empty());
+    }
+}
+
+#[test]
+fn serve_runs_on_the_sqlite_default_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    // No --database-url: the default sqlite://hopper.db, in the working directory.
+    let mut child = hopper()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_remove("DATABASE_URL")
+        .current_dir(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = log
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            line.split("address=")
+                .nth(1)
+                .map(|a| a.split_whitespace().next().unwrap().to_owned())
+        })
+        .expect("the server logs its address");
+    assert!(dir.path().join("hopper.db").exists());
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap();
+        let mut health =
+            tonic_health::pb::health_client::HealthClient::new(channel.connect().await.unwrap());
+        let reply = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(reply.into_inner().status, 1, "SERVING");
+    });
+
+    let started = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_bad_database_url_is_refused_with_a_message() {
+    let output = hopper()
+        .args(["migrate", "--database-url", "mysql://x/y"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("use postgres://…, sqlite://PATH or a file path"),
+        "{stderr}"
+    );
+}
