@@ -8,7 +8,7 @@ use hopper_delegation::{
     error::Error,
     repository::{
         PageRequest,
-        delegations::{self, Completion},
+        delegations::{self, Completion, Listing},
         instances::{self, NewInstance},
         tasks::{self, NewTask},
     },
@@ -118,7 +118,7 @@ on_both_backends! {
         let second = accepted_route(&db, "t", "global", "project2").await;
         let third = delegations::create(&db, hop("t", "project2", "orch2", Route)).await.unwrap();
 
-        let all = delegations::list_for_task(&db, "t", &page(50, "")).await.unwrap();
+        let all = delegations::list(&db, Listing::OfTask("t"), &page(50, "")).await.unwrap();
         let ids: Vec<_> = all.items.iter().map(|d| d.id.clone()).collect();
         assert_eq!(ids, [first.id.clone(), second.id.clone(), third.id.clone()]);
         assert_eq!(all.next_page_token, "");
@@ -126,14 +126,14 @@ on_both_backends! {
         let mut token = String::new();
         let mut walked = Vec::new();
         loop {
-            let one = delegations::list_for_task(&db, "t", &page(1, &token)).await.unwrap();
+            let one = delegations::list(&db, Listing::OfTask("t"), &page(1, &token)).await.unwrap();
             walked.extend(one.items.into_iter().map(|d| d.id));
             if one.next_page_token.is_empty() { break; }
             token = one.next_page_token;
         }
         assert_eq!(walked, ids);
-        assert!(matches!(delegations::list_for_task(&db, "t", &page(1, "forged")).await, Err(Error::InvalidArgument { field: "page_token", .. })));
-        assert!(matches!(delegations::list_for_task(&db, "nope", &page(1, "")).await, Err(Error::NotFound { .. })));
+        assert!(matches!(delegations::list(&db, Listing::OfTask("t"), &page(1, "forged")).await, Err(Error::InvalidArgument { field: "page_token", .. })));
+        assert!(matches!(delegations::list(&db, Listing::OfTask("nope"), &page(1, "")).await, Err(Error::NotFound { .. })));
     }
 
     async fn an_instance_lists_its_pending_delegations_a_page_at_a_time(backend: Backend) {
@@ -153,7 +153,7 @@ on_both_backends! {
         let mut token = String::new();
         let mut pages = 0;
         loop {
-            let p = delegations::list_pending(&db, "project", &page(3, &token)).await.unwrap();
+            let p = delegations::list(&db, Listing::PendingFor("project"), &page(3, &token)).await.unwrap();
             pages += 1;
             assert!(p.items.iter().all(|d| d.status == DelegationStatus::Pending && d.target_instance_id == "project"));
             seen.extend(p.items.into_iter().map(|d| d.id));
@@ -161,7 +161,7 @@ on_both_backends! {
             token = p.next_page_token;
         }
         assert_eq!((seen, pages), (expected, 2));
-        assert!(matches!(delegations::list_pending(&db, "ghost", &page(3, "")).await, Err(Error::NotFound { entity: "instance", .. })));
+        assert!(matches!(delegations::list(&db, Listing::PendingFor("ghost"), &page(3, "")).await, Err(Error::NotFound { entity: "instance", .. })));
     }
 
     async fn a_delegation_must_follow_the_creation_rules_and_writes_nothing_otherwise(backend: Backend) {
@@ -458,7 +458,7 @@ on_both_backends! {
         .await;
         assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
         assert!(outcomes.iter().all(|o| o.is_ok() || matches!(o, Err(Error::FailedPrecondition(_)))));
-        let all = delegations::list_for_task(&db, "t", &page(50, "")).await.unwrap();
+        let all = delegations::list(&db, Listing::OfTask("t"), &page(50, "")).await.unwrap();
         assert_eq!(all.items.len(), 1);
     }
 }

@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 
 use super::{Page, PageRequest, decode_cursor, encode_cursor, new_id};
+pub use crate::store::delegations::Listing;
 use crate::{
     domain::{
         DelegationStatus, DelegationType,
@@ -15,7 +16,7 @@ use crate::{
     error::Error,
     store::{
         Conn, Db,
-        delegations::{self, Change, Delegation, Listing},
+        delegations::{self, Change, Delegation},
         instances, now,
         tasks::{self, Task},
     },
@@ -161,49 +162,31 @@ pub async fn update_notes(db: &Db, id: &str, notes: &str) -> Result<Delegation, 
         .ok_or_else(|| Error::not_found("delegation", id))
 }
 
-/// Lists every delegation of a task, oldest first.
-pub async fn list_for_task(
+/// Lists a task's delegations or an instance's pending ones, oldest first, a page at a time.
+/// NOT_FOUND if the task or instance does not exist.
+pub async fn list(
     db: &Db,
-    task_id: &str,
-    page: &PageRequest,
-) -> Result<Page<Delegation>, Error> {
-    let after = decode_cursor(&page.token)?;
-    let mut conn = db.conn().await?;
-    if tasks::find(&mut conn, task_id).await?.is_none() {
-        return Err(Error::not_found("task", task_id));
-    }
-    list(&mut conn, Listing::OfTask(task_id), after, page.size).await
-}
-
-/// Lists the pending delegations sent to an instance, oldest first.
-pub async fn list_pending(
-    db: &Db,
-    instance_id: &str,
-    page: &PageRequest,
-) -> Result<Page<Delegation>, Error> {
-    let after = decode_cursor(&page.token)?;
-    let mut conn = db.conn().await?;
-    if instances::find(&mut conn, instance_id).await?.is_none() {
-        return Err(Error::not_found("instance", instance_id));
-    }
-    list(
-        &mut conn,
-        Listing::PendingFor(instance_id),
-        after,
-        page.size,
-    )
-    .await
-}
-
-async fn list(
-    conn: &mut Conn,
     listing: Listing<'_>,
-    after: Option<delegations::Cursor>,
-    size: usize,
+    page: &PageRequest,
 ) -> Result<Page<Delegation>, Error> {
-    let limit = i64::try_from(size + 1).unwrap_or(i64::MAX);
-    let rows = delegations::list(conn, listing, after.as_ref(), limit).await?;
-    Ok(Page::cut(rows, size, cursor_of))
+    let after = decode_cursor(&page.token)?;
+    let mut conn = db.conn().await?;
+    let missing = match listing {
+        Listing::OfTask(id) => tasks::find(&mut conn, id)
+            .await?
+            .is_none()
+            .then_some(("task", id)),
+        Listing::PendingFor(id) => instances::find(&mut conn, id)
+            .await?
+            .is_none()
+            .then_some(("instance", id)),
+    };
+    if let Some((entity, id)) = missing {
+        return Err(Error::not_found(entity, id));
+    }
+    let limit = i64::try_from(page.size + 1).unwrap_or(i64::MAX);
+    let rows = delegations::list(&mut conn, listing, after.as_ref(), limit).await?;
+    Ok(Page::cut(rows, page.size, cursor_of))
 }
 
 fn cursor_of(delegation: &Delegation) -> String {

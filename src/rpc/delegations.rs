@@ -8,7 +8,7 @@ use crate::{
     proto::{self as pb, delegation_service_server::DelegationService},
     repository::{
         PageRequest,
-        delegations::{self, NewDelegation},
+        delegations::{self, Listing, NewDelegation},
     },
     store::Db,
 };
@@ -77,7 +77,7 @@ impl DelegationService for DelegationApi {
             size: limits::page_size(r.page_size)?,
             token: r.page_token,
         };
-        let page = delegations::list_for_task(&self.db, &task_id, &page).await?;
+        let page = delegations::list(&self.db, Listing::OfTask(&task_id), &page).await?;
         Ok(Response::new(pb::ListTaskDelegationsResponse {
             delegations: all(page.items),
             next_page_token: page.next_page_token,
@@ -108,7 +108,7 @@ impl DelegationService for DelegationApi {
             size: limits::page_size(r.page_size)?,
             token: r.page_token,
         };
-        let page = delegations::list_pending(&self.db, &instance_id, &page).await?;
+        let page = delegations::list(&self.db, Listing::PendingFor(&instance_id), &page).await?;
         Ok(Response::new(pb::ListPendingDelegationsResponse {
             delegations: all(page.items),
             next_page_token: page.next_page_token,

@@ -139,39 +139,19 @@ pub fn now() -> NaiveDateTime {
 impl Db {
     /// Opens a pool; nothing is checked until the first connection is needed.
     pub fn open(url: &DatabaseUrl, max_connections: usize) -> Result<Self, Error> {
-        let timeouts = Timeouts {
-            wait: Some(CONNECTION_TIMEOUT),
-            create: Some(CONNECTION_TIMEOUT),
-            recycle: Some(CONNECTION_TIMEOUT),
-        };
-        let build_error = |e: deadpool::BuildError| Error::Internal(e.to_string());
         Ok(match url {
-            DatabaseUrl::Postgres(url) => {
-                let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url.clone());
-                Self::Pg(
-                    deadpool::Pool::builder(manager)
-                        .max_size(max_connections)
-                        .timeouts(timeouts)
-                        .runtime(Runtime::Tokio1)
-                        .build()
-                        .map_err(build_error)?,
-                )
-            }
+            DatabaseUrl::Postgres(url) => Self::Pg(pool(
+                AsyncDieselConnectionManager::new(url.clone()),
+                max_connections,
+            )?),
             DatabaseUrl::Sqlite(path) => {
                 let mut config = ManagerConfig::<SqliteConn>::default();
                 config.custom_setup = Box::new(|url| setup_sqlite(url).boxed());
-                let manager = AsyncDieselConnectionManager::<SqliteConn>::new_with_config(
+                let manager = AsyncDieselConnectionManager::new_with_config(
                     DatabaseUrl::sqlite_path(path),
                     config,
                 );
-                Self::Sqlite(
-                    deadpool::Pool::builder(manager)
-                        .max_size(max_connections)
-                        .timeouts(timeouts)
-                        .runtime(Runtime::Tokio1)
-                        .build()
-                        .map_err(build_error)?,
-                )
+                Self::Sqlite(pool(manager, max_connections)?)
             }
         })
     }
@@ -274,6 +254,27 @@ async fn commit_transaction<C: AsyncConnection>(conn: &mut C) -> diesel::QueryRe
 
 async fn rollback_transaction<C: AsyncConnection>(conn: &mut C) -> diesel::QueryResult<()> {
     C::TransactionManager::rollback_transaction(conn).await
+}
+
+/// A pool whose waits, connects and recycles give up after [`CONNECTION_TIMEOUT`].
+fn pool<C>(
+    manager: AsyncDieselConnectionManager<C>,
+    max_size: usize,
+) -> Result<deadpool::Pool<C>, Error>
+where
+    AsyncDieselConnectionManager<C>: ::deadpool::managed::Manager,
+{
+    let timeouts = Timeouts {
+        wait: Some(CONNECTION_TIMEOUT),
+        create: Some(CONNECTION_TIMEOUT),
+        recycle: Some(CONNECTION_TIMEOUT),
+    };
+    deadpool::Pool::builder(manager)
+        .max_size(max_size)
+        .timeouts(timeouts)
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// Opens one SQLite connection the way the service needs it: WAL so readers never block the
