@@ -41,6 +41,9 @@ pub enum Error {
     /// The request is well-formed but the current state forbids it; the message names the state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A cursor outside what the event log holds; the message says where to resume.
+    #[error("{0}")]
+    OutOfRange(String),
     /// The database cannot be reached or refused for a passing reason; retrying may succeed.
     #[error("database unavailable: {0}")]
     Unavailable(String),
@@ -103,6 +106,7 @@ impl From<Error> for Status {
             Error::NotFound { .. } => Status::not_found(message),
             Error::AlreadyExists { .. } => Status::already_exists(message),
             Error::FailedPrecondition(_) => Status::failed_precondition(message),
+            Error::OutOfRange(_) => Status::out_of_range(message),
             Error::Unavailable(_) => Status::unavailable(message),
             Error::Internal(_) => {
                 tracing::error!(error = %message, "internal error");

@@ -16,14 +16,18 @@
 //!
 //! `docs/ARCHITECTURE.md` explains the design choices.
 
+
+
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod repository;
 pub mod rpc;
 pub mod server;
 pub mod store;
 
 /// Code generated from `proto/hopper/delegation/v1`.
+#[expect(clippy::large_enum_variant, reason = "prost generates the oneof of WatchEventsResponse")]
 pub mod proto {
     tonic::include_proto!("hopper.delegation.v1");
 

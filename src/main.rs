@@ -1,11 +1,12 @@
 //! The `hopper-delegation` binary: parses the command line, sets up logging, and runs the
 //! server or the migrations.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hopper_delegation::{
+    events::Hub,
     server,
     store::{self, DatabaseUrl, Db, Migrate},
 };
@@ -44,6 +45,18 @@ struct ServeArgs {
     /// Size of the database connection pool.
     #[arg(long, env = "HOPPER_MAX_CONNECTIONS", default_value_t = 16)]
     max_connections: usize,
+    /// A silent WatchEvents stream gets a progress message this often.
+    #[arg(long, env = "HOPPER_PROGRESS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    progress_interval: Duration,
+    /// Events older than this are pruned from the event log.
+    #[arg(long, env = "HOPPER_EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    event_retention: Duration,
+    /// How often the event log is pruned.
+    #[arg(long, env = "HOPPER_PRUNE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    prune_interval: Duration,
+    /// On shutdown, how long running requests get to finish.
+    #[arg(long, env = "HOPPER_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
 }
 
 #[tokio::main]
@@ -71,7 +84,14 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("could not listen on {}", args.listen))?;
             tracing::info!(address = %listener.local_addr()?, "serving gRPC");
-            server::run(listener, db, shutdown_signal()).await?;
+            let config = server::Config {
+                progress_interval: args.progress_interval,
+                event_retention: args.event_retention,
+                prune_interval: args.prune_interval,
+                drain_timeout: args.drain_timeout,
+            };
+            let hub = Hub::new(db, config.progress_interval);
+            server::run(listener, hub, config, shutdown_signal()).await?;
         }
     }
     Ok(())

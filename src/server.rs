@@ -1,38 +1,77 @@
 //! Assembles the gRPC server: the three Hopper services, `grpc.health.v1.Health`, and server
-//! reflection (v1 for current clients, v1alpha for grpcurl 1.8.6 and other older ones).
+//! reflection (v1 for current clients, v1alpha for grpcurl 1.8.6 and other older ones); runs
+//! the background tasks (event-log retention, and on PostgreSQL the LISTEN connection that
+//! wakes event streams for writes made by other replicas); owns shutdown.
 //!
 //! [`run`] takes a bound listener and a shutdown future, so tests bind `127.0.0.1:0` and stop
 //! the server without signals.
 
 use std::{future::Future, time::Duration};
 
-use tokio::net::TcpListener;
+use chrono::TimeDelta;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use crate::{
+    events::Hub,
     proto::{
         self, delegation_service_server::DelegationServiceServer,
         instance_service_server::InstanceServiceServer, task_service_server::TaskServiceServer,
     },
     rpc::{DelegationApi, InstanceApi, TaskApi},
-    store::Db,
+    store::{self, Db, events, now},
 };
 
-/// Serves until `shutdown` resolves, then stops taking requests and lets running ones finish.
+/// Tunables of a running server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A silent event stream gets a progress mark this often.
+    pub progress_interval: Duration,
+    /// Events older than this are deleted.
+    pub event_retention: Duration,
+    /// How often retention runs.
+    pub prune_interval: Duration,
+    /// How long shutdown waits for running requests before giving up on them.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            progress_interval: Duration::from_secs(5),
+            event_retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Aborts a background task when dropped, so none outlives the server.
+struct Background(JoinHandle<()>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves until `shutdown` resolves; then event streams end with UNAVAILABLE, no new requests
+/// are taken, and running ones get `drain_timeout` to finish.
 pub async fn run(
     listener: TcpListener,
-    db: Db,
+    hub: Hub,
+    config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let db = hub.db().clone();
+    let _listener = Background(tokio::spawn(store::listen_for_commits(db.clone())));
+    let _retention = Background(tokio::spawn(retention(db.clone(), config.clone())));
+
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<InstanceServiceServer<InstanceApi>>()
-        .await;
+    health.set_serving::<InstanceServiceServer<InstanceApi>>().await;
     health.set_serving::<TaskServiceServer<TaskApi>>().await;
-    health
-        .set_serving::<DelegationServiceServer<DelegationApi>>()
-        .await;
+    health.set_serving::<DelegationServiceServer<DelegationApi>>().await;
 
     // The builder is not Clone, so each reflection version gets its own.
     let reflection = || {
@@ -43,15 +82,19 @@ pub async fn run(
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
 
+    let (draining, mut drain_started) = watch::channel(false);
+    let streams = hub.clone();
     let shutdown = async move {
         shutdown.await;
-        tracing::info!("shutting down: no new requests, waiting for running ones");
-        health
-            .set_not_serving::<DelegationServiceServer<DelegationApi>>()
-            .await;
+        tracing::info!("shutting down: no new requests, ending event streams");
+        health.set_not_serving::<InstanceServiceServer<InstanceApi>>().await;
+        health.set_not_serving::<TaskServiceServer<TaskApi>>().await;
+        health.set_not_serving::<DelegationServiceServer<DelegationApi>>().await;
+        streams.stop_streams();
+        let _ = draining.send(true);
     };
 
-    Server::builder()
+    let server = Server::builder()
         // Notice peers that vanished without closing their connection.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -60,9 +103,39 @@ pub async fn run(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(InstanceServiceServer::new(InstanceApi::new(db.clone())))
-        .add_service(TaskServiceServer::new(TaskApi::new(db.clone())))
-        .add_service(DelegationServiceServer::new(DelegationApi::new(db)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .add_service(TaskServiceServer::new(TaskApi::new(db)))
+        .add_service(DelegationServiceServer::new(DelegationApi::new(hub)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    let drain_deadline = async {
+        let _ = drain_started.wait_for(|started| *started).await;
+        tokio::time::sleep(config.drain_timeout).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = drain_deadline => {
+            tracing::warn!(timeout = ?config.drain_timeout, "requests still running at the drain deadline; stopping anyway");
+        }
+    }
     Ok(())
+}
+
+/// Deletes events older than the retention period, every prune interval.
+async fn retention(db: Db, config: Config) {
+    let retention = TimeDelta::from_std(config.event_retention).unwrap_or(TimeDelta::MAX);
+    let mut ticks = tokio::time::interval(config.prune_interval);
+    loop {
+        ticks.tick().await;
+        let cutoff = now().checked_sub_signed(retention).unwrap_or_default();
+        match prune(&db, cutoff).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, %cutoff, "pruned old events"),
+            Err(err) => tracing::warn!(error = %err, "could not prune old events"),
+        }
+    }
+}
+
+async fn prune(db: &Db, cutoff: chrono::NaiveDateTime) -> Result<usize, crate::error::Error> {
+    let mut tx = db.begin().await?;
+    let outcome = events::prune(&mut tx, cutoff).await.map_err(Into::into);
+    tx.finish(outcome).await
 }

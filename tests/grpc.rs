@@ -311,7 +311,9 @@ on_both_backends! {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(hopper_delegation::server::run(listener, db, async { let _ = stopped.await; }));
+        let hub = hopper_delegation::events::Hub::new(db, std::time::Duration::from_secs(5));
+        let config = hopper_delegation::server::Config::default();
+        let served = tokio::spawn(hopper_delegation::server::run(listener, hub, config, async { let _ = stopped.await; }));
         let mut tasks = pb::task_service_client::TaskServiceClient::connect(format!("http://{addr}")).await.unwrap();
         let status = tasks.get_task(pb::GetTaskRequest { id: "t".into() }).await.unwrap_err();
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");

@@ -6,6 +6,9 @@ mod common;
 use common::{Backend, TestDb, execute, text_rows};
 use hopper_delegation::store::{self, Db, Migrate};
 
+/// How many migrations there are.
+const STEPS: usize = 3;
+
 /// The schema as text, without diesel's own bookkeeping table.
 async fn schema(db: &Db, backend: Backend) -> Vec<String> {
     let sql = match backend {
@@ -36,9 +39,9 @@ on_both_backends! {
     async fn a_fresh_database_migrates_to_the_latest_schema(backend: Backend) {
         let db = TestDb::empty(backend).await;
         let applied = store::migrate(&db.url, Migrate::Latest).await.unwrap();
-        assert_eq!(applied.len(), 2, "{applied:?}");
+        assert_eq!(applied.len(), STEPS, "{applied:?}");
         let tables = schema(&db.pool(), backend).await.join("\n");
-        for table in ["hopper_instances", "tasks", "task_delegations"] {
+        for table in ["hopper_instances", "tasks", "task_delegations", "delegation_events", "event_log_state"] {
             assert!(tables.contains(table), "{table} missing from\n{tables}");
         }
     }
@@ -74,7 +77,7 @@ on_both_backends! {
         drop(conn);
 
         let rest = store::migrate(&db.url, Migrate::Latest).await.unwrap();
-        assert_eq!(rest.len(), 1);
+        assert_eq!(rest.len(), STEPS - 1);
         let mut conn = pool.conn().await.unwrap();
         assert_eq!(text_rows(&mut conn, rows).await, before);
         drop(conn);
@@ -90,17 +93,16 @@ on_both_backends! {
         let db = TestDb::empty(backend).await;
         let pool = db.pool();
         let mut dumps = vec![schema(&pool, backend).await];
-        for _ in 0..2 {
+        for step in 1..=STEPS {
             assert_eq!(store::migrate(&db.url, Migrate::Steps(1)).await.unwrap().len(), 1);
             dumps.push(schema(&pool, backend).await);
+            assert_ne!(dumps[step], dumps[step - 1], "step {step} changed nothing");
         }
-        assert_ne!(dumps[1], dumps[0]);
-        assert_ne!(dumps[2], dumps[1]);
-        for level in [1, 0] {
+        for level in (0..STEPS).rev() {
             assert_eq!(store::migrate(&db.url, Migrate::Revert(1)).await.unwrap().len(), 1);
             assert_eq!(schema(&pool, backend).await, dumps[level], "after reverting to {level}");
         }
-        assert_eq!(store::migrate(&db.url, Migrate::Latest).await.unwrap().len(), 2);
-        assert_eq!(schema(&pool, backend).await, dumps[2]);
+        assert_eq!(store::migrate(&db.url, Migrate::Latest).await.unwrap().len(), STEPS);
+        assert_eq!(schema(&pool, backend).await, dumps[STEPS]);
     }
 }

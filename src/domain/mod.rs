@@ -13,8 +13,12 @@ use std::fmt;
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+            diesel::expression::AsExpression, diesel::deserialize::FromSqlRow,
+        )]
         #[diesel(sql_type = diesel::sql_types::Text)]
+        #[serde(rename_all = "snake_case")]
         pub enum $name { $($(#[$vmeta])* $variant,)+ }
 
         impl $name {
@@ -101,6 +105,24 @@ text_enum! {
         Rejected = "rejected",
         Completed = "completed",
         Cancelled = "cancelled",
+    }
+}
+
+text_enum! {
+    /// What an entry of the event log records.
+    EventKind {
+        /// A delegation was made.
+        DelegationCreated = "delegation_created",
+        /// A delegation was accepted.
+        DelegationAccepted = "delegation_accepted",
+        /// A delegation was rejected.
+        DelegationRejected = "delegation_rejected",
+        /// A delegation completed, directly or by bubbling.
+        DelegationCompleted = "delegation_completed",
+        /// A delegation was cancelled, directly or by cascade.
+        DelegationCancelled = "delegation_cancelled",
+        /// A task's origin delegation completed: the task is done.
+        TaskCompleted = "task_completed",
     }
 }
 

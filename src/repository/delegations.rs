@@ -10,13 +10,14 @@ use super::{Page, PageRequest, decode_cursor, encode_cursor, new_id};
 pub use crate::store::delegations::Listing;
 use crate::{
     domain::{
-        DelegationStatus, DelegationType,
+        DelegationStatus, DelegationType, EventKind,
         lifecycle::{self, ProposedHop, Relation, Transition},
     },
     error::Error,
     store::{
         Conn, Db,
         delegations::{self, Change, Delegation},
+        events::{self, NewEvent},
         instances, now,
         tasks::{self, Task},
     },
@@ -130,6 +131,8 @@ pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
             updated_at: at,
         };
         delegations::insert(conn, &delegation).await?;
+        let created = NewEvent::of(EventKind::DelegationCreated, &delegation, None);
+        events::append(conn, &[created]).await?;
         tasks::move_to(conn, &task.id, target, at).await?;
         Ok(delegation)
     }
@@ -251,7 +254,10 @@ pub async fn accept(db: &Db, id: &str) -> Result<Delegation, Error> {
             accepted_at: Some(at),
             ..Change::at(at)
         };
-        transition(conn, &delegation, Transition::Accept, change).await
+        let accepted = transition(conn, &delegation, Transition::Accept, change).await?;
+        let event = NewEvent::of(EventKind::DelegationAccepted, &accepted, None);
+        events::append(conn, &[event]).await?;
+        Ok(accepted)
     }
     .await;
     tx.finish(outcome).await
@@ -269,6 +275,8 @@ pub async fn reject(db: &Db, id: &str, reason: &str) -> Result<Delegation, Error
             ..Change::at(at)
         };
         let rejected = transition(conn, &delegation, Transition::Reject, change).await?;
+        let event = NewEvent::of(EventKind::DelegationRejected, &rejected, None);
+        events::append(conn, &[event]).await?;
         tasks::move_to(conn, &rejected.task_id, &rejected.source_instance_id, at).await?;
         Ok(rejected)
     }
@@ -340,6 +348,17 @@ pub async fn complete(
         } else {
             task
         };
+        // One event per completed hop, each bubbled one naming the hop below it that caused it.
+        let mut log = vec![NewEvent::of(EventKind::DelegationCompleted, &delegation, None)];
+        let mut cause = &delegation;
+        for ancestor in &completed_ancestors {
+            log.push(NewEvent::of(EventKind::DelegationCompleted, ancestor, Some(&cause.id)));
+            cause = ancestor;
+        }
+        if task_done {
+            log.push(NewEvent::task_completed(cause));
+        }
+        events::append(conn, &log).await?;
         Ok(Completion {
             delegation,
             completed_ancestors,
@@ -365,6 +384,15 @@ pub async fn cancel(db: &Db, id: &str) -> Result<Cancellation, Error> {
         let (delegation, _) = lock(conn, id).await?;
         transition_allowed(&delegation, Transition::Cancel)?;
         let below = delegations::active_below(conn, id).await?;
+        // Lock the other tasks concerned (subtasks) before touching their hops, topmost
+        // first: writers on a subtask lock it before its hops too, so PostgreSQL cannot
+        // deadlock.
+        let mut locked = HashSet::from([delegation.task_id.as_str()]);
+        for hop in &below {
+            if locked.insert(hop.task_id.as_str()) {
+                tasks::lock(conn, &hop.task_id).await?;
+            }
+        }
         let at = now();
         let delegation = transition(conn, &delegation, Transition::Cancel, Change::at(at)).await?;
         let ids: Vec<&str> = below.iter().map(|d| d.id.as_str()).collect();
@@ -375,8 +403,8 @@ pub async fn cancel(db: &Db, id: &str) -> Result<Cancellation, Error> {
                 status: Some(DelegationStatus::Cancelled),
                 ..Change::at(at)
             };
-            // Rows of other tasks (subtasks) may have changed since they were read, as
-            // their tasks are not locked here: the compare-and-set keeps what finished.
+            // A subtask's hop may have finished between the read and its task's lock: the
+            // compare-and-set leaves it as it is.
             let from = Transition::Cancel.from();
             in_order(delegations::update(conn, &ids, from, &change).await?, &ids)
         };
@@ -393,6 +421,11 @@ pub async fn cancel(db: &Db, id: &str) -> Result<Cancellation, Error> {
             at,
         )
         .await?;
+        let mut log = vec![NewEvent::of(EventKind::DelegationCancelled, &delegation, None)];
+        log.extend(cancelled_descendants.iter().map(|hop| {
+            NewEvent::of(EventKind::DelegationCancelled, hop, Some(&delegation.id))
+        }));
+        events::append(conn, &log).await?;
         Ok(Cancellation {
             delegation,
             cancelled_descendants,

@@ -2,32 +2,85 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{FromProto, all, id, json, optional_text, text};
+use std::pin::Pin;
+
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+
+use super::{FromProto, all, id, json, optional_text, text, timestamp};
 use crate::{
-    domain::{DelegationType, limits},
-    proto::{self as pb, delegation_service_server::DelegationService},
+    domain::{DelegationType, EventKind, limits},
+    error::Error,
+    events::{Hub, Item, Subscription},
+    proto::{
+        self as pb, delegation_service_server::DelegationService,
+        watch_events_response::Payload,
+    },
     repository::{
         PageRequest,
         delegations::{self, Listing, NewDelegation},
     },
-    store::Db,
+    store::{
+        Db,
+        events::{Event, Scope},
+    },
 };
 
-/// Serves DelegationService from a database.
+/// Serves DelegationService from a database, with event streams from `hub`.
 #[derive(Clone)]
 pub struct DelegationApi {
     db: Db,
+    hub: Hub,
 }
 
 impl DelegationApi {
-    /// A service over `db`.
-    pub fn new(db: Db) -> Self {
-        Self { db }
+    /// A service over the hub's database.
+    pub fn new(hub: Hub) -> Self {
+        Self { db: hub.db().clone(), hub }
     }
 }
 
+/// The response stream of WatchEvents.
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl DelegationService for DelegationApi {
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        let subscription = Subscription {
+            scope: Scope {
+                instance_id: id("instance_id", r.instance_id)?,
+                include_descendants: r.include_descendants,
+            },
+            after: r
+                .after_sequence
+                .map(|after| {
+                    i64::try_from(after)
+                        .map_err(|_| Error::invalid("after_sequence", "is beyond any sequence"))
+                })
+                .transpose()?,
+            kinds: r
+                .kinds
+                .into_iter()
+                .map(|kind| EventKind::required("kinds", kind))
+                .collect::<Result<_, _>>()?,
+        };
+        let items = self.hub.watch(subscription).await?;
+        let stream = ReceiverStream::new(items).map(|item| match item? {
+            Item::Event(event) => Ok(pb::WatchEventsResponse {
+                payload: Some(Payload::Event(event_to_proto(event)?)),
+            }),
+            Item::Progress(sequence) => Ok(pb::WatchEventsResponse {
+                payload: Some(Payload::Progress(pb::Progress { sequence: unsigned(sequence) })),
+            }),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn create_delegation(
         &self,
         request: Request<pb::CreateDelegationRequest>,
@@ -175,4 +228,23 @@ impl DelegationService for DelegationApi {
             task: Some(cancelled.task.into()),
         }))
     }
+}
+
+/// Sequences are positive in the log; the proto carries them unsigned.
+fn unsigned(sequence: i64) -> u64 {
+    u64::try_from(sequence).unwrap_or_default()
+}
+
+fn event_to_proto(event: Event) -> Result<pb::DelegationEvent, Status> {
+    let delegation = event
+        .delegation()
+        .map_err(|e| Error::Internal(format!("event {}: {e}", event.sequence)))?;
+    Ok(pb::DelegationEvent {
+        sequence: unsigned(event.sequence),
+        kind: pb::EventKind::from(event.kind).into(),
+        occurred_at: Some(timestamp(event.occurred_at)),
+        delegation: Some(delegation.into()),
+        task_id: event.task_id,
+        caused_by_delegation_id: event.caused_by_delegation_id.unwrap_or_default(),
+    })
 }

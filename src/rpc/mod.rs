@@ -59,6 +59,10 @@ enum_map! {
     TaskStatus { Pending, Claimed, InProgress, Blocked, Done, Cancelled }
     DelegationType { Route, Decompose, Escalate, Reassign }
     DelegationStatus { Pending, Accepted, Rejected, Completed, Cancelled }
+    EventKind {
+        DelegationCreated, DelegationAccepted, DelegationRejected, DelegationCompleted,
+        DelegationCancelled, TaskCompleted
+    }
 }
 
 /// A required id field.

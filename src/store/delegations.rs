@@ -8,7 +8,17 @@ use super::{Conn, schema::task_delegations as td, with_conn};
 use crate::domain::{DelegationStatus, DelegationType};
 
 /// One hop of a task between two instances.
-#[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable, Insertable)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    QueryableByName,
+    Selectable,
+    Insertable,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[diesel(table_name = td)]
 pub struct Delegation {
     /// Unique id (UUID v7).

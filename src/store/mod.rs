@@ -8,12 +8,13 @@
 //! transaction starts and ends.
 
 pub mod delegations;
+pub mod events;
 pub mod instances;
 pub mod schema;
 mod sql_types;
 pub mod tasks;
 
-use std::{path::PathBuf, str::FromStr, time::Duration};
+use std::{path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
 use ::deadpool::{Runtime, managed::Timeouts};
 use chrono::{NaiveDateTime, SubsecRound, Utc};
@@ -26,7 +27,8 @@ use diesel_async::{
     sync_connection_wrapper::SyncConnectionWrapper,
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::watch;
 
 use crate::error::Error;
 
@@ -83,9 +85,20 @@ impl DatabaseUrl {
     }
 }
 
-/// A pool of connections to one database. Cheap to clone.
+/// A pool of connections to one database, and the signal that a transaction committed.
+/// Cheap to clone.
 #[derive(Clone)]
-pub enum Db {
+pub struct Db {
+    pool: Pool,
+    url: DatabaseUrl,
+    /// Bumped after every commit through this pool, and (on PostgreSQL, by
+    /// [`listen_for_commits`]) after every event appended by another replica. Event streams
+    /// wait on it instead of polling.
+    commits: Arc<watch::Sender<u64>>,
+}
+
+#[derive(Clone)]
+enum Pool {
     /// PostgreSQL through diesel-async's native driver.
     Pg(deadpool::Pool<AsyncPgConnection>),
     /// SQLite through diesel's sync connection on the blocking pool.
@@ -139,8 +152,8 @@ pub fn now() -> NaiveDateTime {
 impl Db {
     /// Opens a pool; nothing is checked until the first connection is needed.
     pub fn open(url: &DatabaseUrl, max_connections: usize) -> Result<Self, Error> {
-        Ok(match url {
-            DatabaseUrl::Postgres(url) => Self::Pg(pool(
+        let pool = match url {
+            DatabaseUrl::Postgres(url) => Pool::Pg(pool(
                 AsyncDieselConnectionManager::new(url.clone()),
                 max_connections,
             )?),
@@ -151,17 +164,33 @@ impl Db {
                     DatabaseUrl::sqlite_path(path),
                     config,
                 );
-                Self::Sqlite(pool(manager, max_connections)?)
+                Pool::Sqlite(pool(manager, max_connections)?)
             }
-        })
+        };
+        let commits = Arc::new(watch::channel(0).0);
+        Ok(Self { pool, url: url.clone(), commits })
+    }
+
+    /// The URL this pool connects to.
+    pub fn url(&self) -> &DatabaseUrl {
+        &self.url
+    }
+
+    /// A receiver that changes whenever a transaction may have appended events.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.commits.subscribe()
+    }
+
+    fn signal_commit(&self) {
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Checks a connection out of the pool; UNAVAILABLE if none can be had in time.
     pub async fn conn(&self) -> Result<Conn, Error> {
         let unavailable = |e: deadpool::PoolError| Error::Unavailable(e.to_string());
-        Ok(match self {
-            Self::Pg(pool) => Conn::Pg(pool.get().await.map_err(unavailable)?),
-            Self::Sqlite(pool) => Conn::Sqlite(pool.get().await.map_err(unavailable)?),
+        Ok(match &self.pool {
+            Pool::Pg(pool) => Conn::Pg(pool.get().await.map_err(unavailable)?),
+            Pool::Sqlite(pool) => Conn::Sqlite(pool.get().await.map_err(unavailable)?),
         })
     }
 
@@ -174,30 +203,36 @@ impl Db {
     pub async fn begin(&self) -> Result<Tx, Error> {
         let mut conn = self.conn().await?;
         conn.begin().await?;
-        Ok(Tx(conn))
+        Ok(Tx { conn, db: self.clone() })
     }
 }
 
 /// An open transaction. Dropped without [`Tx::finish`] (say, the request was cancelled), its
 /// connection is discarded by the pool, which rolls the transaction back.
-pub struct Tx(Conn);
+pub struct Tx {
+    conn: Conn,
+    db: Db,
+}
 
 impl Tx {
     /// Commits if `outcome` is `Ok`, rolls back otherwise, and passes `outcome` on (or the
     /// commit's error).
     pub async fn finish<T>(mut self, outcome: Result<T, Error>) -> Result<T, Error> {
         match outcome {
-            Ok(value) => match self.0.commit().await {
-                Ok(()) => Ok(value),
+            Ok(value) => match self.conn.commit().await {
+                Ok(()) => {
+                    self.db.signal_commit();
+                    Ok(value)
+                }
                 Err(err) => {
                     // A failed COMMIT may leave the transaction open; close it (the pool
                     // discards the connection if that fails too).
-                    let _ = self.0.rollback().await;
+                    let _ = self.conn.rollback().await;
                     Err(err.into())
                 }
             },
             Err(err) => {
-                let _ = self.0.rollback().await;
+                let _ = self.conn.rollback().await;
                 Err(err)
             }
         }
@@ -208,13 +243,13 @@ impl std::ops::Deref for Tx {
     type Target = Conn;
 
     fn deref(&self) -> &Conn {
-        &self.0
+        &self.conn
     }
 }
 
 impl std::ops::DerefMut for Tx {
     fn deref_mut(&mut self) -> &mut Conn {
-        &mut self.0
+        &mut self.conn
     }
 }
 
@@ -254,6 +289,32 @@ async fn commit_transaction<C: AsyncConnection>(conn: &mut C) -> diesel::QueryRe
 
 async fn rollback_transaction<C: AsyncConnection>(conn: &mut C) -> diesel::QueryResult<()> {
     C::TransactionManager::rollback_transaction(conn).await
+}
+
+/// Keeps a LISTEN connection to PostgreSQL and signals [`Db::commits`] whenever any replica
+/// appends events, reconnecting after failures. A lost notification only delays a stream: the
+/// streams also re-read the log when idle. Returns at once on SQLite (one process).
+pub async fn listen_for_commits(db: Db) {
+    let DatabaseUrl::Postgres(url) = &db.url else { return };
+    loop {
+        match AsyncPgConnection::establish(url).await {
+            Ok(mut conn) => match conn.batch_execute(&format!("LISTEN {}", events::CHANNEL)).await
+            {
+                Ok(()) => {
+                    // Whatever was appended while not listening is read now.
+                    db.signal_commit();
+                    let mut notifications = std::pin::pin!(conn.notifications_stream());
+                    while let Some(Ok(_)) = notifications.next().await {
+                        db.signal_commit();
+                    }
+                    tracing::warn!("event notification connection lost; reconnecting");
+                }
+                Err(err) => tracing::warn!(error = %err, "LISTEN failed; retrying"),
+            },
+            Err(err) => tracing::warn!(error = %err, "cannot open the LISTEN connection; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// A pool whose waits, connects and recycles give up after [`CONNECTION_TIMEOUT`].

@@ -51,6 +51,35 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// The event log: one row per state change, in commit order.
+    delegation_events (sequence) {
+        sequence -> BigInt,
+        kind -> Text,
+        occurred_at -> Timestamp,
+        task_id -> Text,
+        delegation_id -> Text,
+        source_instance_id -> Text,
+        target_instance_id -> Text,
+        caused_by_delegation_id -> Nullable<Text>,
+        delegation -> Jsonb,
+    }
+}
+
+diesel::table! {
+    /// One row: how far retention has deleted the event log.
+    event_log_state (id) {
+        id -> Integer,
+        pruned_through -> BigInt,
+    }
+}
+
 diesel::joinable!(tasks -> hopper_instances (instance_id));
 diesel::joinable!(task_delegations -> tasks (task_id));
-diesel::allow_tables_to_appear_in_same_query!(hopper_instances, tasks, task_delegations);
+diesel::allow_tables_to_appear_in_same_query!(
+    hopper_instances,
+    tasks,
+    task_delegations,
+    delegation_events,
+    event_log_state
+);

@@ -7,7 +7,7 @@ use diesel::{
     sql_types::Text,
 };
 
-use crate::domain::{DelegationStatus, DelegationType, InstanceStatus, Scope, TaskStatus};
+use crate::domain::{DelegationStatus, DelegationType, EventKind, InstanceStatus, Scope, TaskStatus};
 
 macro_rules! text_column {
     ($($name:ident),+) => {$(
@@ -39,5 +39,6 @@ text_column!(
     InstanceStatus,
     TaskStatus,
     DelegationType,
-    DelegationStatus
+    DelegationStatus,
+    EventKind
 );

@@ -8,7 +8,7 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use diesel::{QueryableByName, sql_types::Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -23,7 +23,8 @@ use hopper_delegation::{
         instances::{self as instance_ops, NewInstance},
         tasks::{self as task_ops, NewTask},
     },
-    server,
+    events::Hub,
+    server::{self, Config},
     store::{self, Conn, DatabaseUrl, Db, Migrate, delegations::Delegation},
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -283,6 +284,7 @@ pub async fn accepted_route(db: &Db, task: &str, source: &str, target: &str) -> 
 pub struct TestServer {
     pub addr: SocketAddr,
     pub db: TestDb,
+    pub hub: Hub,
     pub instances: InstanceServiceClient<Channel>,
     pub tasks: TaskServiceClient<Channel>,
     pub delegations: DelegationServiceClient<Channel>,
@@ -291,12 +293,19 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// A server with a progress interval of 200 ms.
     pub async fn start(backend: Backend) -> Self {
-        let db = TestDb::migrated(backend).await;
+        let config = Config { progress_interval: Duration::from_millis(200), ..Config::default() };
+        Self::start_with(TestDb::migrated(backend).await, config).await
+    }
+
+    /// A server on `db` with `config`.
+    pub async fn start_with(db: TestDb, config: Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (shutdown, stop) = oneshot::channel::<()>();
-        let handle = tokio::spawn(server::run(listener, db.pool(), async {
+        let hub = Hub::new(db.pool(), config.progress_interval);
+        let handle = tokio::spawn(server::run(listener, hub.clone(), config, async {
             let _ = stop.await;
         }));
         let channel = Channel::from_shared(format!("http://{addr}"))
@@ -307,6 +316,7 @@ impl TestServer {
         Self {
             addr,
             db,
+            hub,
             instances: InstanceServiceClient::new(channel.clone()),
             tasks: TaskServiceClient::new(channel.clone()),
             delegations: DelegationServiceClient::new(channel),

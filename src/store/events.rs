@@ -1,0 +1,197 @@
+//! The `delegation_events` log: appended in the transaction of the change it records, read by
+//! sequence, pruned by age.
+//!
+//! Sequence order must be commit order, or a reader that has seen sequence N and asks for
+//! "> N" could miss a row with a lower sequence that commits later. SQLite has one writer at a
+//! time, so it holds by construction. On PostgreSQL a sequence value is taken at insert but
+//! becomes visible at commit, so [`append`] first takes a transaction-scoped advisory lock,
+//! held to commit: event-writing transactions insert and commit one after another.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use chrono::NaiveDateTime;
+use diesel::{
+    prelude::*,
+    sql_types::{BigInt, Bool, Text},
+};
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+
+use super::{
+    Conn,
+    delegations::Delegation,
+    schema::{delegation_events as de, event_log_state},
+    with_conn,
+};
+use crate::domain::EventKind;
+
+/// The PostgreSQL channel that wakes the event streams of every replica.
+pub const CHANNEL: &str = "hopper_events";
+
+/// Takes the ordering lock and queues the wake-up, both released or sent at commit.
+const PG_BEFORE_APPEND: &str = "SELECT pg_advisory_xact_lock(7243002); NOTIFY hopper_events";
+
+/// Turns the ordering lock off. Only for the test that shows the hole it closes.
+#[doc(hidden)]
+pub static DISABLE_ORDERING_LOCK_FOR_TESTS: AtomicBool = AtomicBool::new(false);
+
+/// One entry of the log.
+#[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable)]
+#[diesel(table_name = de)]
+pub struct Event {
+    /// Server-wide position, increasing in commit order.
+    pub sequence: i64,
+    /// What happened.
+    pub kind: EventKind,
+    /// When it happened.
+    pub occurred_at: NaiveDateTime,
+    /// The task concerned.
+    pub task_id: String,
+    /// The delegation concerned.
+    pub delegation_id: String,
+    /// One of the two instances whose streams carry the event.
+    pub source_instance_id: String,
+    /// The other one.
+    pub target_instance_id: String,
+    /// The delegation whose completion or cancellation caused this event.
+    pub caused_by_delegation_id: Option<String>,
+    /// The delegation right after the change.
+    pub delegation: serde_json::Value,
+}
+
+/// An entry to append.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = de, treat_none_as_default_value = false)]
+pub struct NewEvent {
+    kind: EventKind,
+    occurred_at: NaiveDateTime,
+    task_id: String,
+    delegation_id: String,
+    source_instance_id: String,
+    target_instance_id: String,
+    caused_by_delegation_id: Option<String>,
+    delegation: serde_json::Value,
+}
+
+impl NewEvent {
+    /// A change of `delegation`, carried by the streams of its source and target.
+    pub fn of(kind: EventKind, delegation: &Delegation, caused_by: Option<&str>) -> Self {
+        Self {
+            kind,
+            occurred_at: delegation.updated_at,
+            task_id: delegation.task_id.clone(),
+            delegation_id: delegation.id.clone(),
+            source_instance_id: delegation.source_instance_id.clone(),
+            target_instance_id: delegation.target_instance_id.clone(),
+            caused_by_delegation_id: caused_by.map(str::to_owned),
+            delegation: serde_json::to_value(delegation).unwrap_or_default(),
+        }
+    }
+
+    /// The task of `origin` is done; the event belongs to the instance where the task started.
+    pub fn task_completed(origin: &Delegation) -> Self {
+        Self {
+            target_instance_id: origin.source_instance_id.clone(),
+            ..Self::of(EventKind::TaskCompleted, origin, Some(&origin.id))
+        }
+    }
+}
+
+impl Event {
+    /// The delegation as recorded in the event.
+    pub fn delegation(&self) -> Result<Delegation, serde_json::Error> {
+        serde_json::from_value(self.delegation.clone())
+    }
+}
+
+/// Appends events, in order, inside the caller's transaction.
+pub async fn append(conn: &mut Conn, events: &[NewEvent]) -> QueryResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    if let Conn::Pg(c) = conn {
+        if AtomicBool::load(&DISABLE_ORDERING_LOCK_FOR_TESTS, Ordering::Relaxed) {
+            c.batch_execute("NOTIFY hopper_events").await?;
+        } else {
+            c.batch_execute(PG_BEFORE_APPEND).await?;
+        }
+    }
+    // One row per statement: diesel-async has no multi-row insert with nullable columns on
+    // SQLite, and an operation appends few rows (its delegation, plus one per bubbled hop).
+    for event in events {
+        with_conn!(conn, |c| diesel::insert_into(de::table).values(event).execute(c).await)?;
+    }
+    Ok(())
+}
+
+/// Which events a stream carries.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    /// The instance watched.
+    pub instance_id: String,
+    /// Also every instance below it, including ones registered later.
+    pub include_descendants: bool,
+}
+
+/// Events of `scope` with a sequence above `after`, oldest first, at most `limit`.
+pub async fn read(conn: &mut Conn, scope: &Scope, after: i64, limit: i64) -> QueryResult<Vec<Event>> {
+    const READ: &str = "
+        WITH RECURSIVE scope (id) AS (
+            SELECT id FROM hopper_instances WHERE id = $1
+            UNION
+            SELECT i.id FROM hopper_instances i JOIN scope s ON i.parent_id = s.id WHERE $4
+        )
+        SELECT e.* FROM delegation_events e
+        WHERE e.sequence > $2
+          AND (e.source_instance_id IN (SELECT id FROM scope)
+               OR e.target_instance_id IN (SELECT id FROM scope))
+        ORDER BY e.sequence
+        LIMIT $3";
+    with_conn!(conn, |c| diesel::sql_query(READ)
+        .bind::<Text, _>(&scope.instance_id)
+        .bind::<BigInt, _>(after)
+        .bind::<BigInt, _>(limit)
+        .bind::<Bool, _>(scope.include_descendants)
+        .load(c)
+        .await)
+}
+
+/// Where the log stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// The highest sequence written so far (0 for an empty log).
+    pub head: i64,
+    /// Every event up to here was deleted by retention.
+    pub pruned_through: i64,
+}
+
+/// Reads the log's head and pruning watermark.
+pub async fn bounds(conn: &mut Conn) -> QueryResult<Bounds> {
+    let (max, pruned_through) = with_conn!(conn, |c| event_log_state::table
+        .select((
+            de::table.select(diesel::dsl::max(de::sequence)).single_value(),
+            event_log_state::pruned_through,
+        ))
+        .first::<(Option<i64>, i64)>(c)
+        .await)?;
+    Ok(Bounds { head: max.unwrap_or(0).max(pruned_through), pruned_through })
+}
+
+/// Deletes the events that occurred before `cutoff` and moves the watermark; returns how many
+/// were deleted.
+pub async fn prune(conn: &mut Conn, cutoff: NaiveDateTime) -> QueryResult<usize> {
+    let through: Option<i64> = with_conn!(conn, |c| de::table
+        .filter(de::occurred_at.lt(cutoff))
+        .select(diesel::dsl::max(de::sequence))
+        .first(c)
+        .await)?;
+    let Some(through) = through else { return Ok(0) };
+    with_conn!(conn, |c| {
+        let deleted =
+            diesel::delete(de::table.filter(de::sequence.le(through))).execute(c).await?;
+        diesel::update(event_log_state::table.filter(event_log_state::pruned_through.lt(through)))
+            .set(event_log_state::pruned_through.eq(through))
+            .execute(c)
+            .await?;
+        Ok(deleted)
+    })
+}
