@@ -78,7 +78,12 @@ impl Hub {
     /// Streams from `db`, marking progress after `progress_interval` of silence.
     pub fn new(db: Db, progress_interval: Duration) -> Self {
         let stop = Arc::new(watch::channel(false).0);
-        Self { db, progress_interval, stop, active: Arc::default() }
+        Self {
+            db,
+            progress_interval,
+            stop,
+            active: Arc::default(),
+        }
     }
 
     /// Ends every stream, now and from now on, with UNAVAILABLE ("resume elsewhere").
@@ -98,7 +103,10 @@ impl Hub {
 
     /// Checks the request against the log and starts its stream. NOT_FOUND for an unknown
     /// instance; OUT_OF_RANGE for a cursor older than the retained log or newer than its head.
-    pub async fn watch(&self, subscription: Subscription) -> Result<mpsc::Receiver<Result<Item, Error>>, Error> {
+    pub async fn watch(
+        &self,
+        subscription: Subscription,
+    ) -> Result<mpsc::Receiver<Result<Item, Error>>, Error> {
         let mut conn = self.db.conn().await?;
         let instance_id = &subscription.scope.instance_id;
         if instances::find(&mut conn, instance_id).await?.is_none() {
@@ -114,7 +122,12 @@ impl Hub {
             }
         };
         let (sender, receiver) = mpsc::channel(BUFFER);
-        let stream = Stream { hub: self.clone(), subscription, cursor, sender };
+        let stream = Stream {
+            hub: self.clone(),
+            subscription,
+            cursor,
+            sender,
+        };
         tokio::spawn(stream.run());
         Ok(receiver)
     }
@@ -190,7 +203,12 @@ impl Stream {
                 last_sent = Instant::now();
             }
             if !replayed || (idle && sent == 0) {
-                if self.sender.send(Ok(Item::Progress(self.cursor))).await.is_err() {
+                if self
+                    .sender
+                    .send(Ok(Item::Progress(self.cursor)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 replayed = true;

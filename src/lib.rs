@@ -16,8 +16,6 @@
 //!
 //! `docs/ARCHITECTURE.md` explains the design choices.
 
-
-
 pub mod domain;
 pub mod error;
 pub mod events;
@@ -27,7 +25,10 @@ pub mod server;
 pub mod store;
 
 /// Code generated from `proto/hopper/delegation/v1`.
-#[expect(clippy::large_enum_variant, reason = "prost generates the oneof of WatchEventsResponse")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "prost generates the oneof of WatchEventsResponse"
+)]
 pub mod proto {
     tonic::include_proto!("hopper.delegation.v1");
 

@@ -69,9 +69,13 @@ pub async fn run(
     let _retention = Background(tokio::spawn(retention(db.clone(), config.clone())));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<InstanceServiceServer<InstanceApi>>().await;
+    health
+        .set_serving::<InstanceServiceServer<InstanceApi>>()
+        .await;
     health.set_serving::<TaskServiceServer<TaskApi>>().await;
-    health.set_serving::<DelegationServiceServer<DelegationApi>>().await;
+    health
+        .set_serving::<DelegationServiceServer<DelegationApi>>()
+        .await;
 
     // The builder is not Clone, so each reflection version gets its own.
     let reflection = || {
@@ -87,9 +91,13 @@ pub async fn run(
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: no new requests, ending event streams");
-        health.set_not_serving::<InstanceServiceServer<InstanceApi>>().await;
+        health
+            .set_not_serving::<InstanceServiceServer<InstanceApi>>()
+            .await;
         health.set_not_serving::<TaskServiceServer<TaskApi>>().await;
-        health.set_not_serving::<DelegationServiceServer<DelegationApi>>().await;
+        health
+            .set_not_serving::<DelegationServiceServer<DelegationApi>>()
+            .await;
         streams.stop_streams();
         let _ = draining.send(true);
     };

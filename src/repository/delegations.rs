@@ -349,10 +349,18 @@ pub async fn complete(
             task
         };
         // One event per completed hop, each bubbled one naming the hop below it that caused it.
-        let mut log = vec![NewEvent::of(EventKind::DelegationCompleted, &delegation, None)];
+        let mut log = vec![NewEvent::of(
+            EventKind::DelegationCompleted,
+            &delegation,
+            None,
+        )];
         let mut cause = &delegation;
         for ancestor in &completed_ancestors {
-            log.push(NewEvent::of(EventKind::DelegationCompleted, ancestor, Some(&cause.id)));
+            log.push(NewEvent::of(
+                EventKind::DelegationCompleted,
+                ancestor,
+                Some(&cause.id),
+            ));
             cause = ancestor;
         }
         if task_done {
@@ -421,10 +429,16 @@ pub async fn cancel(db: &Db, id: &str) -> Result<Cancellation, Error> {
             at,
         )
         .await?;
-        let mut log = vec![NewEvent::of(EventKind::DelegationCancelled, &delegation, None)];
-        log.extend(cancelled_descendants.iter().map(|hop| {
-            NewEvent::of(EventKind::DelegationCancelled, hop, Some(&delegation.id))
-        }));
+        let mut log = vec![NewEvent::of(
+            EventKind::DelegationCancelled,
+            &delegation,
+            None,
+        )];
+        log.extend(
+            cancelled_descendants
+                .iter()
+                .map(|hop| NewEvent::of(EventKind::DelegationCancelled, hop, Some(&delegation.id))),
+        );
         events::append(conn, &log).await?;
         Ok(Cancellation {
             delegation,

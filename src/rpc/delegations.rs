@@ -12,8 +12,7 @@ use crate::{
     error::Error,
     events::{Hub, Item, Subscription},
     proto::{
-        self as pb, delegation_service_server::DelegationService,
-        watch_events_response::Payload,
+        self as pb, delegation_service_server::DelegationService, watch_events_response::Payload,
     },
     repository::{
         PageRequest,
@@ -35,7 +34,10 @@ pub struct DelegationApi {
 impl DelegationApi {
     /// A service over the hub's database.
     pub fn new(hub: Hub) -> Self {
-        Self { db: hub.db().clone(), hub }
+        Self {
+            db: hub.db().clone(),
+            hub,
+        }
     }
 }
 
@@ -75,7 +77,9 @@ impl DelegationService for DelegationApi {
                 payload: Some(Payload::Event(event_to_proto(event)?)),
             }),
             Item::Progress(sequence) => Ok(pb::WatchEventsResponse {
-                payload: Some(Payload::Progress(pb::Progress { sequence: unsigned(sequence) })),
+                payload: Some(Payload::Progress(pb::Progress {
+                    sequence: unsigned(sequence),
+                })),
             }),
         });
         Ok(Response::new(Box::pin(stream)))

@@ -118,7 +118,10 @@ pub async fn append(conn: &mut Conn, events: &[NewEvent]) -> QueryResult<()> {
     // One row per statement: diesel-async has no multi-row insert with nullable columns on
     // SQLite, and an operation appends few rows (its delegation, plus one per bubbled hop).
     for event in events {
-        with_conn!(conn, |c| diesel::insert_into(de::table).values(event).execute(c).await)?;
+        with_conn!(conn, |c| diesel::insert_into(de::table)
+            .values(event)
+            .execute(c)
+            .await)?;
     }
     Ok(())
 }
@@ -133,24 +136,31 @@ pub struct Scope {
 }
 
 /// Events of `scope` with a sequence above `after`, oldest first, at most `limit`.
-pub async fn read(conn: &mut Conn, scope: &Scope, after: i64, limit: i64) -> QueryResult<Vec<Event>> {
+pub async fn read(
+    conn: &mut Conn,
+    scope: &Scope,
+    after: i64,
+    limit: i64,
+) -> QueryResult<Vec<Event>> {
+    // SQLite numbers `$N` parameters in order of first appearance, whatever N says: they must
+    // appear in the text as $1, $2, $3, $4 for the binds below to land on both backends.
     const READ: &str = "
         WITH RECURSIVE scope (id) AS (
             SELECT id FROM hopper_instances WHERE id = $1
             UNION
-            SELECT i.id FROM hopper_instances i JOIN scope s ON i.parent_id = s.id WHERE $4
+            SELECT i.id FROM hopper_instances i JOIN scope s ON i.parent_id = s.id WHERE $2
         )
         SELECT e.* FROM delegation_events e
-        WHERE e.sequence > $2
+        WHERE e.sequence > $3
           AND (e.source_instance_id IN (SELECT id FROM scope)
                OR e.target_instance_id IN (SELECT id FROM scope))
         ORDER BY e.sequence
-        LIMIT $3";
+        LIMIT $4";
     with_conn!(conn, |c| diesel::sql_query(READ)
         .bind::<Text, _>(&scope.instance_id)
+        .bind::<Bool, _>(scope.include_descendants)
         .bind::<BigInt, _>(after)
         .bind::<BigInt, _>(limit)
-        .bind::<Bool, _>(scope.include_descendants)
         .load(c)
         .await)
 }
@@ -168,12 +178,17 @@ pub struct Bounds {
 pub async fn bounds(conn: &mut Conn) -> QueryResult<Bounds> {
     let (max, pruned_through) = with_conn!(conn, |c| event_log_state::table
         .select((
-            de::table.select(diesel::dsl::max(de::sequence)).single_value(),
+            de::table
+                .select(diesel::dsl::max(de::sequence))
+                .single_value(),
             event_log_state::pruned_through,
         ))
         .first::<(Option<i64>, i64)>(c)
         .await)?;
-    Ok(Bounds { head: max.unwrap_or(0).max(pruned_through), pruned_through })
+    Ok(Bounds {
+        head: max.unwrap_or(0).max(pruned_through),
+        pruned_through,
+    })
 }
 
 /// Deletes the events that occurred before `cutoff` and moves the watermark; returns how many
@@ -186,8 +201,9 @@ pub async fn prune(conn: &mut Conn, cutoff: NaiveDateTime) -> QueryResult<usize>
         .await)?;
     let Some(through) = through else { return Ok(0) };
     with_conn!(conn, |c| {
-        let deleted =
-            diesel::delete(de::table.filter(de::sequence.le(through))).execute(c).await?;
+        let deleted = diesel::delete(de::table.filter(de::sequence.le(through)))
+            .execute(c)
+            .await?;
         diesel::update(event_log_state::table.filter(event_log_state::pruned_through.lt(through)))
             .set(event_log_state::pruned_through.eq(through))
             .execute(c)

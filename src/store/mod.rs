@@ -168,7 +168,11 @@ impl Db {
             }
         };
         let commits = Arc::new(watch::channel(0).0);
-        Ok(Self { pool, url: url.clone(), commits })
+        Ok(Self {
+            pool,
+            url: url.clone(),
+            commits,
+        })
     }
 
     /// The URL this pool connects to.
@@ -203,7 +207,10 @@ impl Db {
     pub async fn begin(&self) -> Result<Tx, Error> {
         let mut conn = self.conn().await?;
         conn.begin().await?;
-        Ok(Tx { conn, db: self.clone() })
+        Ok(Tx {
+            conn,
+            db: self.clone(),
+        })
     }
 }
 
@@ -295,10 +302,14 @@ async fn rollback_transaction<C: AsyncConnection>(conn: &mut C) -> diesel::Query
 /// appends events, reconnecting after failures. A lost notification only delays a stream: the
 /// streams also re-read the log when idle. Returns at once on SQLite (one process).
 pub async fn listen_for_commits(db: Db) {
-    let DatabaseUrl::Postgres(url) = &db.url else { return };
+    let DatabaseUrl::Postgres(url) = &db.url else {
+        return;
+    };
     loop {
         match AsyncPgConnection::establish(url).await {
-            Ok(mut conn) => match conn.batch_execute(&format!("LISTEN {}", events::CHANNEL)).await
+            Ok(mut conn) => match conn
+                .batch_execute(&format!("LISTEN {}", events::CHANNEL))
+                .await
             {
                 Ok(()) => {
                     // Whatever was appended while not listening is read now.

@@ -7,7 +7,9 @@ use diesel::{
     sql_types::Text,
 };
 
-use crate::domain::{DelegationStatus, DelegationType, EventKind, InstanceStatus, Scope, TaskStatus};
+use crate::domain::{
+    DelegationStatus, DelegationType, EventKind, InstanceStatus, Scope, TaskStatus,
+};
 
 macro_rules! text_column {
     ($($name:ident),+) => {$(

@@ -14,6 +14,7 @@ use diesel::{QueryableByName, sql_types::Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use hopper_delegation::{
     domain::{DelegationType, InstanceStatus, Scope},
+    events::Hub,
     proto::{
         delegation_service_client::DelegationServiceClient,
         instance_service_client::InstanceServiceClient, task_service_client::TaskServiceClient,
@@ -23,7 +24,6 @@ use hopper_delegation::{
         instances::{self as instance_ops, NewInstance},
         tasks::{self as task_ops, NewTask},
     },
-    events::Hub,
     server::{self, Config},
     store::{self, Conn, DatabaseUrl, Db, Migrate, delegations::Delegation},
 };
@@ -295,7 +295,10 @@ pub struct TestServer {
 impl TestServer {
     /// A server with a progress interval of 200 ms.
     pub async fn start(backend: Backend) -> Self {
-        let config = Config { progress_interval: Duration::from_millis(200), ..Config::default() };
+        let config = Config {
+            progress_interval: Duration::from_millis(200),
+            ..Config::default()
+        };
         Self::start_with(TestDb::migrated(backend).await, config).await
     }
 
