@@ -145,6 +145,16 @@ impl TestDb {
         db
     }
 
+    /// The same database, for a second server; only the original drops it.
+    pub fn borrowed(other: &TestDb) -> Self {
+        Self {
+            url: other.url.clone(),
+            backend: other.backend,
+            _dir: None,
+            pg_name: None,
+        }
+    }
+
     /// A pool on this database.
     pub fn pool(&self) -> Db {
         Db::open(&self.url, 16).expect("pool")
