@@ -204,6 +204,26 @@ pub fn bubbling(chain: &[DelegationType]) -> (usize, bool) {
     (reach, task_done)
 }
 
+/// A parent task's outcome once its subtasks are through, given each subtask's id, status and
+/// result. The parent is done when every subtask that was not cancelled is done, and at least
+/// one is; its result is `{"subtasks": {"<id>": <result or null>, …}}` over the done ones
+/// (cancelled subtasks are left out). `None` while any subtask is open, or if none is done.
+pub fn aggregate<'a>(
+    subtasks: impl IntoIterator<Item = (&'a str, TaskStatus, Option<&'a serde_json::Value>)>,
+) -> Option<serde_json::Value> {
+    let mut done = serde_json::Map::new();
+    for (id, status, result) in subtasks {
+        match status {
+            TaskStatus::Done => {
+                done.insert(id.to_owned(), result.cloned().unwrap_or_default());
+            }
+            TaskStatus::Cancelled => {}
+            _ => return None,
+        }
+    }
+    (!done.is_empty()).then(|| serde_json::json!({ "subtasks": done }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +350,27 @@ mod tests {
         for case in fine {
             assert!(check_new_hop(&case).is_ok(), "{case:?}");
         }
+    }
+
+    #[test]
+    fn a_parent_is_done_when_every_subtask_not_cancelled_is_done() {
+        use TaskStatus::*;
+        let r1 = serde_json::json!({"ok": 1});
+        let all_done = [
+            ("a", Done, Some(&r1)),
+            ("b", Done, None),
+            ("c", Cancelled, None),
+        ];
+        assert_eq!(
+            aggregate(all_done),
+            Some(serde_json::json!({"subtasks": {"a": {"ok": 1}, "b": null}}))
+        );
+        assert_eq!(
+            aggregate([("a", Done, None), ("b", InProgress, None)]),
+            None
+        );
+        assert_eq!(aggregate([("a", Cancelled, None)]), None);
+        assert_eq!(aggregate([]), None);
     }
 
     #[test]

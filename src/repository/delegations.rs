@@ -71,6 +71,8 @@ pub struct Cancellation {
     pub cancelled_descendants: Vec<Delegation>,
     /// The delegation's task afterwards.
     pub task: Task,
+    /// The unfinished subtasks made below it, now cancelled.
+    pub cancelled_subtasks: Vec<Task>,
 }
 
 /// Sends a task from its current instance to another one.
@@ -78,7 +80,7 @@ pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
     let mut tx = db.begin().await?;
     let conn: &mut Conn = &mut tx;
     let outcome = async {
-        let task = tasks::lock(conn, &new.task_id)
+        let task = tasks::lock_family(conn, &new.task_id)
             .await?
             .ok_or_else(|| Error::not_found("task", &new.task_id))?;
         let source = &new.source_instance_id;
@@ -214,12 +216,12 @@ pub async fn chain(db: &Db, task_id: &str) -> Result<Chain, Error> {
     })
 }
 
-/// Locks the delegation's task, then reads the delegation as it is under that lock.
-async fn lock(conn: &mut Conn, id: &str) -> Result<(Delegation, Task), Error> {
-    let task = tasks::lock_by_delegation(conn, id)
-        .await?
-        .ok_or_else(|| Error::not_found("delegation", id))?;
-    Ok((find(conn, id).await?, task))
+/// Locks the family of the delegation's task, then reads the delegation as it is under that
+/// lock.
+async fn lock(conn: &mut Conn, id: &str) -> Result<Delegation, Error> {
+    let delegation = find(conn, id).await?;
+    tasks::lock_family(conn, &delegation.task_id).await?;
+    find(conn, id).await
 }
 
 /// Applies `transition` to one delegation as a compare-and-set and returns it changed.
@@ -248,7 +250,7 @@ pub async fn accept(db: &Db, id: &str) -> Result<Delegation, Error> {
     let mut tx = db.begin().await?;
     let conn: &mut Conn = &mut tx;
     let outcome = async {
-        let (delegation, _) = lock(conn, id).await?;
+        let delegation = lock(conn, id).await?;
         let at = now();
         let change = Change {
             accepted_at: Some(at),
@@ -268,7 +270,7 @@ pub async fn reject(db: &Db, id: &str, reason: &str) -> Result<Delegation, Error
     let mut tx = db.begin().await?;
     let conn: &mut Conn = &mut tx;
     let outcome = async {
-        let (delegation, _) = lock(conn, id).await?;
+        let delegation = lock(conn, id).await?;
         let at = now();
         let change = Change {
             rejection_reason: Some(reason),
@@ -285,7 +287,8 @@ pub async fn reject(db: &Db, id: &str, reason: &str) -> Result<Delegation, Error
 }
 
 /// Completes a delegation and bubbles the completion up its chain; when the origin completes,
-/// the task is DONE with the result, back at the origin's source.
+/// the task is DONE with the result, back at the origin's source, and if it was the last open
+/// subtask of its parent, the parent completes too (see [`complete_in`]).
 pub async fn complete(
     db: &Db,
     id: &str,
@@ -295,86 +298,174 @@ pub async fn complete(
     let mut tx = db.begin().await?;
     let conn: &mut Conn = &mut tx;
     let outcome = async {
-        let (delegation, task) = lock(conn, id).await?;
-        transition_allowed(&delegation, Transition::Complete)?;
-        if let Some(child) = delegations::active_child(conn, id, &delegation.task_id).await? {
-            return Err(Error::precondition(format!(
-                "task {} is delegated onward by delegation {} ({}, to {}); \
-                     delegation {id} completes when that one does",
-                delegation.task_id, child.id, child.status, child.target_instance_id
-            )));
-        }
-        let lineage = delegations::lineage(conn, id).await?;
-        let kinds: Vec<_> = lineage.iter().map(|d| d.delegation_type).collect();
-        let (reach, task_done) = lifecycle::bubbling(&kinds);
-        let ancestors = &lineage[1..=reach];
-        if let Some(stuck) = ancestors
-            .iter()
-            .find(|d| d.status != DelegationStatus::Accepted)
-        {
-            return Err(Error::Internal(format!(
-                "delegation {} above {id} is {}, not accepted",
-                stuck.id, stuck.status
-            )));
-        }
-
-        let at = now();
-        let completed = Change {
-            completed_at: Some(at),
-            result,
-            ..Change::at(at)
-        };
-        let delegation = transition(
-            conn,
-            &delegation,
-            Transition::Complete,
-            Change { notes, ..completed },
-        )
-        .await?;
-        let ids: Vec<&str> = ancestors.iter().map(|d| d.id.as_str()).collect();
-        let completed_ancestors = if ids.is_empty() {
-            Vec::new()
-        } else {
-            let change = Change {
-                status: Some(DelegationStatus::Completed),
-                ..completed
-            };
-            let from = Transition::Complete.from();
-            in_order(delegations::update(conn, &ids, from, &change).await?, &ids)
-        };
-        let task = if task_done {
-            let origin = lineage[reach].source_instance_id.as_str();
-            tasks::finish(conn, &task.id, origin, result, at).await?
-        } else {
-            task
-        };
-        // One event per completed hop, each bubbled one naming the hop below it that caused it.
-        let mut log = vec![NewEvent::of(
-            EventKind::DelegationCompleted,
-            &delegation,
-            None,
-        )];
-        let mut cause = &delegation;
-        for ancestor in &completed_ancestors {
-            log.push(NewEvent::of(
-                EventKind::DelegationCompleted,
-                ancestor,
-                Some(&cause.id),
-            ));
-            cause = ancestor;
-        }
-        if task_done {
-            log.push(NewEvent::task_completed(cause));
-        }
-        events::append(conn, &log).await?;
-        Ok(Completion {
-            delegation,
-            completed_ancestors,
-            task,
-        })
+        let delegation = lock(conn, id).await?;
+        complete_in(conn, &delegation, result, notes).await
     }
     .await;
     tx.finish(outcome).await
+}
+
+/// Completes `delegation` (read under the family lock), bubbles up its task's chain, and then
+/// keeps going up through parent tasks whose last open subtask this finished: each such parent
+/// completes with the aggregated result, through the delegation that brought it to where it
+/// is (bubbling on from there) or, if it is at its origin, in place.
+pub(super) async fn complete_in(
+    conn: &mut Conn,
+    delegation: &Delegation,
+    result: Option<&serde_json::Value>,
+    notes: Option<&str>,
+) -> Result<Completion, Error> {
+    let (delegation, mut completed_ancestors, finished) =
+        complete_and_bubble(conn, delegation, result, notes, None).await?;
+    let task = match finished {
+        Some(task) => task,
+        None => tasks::find(conn, &delegation.task_id)
+            .await?
+            .ok_or_else(|| Error::not_found("task", &delegation.task_id))?,
+    };
+    let cause = completed_ancestors.last().unwrap_or(&delegation).id.clone();
+    complete_parents(conn, &task, Some(&cause), &mut completed_ancestors).await?;
+    Ok(Completion {
+        delegation,
+        completed_ancestors,
+        task,
+    })
+}
+
+/// Completes one hop and the hops of the same task it bubbles to; returns the hop, the
+/// bubbled hops nearest first, and the task if the completion reached its origin.
+async fn complete_and_bubble(
+    conn: &mut Conn,
+    delegation: &Delegation,
+    result: Option<&serde_json::Value>,
+    notes: Option<&str>,
+    cause: Option<&str>,
+) -> Result<(Delegation, Vec<Delegation>, Option<Task>), Error> {
+    let id = delegation.id.as_str();
+    transition_allowed(delegation, Transition::Complete)?;
+    if let Some(child) = delegations::active_child(conn, id, &delegation.task_id).await? {
+        return Err(Error::precondition(format!(
+            "task {} is delegated onward by delegation {} ({}, to {}); \
+             delegation {id} completes when that one does",
+            delegation.task_id, child.id, child.status, child.target_instance_id
+        )));
+    }
+    let lineage = delegations::lineage(conn, id).await?;
+    let kinds: Vec<_> = lineage.iter().map(|d| d.delegation_type).collect();
+    let (reach, task_done) = lifecycle::bubbling(&kinds);
+    let ancestors = &lineage[1..=reach];
+    if let Some(stuck) = ancestors
+        .iter()
+        .find(|d| d.status != DelegationStatus::Accepted)
+    {
+        return Err(Error::Internal(format!(
+            "delegation {} above {id} is {}, not accepted",
+            stuck.id, stuck.status
+        )));
+    }
+
+    let at = now();
+    let completed = Change {
+        completed_at: Some(at),
+        result,
+        ..Change::at(at)
+    };
+    let delegation = transition(
+        conn,
+        delegation,
+        Transition::Complete,
+        Change { notes, ..completed },
+    )
+    .await?;
+    let ids: Vec<&str> = ancestors.iter().map(|d| d.id.as_str()).collect();
+    let completed_ancestors = if ids.is_empty() {
+        Vec::new()
+    } else {
+        let change = Change {
+            status: Some(DelegationStatus::Completed),
+            ..completed
+        };
+        let from = Transition::Complete.from();
+        in_order(delegations::update(conn, &ids, from, &change).await?, &ids)
+    };
+    // One event per completed hop, each bubbled one naming the hop below it that caused it.
+    let mut log = vec![NewEvent::of(
+        EventKind::DelegationCompleted,
+        &delegation,
+        cause,
+    )];
+    let mut below = &delegation;
+    for ancestor in &completed_ancestors {
+        log.push(NewEvent::of(
+            EventKind::DelegationCompleted,
+            ancestor,
+            Some(&below.id),
+        ));
+        below = ancestor;
+    }
+    let finished = if task_done {
+        log.push(NewEvent::task_completed(below));
+        let origin = below.source_instance_id.as_str();
+        Some(tasks::finish(conn, &delegation.task_id, origin, result, at).await?)
+    } else {
+        None
+    };
+    events::append(conn, &log).await?;
+    Ok((delegation, completed_ancestors, finished))
+}
+
+/// After `task` finished (done or cancelled), completes its parent if that was the parent's
+/// last open subtask, and so on up the subtask tree. Delegations completed on the way are
+/// added to `completed`; `cause` is the hop whose completion set this off, if any.
+pub(super) async fn complete_parents(
+    conn: &mut Conn,
+    task: &Task,
+    cause: Option<&str>,
+    completed: &mut Vec<Delegation>,
+) -> Result<(), Error> {
+    let mut cause = cause.map(str::to_owned);
+    let mut parent_id = task.parent_task_id.clone();
+    while let Some(id) = parent_id.take() {
+        let parent = tasks::find(conn, &id)
+            .await?
+            .ok_or_else(|| Error::not_found("task", &id))?;
+        if parent.status.is_final() || delegations::pending_of_task(conn, &id).await?.is_some() {
+            break;
+        }
+        let subtasks = tasks::children(conn, &id, None, i64::MAX).await?;
+        let outcomes = subtasks
+            .iter()
+            .map(|t| (t.id.as_str(), t.status, t.result.as_ref()));
+        let Some(aggregated) = lifecycle::aggregate(outcomes) else {
+            break;
+        };
+        let finished = match delegations::accepted_into(conn, &id, &parent.instance_id).await? {
+            Some(hop) => {
+                let hop = find(conn, &hop).await?;
+                let (hop, bubbled, finished) =
+                    complete_and_bubble(conn, &hop, Some(&aggregated), None, cause.as_deref())
+                        .await?;
+                cause = Some(bubbled.last().unwrap_or(&hop).id.clone());
+                completed.push(hop);
+                completed.extend(bubbled);
+                finished
+            }
+            None => Some(finish_in_place(conn, &parent, Some(&aggregated)).await?),
+        };
+        parent_id = finished.and_then(|done| done.parent_task_id);
+    }
+    Ok(())
+}
+
+/// Marks a task that holds no delegation DONE where it is.
+pub(super) async fn finish_in_place(
+    conn: &mut Conn,
+    task: &Task,
+    result: Option<&serde_json::Value>,
+) -> Result<Task, Error> {
+    let done = tasks::finish(conn, &task.id, &task.instance_id, result, now()).await?;
+    events::append(conn, &[NewEvent::task_completed_in_place(&done)]).await?;
+    Ok(done)
 }
 
 fn transition_allowed(delegation: &Delegation, transition: Transition) -> Result<(), Error> {
@@ -383,71 +474,81 @@ fn transition_allowed(delegation: &Delegation, transition: Transition) -> Result
         .map(drop)
 }
 
-/// Cancels a delegation and every active delegation below it; each task concerned goes back to
+/// Cancels a delegation, every active delegation below it (along route chains and into
+/// subtasks), and every unfinished subtask created below it; each task concerned goes back to
 /// the source of its topmost cancelled hop.
 pub async fn cancel(db: &Db, id: &str) -> Result<Cancellation, Error> {
     let mut tx = db.begin().await?;
     let conn: &mut Conn = &mut tx;
     let outcome = async {
-        let (delegation, _) = lock(conn, id).await?;
-        transition_allowed(&delegation, Transition::Cancel)?;
-        let below = delegations::active_below(conn, id).await?;
-        // Lock the other tasks concerned (subtasks) before touching their hops, topmost
-        // first: writers on a subtask lock it before its hops too, so PostgreSQL cannot
-        // deadlock.
-        let mut locked = HashSet::from([delegation.task_id.as_str()]);
-        for hop in &below {
-            if locked.insert(hop.task_id.as_str()) {
-                tasks::lock(conn, &hop.task_id).await?;
-            }
-        }
-        let at = now();
-        let delegation = transition(conn, &delegation, Transition::Cancel, Change::at(at)).await?;
-        let ids: Vec<&str> = below.iter().map(|d| d.id.as_str()).collect();
-        let cancelled_descendants = if ids.is_empty() {
-            Vec::new()
-        } else {
-            let change = Change {
-                status: Some(DelegationStatus::Cancelled),
-                ..Change::at(at)
-            };
-            // A subtask's hop may have finished between the read and its task's lock: the
-            // compare-and-set leaves it as it is.
-            let from = Transition::Cancel.from();
-            in_order(delegations::update(conn, &ids, from, &change).await?, &ids)
-        };
-        let mut returned = HashSet::from([delegation.task_id.as_str()]);
-        for hop in &cancelled_descendants {
-            if returned.insert(hop.task_id.as_str()) {
-                tasks::move_to(conn, &hop.task_id, &hop.source_instance_id, at).await?;
-            }
-        }
-        let task = tasks::move_to(
-            conn,
-            &delegation.task_id,
-            &delegation.source_instance_id,
-            at,
-        )
-        .await?;
-        let mut log = vec![NewEvent::of(
-            EventKind::DelegationCancelled,
-            &delegation,
-            None,
-        )];
-        log.extend(
-            cancelled_descendants
-                .iter()
-                .map(|hop| NewEvent::of(EventKind::DelegationCancelled, hop, Some(&delegation.id))),
-        );
-        events::append(conn, &log).await?;
-        Ok(Cancellation {
-            delegation,
-            cancelled_descendants,
-            task,
-        })
+        let delegation = lock(conn, id).await?;
+        cancel_in(conn, &delegation).await
     }
     .await;
     tx.finish(outcome).await
+}
+
+/// [`cancel`] under the family lock.
+pub(super) async fn cancel_in(
+    conn: &mut Conn,
+    delegation: &Delegation,
+) -> Result<Cancellation, Error> {
+    transition_allowed(delegation, Transition::Cancel)?;
+    let at = now();
+    let below = delegations::active_below(conn, &delegation.id).await?;
+    let delegation = transition(conn, delegation, Transition::Cancel, Change::at(at)).await?;
+    let ids: Vec<&str> = below.iter().map(|d| d.id.as_str()).collect();
+    let cancelled = Change {
+        status: Some(DelegationStatus::Cancelled),
+        ..Change::at(at)
+    };
+    let from = Transition::Cancel.from();
+    let mut cancelled_descendants = if ids.is_empty() {
+        Vec::new()
+    } else {
+        in_order(
+            delegations::update(conn, &ids, from, &cancelled).await?,
+            &ids,
+        )
+    };
+    // Subtasks made while the task was down there are called off, with their hops.
+    let cancelled_subtasks =
+        tasks::cancel_below(conn, &delegation.task_id, delegation.delegated_at, at).await?;
+    let subtask_ids: Vec<&str> = cancelled_subtasks.iter().map(|t| t.id.as_str()).collect();
+    if !subtask_ids.is_empty() {
+        cancelled_descendants
+            .extend(delegations::update_of_tasks(conn, &subtask_ids, from, &cancelled).await?);
+    }
+    let mut returned = HashSet::from([delegation.task_id.as_str()]);
+    for hop in &cancelled_descendants {
+        if returned.insert(hop.task_id.as_str()) {
+            tasks::move_to(conn, &hop.task_id, &hop.source_instance_id, at).await?;
+        }
+    }
+    let task = tasks::move_to(
+        conn,
+        &delegation.task_id,
+        &delegation.source_instance_id,
+        at,
+    )
+    .await?;
+    let mut log = vec![NewEvent::of(
+        EventKind::DelegationCancelled,
+        &delegation,
+        None,
+    )];
+    log.extend(
+        cancelled_descendants
+            .iter()
+            .map(|hop| NewEvent::of(EventKind::DelegationCancelled, hop, Some(&delegation.id))),
+    );
+    events::append(conn, &log).await?;
+    Ok(Cancellation {
+        delegation,
+        cancelled_descendants,
+        task,
+        cancelled_subtasks,
+    })
 }
 
 /// Puts rows returned by an UPDATE (in no particular order) in the order of `ids`.

@@ -1,14 +1,44 @@
 //! Creating and reading tasks.
 
-use super::{new_id, taken};
+use chrono::NaiveDateTime;
+
+use super::{
+    Page, PageRequest, decode_cursor,
+    delegations::{Cancellation, cancel_in, complete_in, complete_parents, finish_in_place},
+    encode_cursor, new_id, taken,
+};
 use crate::{
-    domain::TaskStatus,
+    domain::{DelegationStatus, TaskStatus},
     error::Error,
     store::{
-        Db, instances, now,
+        Conn, Db,
+        delegations::{self, Change, Delegation, Tree},
+        events::{self, NewEvent},
+        instances, now,
         tasks::{self, Task},
     },
 };
+
+/// What a local completion changed.
+#[derive(Debug, Clone)]
+pub struct TaskCompletion {
+    /// The task, DONE.
+    pub task: Task,
+    /// The delegations that completed with it (the one that brought it, those that one bubbled
+    /// to, and those of parents it completed), nearest first.
+    pub completed_delegations: Vec<Delegation>,
+}
+
+/// What cancelling a task changed.
+#[derive(Debug, Clone)]
+pub struct TaskCancellation {
+    /// The task, CANCELLED.
+    pub task: Task,
+    /// Every delegation cancelled with it, its own and its subtasks'.
+    pub cancelled_delegations: Vec<Delegation>,
+    /// Its unfinished subtasks, at any depth, now cancelled.
+    pub cancelled_subtasks: Vec<Task>,
+}
 
 /// A validated CreateTask request.
 #[derive(Debug, Clone)]
@@ -33,7 +63,7 @@ pub async fn create(db: &Db, new: NewTask) -> Result<Task, Error> {
         let instance_id = match &new.parent_task_id {
             Some(parent_id) => {
                 // Locked, so that the parent cannot move away while the subtask is placed.
-                let parent = tasks::lock(&mut tx, parent_id)
+                let parent = tasks::lock_family(&mut tx, parent_id)
                     .await?
                     .ok_or_else(|| Error::not_found("parent task", parent_id))?;
                 if parent.status.is_final() {
@@ -90,4 +120,156 @@ pub async fn get(db: &Db, id: &str) -> Result<Task, Error> {
     tasks::find(&mut conn, id)
         .await?
         .ok_or_else(|| Error::not_found("task", id))
+}
+
+/// Lists the direct subtasks of a task, oldest first.
+pub async fn list_subtasks(db: &Db, id: &str, page: &PageRequest) -> Result<Page<Task>, Error> {
+    let after = decode_cursor(&page.token)?;
+    let mut conn = db.conn().await?;
+    if tasks::find(&mut conn, id).await?.is_none() {
+        return Err(Error::not_found("task", id));
+    }
+    let limit = i64::try_from(page.size + 1).unwrap_or(i64::MAX);
+    let rows = tasks::children(&mut conn, id, after.as_ref(), limit).await?;
+    Ok(Page::cut(rows, page.size, |t| {
+        encode_cursor(&(t.created_at, t.id.clone()))
+    }))
+}
+
+/// Reads a task, every task below it and all their delegations, in one query.
+pub async fn tree(db: &Db, id: &str) -> Result<Tree, Error> {
+    let tree = delegations::tree(&mut db.conn().await?, id).await?;
+    if tree.tasks.is_empty() {
+        return Err(Error::not_found("task", id));
+    }
+    Ok(tree)
+}
+
+/// Completes a task where it is. Refused while it is on its way somewhere (a pending
+/// delegation) or has open subtasks. If it arrived by a delegation, that delegation completes
+/// and bubbles exactly as CompleteDelegation does; otherwise the task is DONE in place. Either
+/// way, a parent whose last open subtask this was completes too.
+pub async fn complete(
+    db: &Db,
+    id: &str,
+    result: Option<&serde_json::Value>,
+) -> Result<TaskCompletion, Error> {
+    let mut tx = db.begin().await?;
+    let conn: &mut Conn = &mut tx;
+    let outcome = async {
+        let task = open_task(conn, id).await?;
+        let open = tasks::children(conn, id, None, i64::MAX)
+            .await?
+            .into_iter()
+            .filter(|t| !t.status.is_final())
+            .count();
+        if open > 0 {
+            return Err(Error::precondition(format!(
+                "task {id} has {open} open subtasks; it completes when they do"
+            )));
+        }
+        match delegations::accepted_into(conn, id, &task.instance_id).await? {
+            Some(arrival) => {
+                let arrival = delegations::find(conn, &arrival)
+                    .await?
+                    .ok_or_else(|| Error::not_found("delegation", &arrival))?;
+                let done = complete_in(conn, &arrival, result, None).await?;
+                let mut completed_delegations = vec![done.delegation];
+                completed_delegations.extend(done.completed_ancestors);
+                Ok(TaskCompletion {
+                    task: done.task,
+                    completed_delegations,
+                })
+            }
+            None => {
+                let task = finish_in_place(conn, &task, result).await?;
+                let mut completed_delegations = Vec::new();
+                complete_parents(conn, &task, None, &mut completed_delegations).await?;
+                Ok(TaskCompletion {
+                    task,
+                    completed_delegations,
+                })
+            }
+        }
+    }
+    .await;
+    tx.finish(outcome).await
+}
+
+/// Cancels a task: its active delegations (cascading down its chain and into its subtasks),
+/// and every unfinished subtask at any depth, with one event per cancelled delegation. A
+/// parent whose last open subtask this was completes with the others' results.
+pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
+    let mut tx = db.begin().await?;
+    let conn: &mut Conn = &mut tx;
+    let outcome = async {
+        open_task(conn, id).await?;
+        let chain = delegations::current_chain(conn, id).await?;
+        let mut cancelled_delegations = Vec::new();
+        let mut cancelled_subtasks = Vec::new();
+        let mut cause = None;
+        if let Some(active) = chain.iter().find(|d| d.status.is_active()) {
+            let Cancellation {
+                delegation,
+                cancelled_descendants,
+                cancelled_subtasks: subs,
+                ..
+            } = cancel_in(conn, active).await?;
+            cause = Some(delegation.id.clone());
+            cancelled_delegations.push(delegation);
+            cancelled_delegations.extend(cancelled_descendants);
+            cancelled_subtasks.extend(subs);
+        }
+        let at = now();
+        let rest = tasks::cancel_below(conn, id, NaiveDateTime::MIN, at).await?;
+        let rest_ids: Vec<&str> = rest.iter().map(|t| t.id.as_str()).collect();
+        if !rest_ids.is_empty() {
+            let change = Change {
+                status: Some(DelegationStatus::Cancelled),
+                ..Change::at(at)
+            };
+            let hops =
+                delegations::update_of_tasks(conn, &rest_ids, &DelegationStatus::ACTIVE, &change)
+                    .await?;
+            let log: Vec<_> = hops
+                .iter()
+                .map(|hop| {
+                    NewEvent::of(
+                        crate::domain::EventKind::DelegationCancelled,
+                        hop,
+                        cause.as_deref(),
+                    )
+                })
+                .collect();
+            events::append(conn, &log).await?;
+            cancelled_delegations.extend(hops);
+        }
+        cancelled_subtasks.extend(rest);
+        let task = tasks::set_status(conn, id, TaskStatus::Cancelled, at).await?;
+        complete_parents(conn, &task, None, &mut Vec::new()).await?;
+        Ok(TaskCancellation {
+            task,
+            cancelled_delegations,
+            cancelled_subtasks,
+        })
+    }
+    .await;
+    tx.finish(outcome).await
+}
+
+/// Locks the task's family and reads the task; FAILED_PRECONDITION if it is finished or on its
+/// way somewhere.
+async fn open_task(conn: &mut Conn, id: &str) -> Result<Task, Error> {
+    let task = tasks::lock_family(conn, id)
+        .await?
+        .ok_or_else(|| Error::not_found("task", id))?;
+    if task.status.is_final() {
+        return Err(Error::precondition(format!("task {id} is {}", task.status)));
+    }
+    if let Some(pending) = delegations::pending_of_task(conn, id).await? {
+        return Err(Error::precondition(format!(
+            "task {id} is on its way: delegation {pending} is pending"
+        )));
+    }
+    Ok(task)
 }

@@ -6,7 +6,7 @@ use std::pin::Pin;
 
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 
-use super::{FromProto, all, id, json, optional_text, text, timestamp};
+use super::{FromProto, all, id, optional_text, parse_result, text, timestamp};
 use crate::{
     domain::{DelegationType, EventKind, limits},
     error::Error,
@@ -17,6 +17,7 @@ use crate::{
     repository::{
         PageRequest,
         delegations::{self, Listing, NewDelegation},
+        tasks,
     },
     store::{
         Db,
@@ -155,6 +156,20 @@ impl DelegationService for DelegationApi {
         }))
     }
 
+    async fn get_delegation_tree(
+        &self,
+        request: Request<pb::GetDelegationTreeRequest>,
+    ) -> Result<Response<pb::GetDelegationTreeResponse>, Status> {
+        let task_id = id("task_id", request.into_inner().task_id)?;
+        let tree = tasks::tree(&self.db, &task_id).await?;
+        let mut tasks = tree.tasks.into_iter().map(pb::Task::from);
+        Ok(Response::new(pb::GetDelegationTreeResponse {
+            task: tasks.next(),
+            subtasks: tasks.collect(),
+            delegations: all(tree.delegations),
+        }))
+    }
+
     async fn list_pending_delegations(
         &self,
         request: Request<pb::ListPendingDelegationsRequest>,
@@ -199,13 +214,7 @@ impl DelegationService for DelegationApi {
     ) -> Result<Response<pb::CompleteDelegationResponse>, Status> {
         let r = request.into_inner();
         let delegation_id = id("id", r.id)?;
-        let result = r
-            .result
-            .map(|s| json::from_struct("result", s))
-            .transpose()?;
-        if let Some(result) = &result {
-            limits::json("result", result)?;
-        }
+        let result = parse_result(r.result)?;
         let notes = r
             .notes
             .map(|n| text("notes", n, limits::MAX_NOTES_LEN, false))
@@ -230,6 +239,7 @@ impl DelegationService for DelegationApi {
             delegation: Some(cancelled.delegation.into()),
             cancelled_descendants: all(cancelled.cancelled_descendants),
             task: Some(cancelled.task.into()),
+            cancelled_subtasks: all(cancelled.cancelled_subtasks),
         }))
     }
 }
@@ -247,7 +257,7 @@ fn event_to_proto(event: Event) -> Result<pb::DelegationEvent, Status> {
         sequence: unsigned(event.sequence),
         kind: pb::EventKind::from(event.kind).into(),
         occurred_at: Some(timestamp(event.occurred_at)),
-        delegation: Some(delegation.into()),
+        delegation: delegation.map(Into::into),
         task_id: event.task_id,
         caused_by_delegation_id: event.caused_by_delegation_id.unwrap_or_default(),
     })

@@ -83,6 +83,15 @@ fn optional_text(field: &'static str, value: String, max: usize) -> Result<Optio
     Ok((!value.is_empty()).then_some(value))
 }
 
+/// An optional result document, within the size limit.
+fn parse_result(result: Option<prost_types::Struct>) -> Result<Option<serde_json::Value>, Error> {
+    let result = result.map(|s| json::from_struct("result", s)).transpose()?;
+    if let Some(result) = &result {
+        limits::json("result", result)?;
+    }
+    Ok(result)
+}
+
 fn timestamp(at: NaiveDateTime) -> Timestamp {
     let at = at.and_utc();
     Timestamp {

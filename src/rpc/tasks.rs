@@ -2,12 +2,15 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{id, text};
+use super::{all, id, parse_result, text};
 use crate::{
     domain::limits,
     error::Error,
     proto::{self as pb, task_service_server::TaskService},
-    repository::tasks::{self, NewTask},
+    repository::{
+        PageRequest,
+        tasks::{self, NewTask},
+    },
     store::Db,
 };
 
@@ -42,6 +45,50 @@ impl TaskService for TaskApi {
             return Err(Error::invalid("instance_id", "is required").into());
         }
         Ok(Response::new(tasks::create(&self.db, new).await?.into()))
+    }
+
+    async fn list_subtasks(
+        &self,
+        request: Request<pb::ListSubtasksRequest>,
+    ) -> Result<Response<pb::ListSubtasksResponse>, Status> {
+        let r = request.into_inner();
+        let task_id = id("task_id", r.task_id)?;
+        let page = PageRequest {
+            size: limits::page_size(r.page_size)?,
+            token: r.page_token,
+        };
+        let page = tasks::list_subtasks(&self.db, &task_id, &page).await?;
+        Ok(Response::new(pb::ListSubtasksResponse {
+            subtasks: all(page.items),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let r = request.into_inner();
+        let task_id = id("task_id", r.task_id)?;
+        let result = parse_result(r.result)?;
+        let done = tasks::complete(&self.db, &task_id, result.as_ref()).await?;
+        Ok(Response::new(pb::CompleteTaskResponse {
+            task: Some(done.task.into()),
+            completed_delegations: all(done.completed_delegations),
+        }))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::CancelTaskResponse>, Status> {
+        let task_id = id("task_id", request.into_inner().task_id)?;
+        let cancelled = tasks::cancel(&self.db, &task_id).await?;
+        Ok(Response::new(pb::CancelTaskResponse {
+            task: Some(cancelled.task.into()),
+            cancelled_delegations: all(cancelled.cancelled_delegations),
+            cancelled_subtasks: all(cancelled.cancelled_subtasks),
+        }))
     }
 
     async fn get_task(

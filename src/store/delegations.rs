@@ -264,3 +264,132 @@ pub async fn active_below(conn: &mut Conn, id: &str) -> QueryResult<Vec<Delegati
         .load(c)
         .await)
 }
+
+/// Applies `change` to the delegations of `task_ids` whose status is one of `from`; returns
+/// the rows it changed, oldest first.
+pub async fn update_of_tasks(
+    conn: &mut Conn,
+    task_ids: &[&str],
+    from: &[DelegationStatus],
+    change: &Change<'_>,
+) -> QueryResult<Vec<Delegation>> {
+    let mut changed = with_conn!(conn, |c| diesel::update(td::table)
+        .filter(td::task_id.eq_any(task_ids))
+        .filter(td::status.eq_any(from))
+        .set(change)
+        .returning(Delegation::as_returning())
+        .get_results(c)
+        .await)?;
+    changed.sort_by(|a, b| (a.delegated_at, &a.id).cmp(&(b.delegated_at, &b.id)));
+    Ok(changed)
+}
+
+/// One row of [`tree`]: a task of the family, and one of its delegations if it has any.
+#[derive(Debug, QueryableByName)]
+struct TreeRow {
+    #[diesel(embed)]
+    task: super::tasks::Task,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    d_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    d_parent_delegation_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    d_source_instance_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    d_target_instance_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    d_delegation_type: Option<DelegationType>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    d_status: Option<DelegationStatus>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamp>)]
+    d_delegated_at: Option<NaiveDateTime>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamp>)]
+    d_accepted_at: Option<NaiveDateTime>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamp>)]
+    d_completed_at: Option<NaiveDateTime>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Jsonb>)]
+    d_result: Option<serde_json::Value>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    d_rejection_reason: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    d_notes: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    d_delegated_by: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamp>)]
+    d_created_at: Option<NaiveDateTime>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamp>)]
+    d_updated_at: Option<NaiveDateTime>,
+}
+
+impl TreeRow {
+    fn delegation(&self) -> Option<Delegation> {
+        Some(Delegation {
+            id: self.d_id.clone()?,
+            task_id: self.task.id.clone(),
+            parent_delegation_id: self.d_parent_delegation_id.clone(),
+            source_instance_id: self.d_source_instance_id.clone()?,
+            target_instance_id: self.d_target_instance_id.clone()?,
+            delegation_type: self.d_delegation_type?,
+            status: self.d_status?,
+            delegated_at: self.d_delegated_at?,
+            accepted_at: self.d_accepted_at,
+            completed_at: self.d_completed_at,
+            result: self.d_result.clone(),
+            rejection_reason: self.d_rejection_reason.clone(),
+            notes: self.d_notes.clone(),
+            delegated_by: self.d_delegated_by.clone(),
+            created_at: self.d_created_at?,
+            updated_at: self.d_updated_at?,
+        })
+    }
+}
+
+/// A task, every task below it in the subtask tree, and all their delegations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tree {
+    /// The task asked for first, then the others by depth, oldest first.
+    pub tasks: Vec<super::tasks::Task>,
+    /// Every delegation of those tasks, grouped by task in the same order, oldest first.
+    pub delegations: Vec<Delegation>,
+}
+
+/// Reads the tree below a task in one query; empty if there is no such task.
+pub async fn tree(conn: &mut Conn, task_id: &str) -> QueryResult<Tree> {
+    const TREE: &str = "
+        WITH RECURSIVE family (id, depth) AS (
+            SELECT id, 0 FROM tasks WHERE id = $1
+            UNION ALL
+            SELECT t.id, f.depth + 1 FROM tasks t JOIN family f ON t.parent_task_id = f.id
+        )
+        SELECT t.*,
+               d.id AS d_id, d.parent_delegation_id AS d_parent_delegation_id,
+               d.source_instance_id AS d_source_instance_id,
+               d.target_instance_id AS d_target_instance_id,
+               d.delegation_type AS d_delegation_type, d.status AS d_status,
+               d.delegated_at AS d_delegated_at, d.accepted_at AS d_accepted_at,
+               d.completed_at AS d_completed_at, d.result AS d_result,
+               d.rejection_reason AS d_rejection_reason, d.notes AS d_notes,
+               d.delegated_by AS d_delegated_by, d.created_at AS d_created_at,
+               d.updated_at AS d_updated_at
+        FROM family f
+        JOIN tasks t ON t.id = f.id
+        LEFT JOIN task_delegations d ON d.task_id = t.id
+        ORDER BY f.depth, t.created_at, t.id, d.delegated_at, d.id";
+    let rows: Vec<TreeRow> = with_conn!(conn, |c| diesel::sql_query(TREE)
+        .bind::<Text, _>(task_id)
+        .load(c)
+        .await)?;
+    let mut tree = Tree {
+        tasks: Vec::new(),
+        delegations: Vec::new(),
+    };
+    for row in rows {
+        if let Some(delegation) = row.delegation() {
+            tree.delegations.push(delegation);
+        }
+        if tree.tasks.last().is_none_or(|last| last.id != row.task.id) {
+            tree.tasks.push(row.task);
+        }
+    }
+    Ok(tree)
+}

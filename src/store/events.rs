@@ -20,6 +20,7 @@ use super::{
     Conn,
     delegations::Delegation,
     schema::{delegation_events as de, event_log_state},
+    tasks::Task,
     with_conn,
 };
 use crate::domain::EventKind;
@@ -46,8 +47,8 @@ pub struct Event {
     pub occurred_at: NaiveDateTime,
     /// The task concerned.
     pub task_id: String,
-    /// The delegation concerned.
-    pub delegation_id: String,
+    /// The delegation concerned; `None` for a task completed where it started.
+    pub delegation_id: Option<String>,
     /// One of the two instances whose streams carry the event.
     pub source_instance_id: String,
     /// The other one.
@@ -55,7 +56,7 @@ pub struct Event {
     /// The delegation whose completion or cancellation caused this event.
     pub caused_by_delegation_id: Option<String>,
     /// The delegation right after the change.
-    pub delegation: serde_json::Value,
+    pub delegation: Option<serde_json::Value>,
 }
 
 /// An entry to append.
@@ -65,11 +66,11 @@ pub struct NewEvent {
     kind: EventKind,
     occurred_at: NaiveDateTime,
     task_id: String,
-    delegation_id: String,
+    delegation_id: Option<String>,
     source_instance_id: String,
     target_instance_id: String,
     caused_by_delegation_id: Option<String>,
-    delegation: serde_json::Value,
+    delegation: Option<serde_json::Value>,
 }
 
 impl NewEvent {
@@ -79,11 +80,11 @@ impl NewEvent {
             kind,
             occurred_at: delegation.updated_at,
             task_id: delegation.task_id.clone(),
-            delegation_id: delegation.id.clone(),
+            delegation_id: Some(delegation.id.clone()),
             source_instance_id: delegation.source_instance_id.clone(),
             target_instance_id: delegation.target_instance_id.clone(),
             caused_by_delegation_id: caused_by.map(str::to_owned),
-            delegation: serde_json::to_value(delegation).unwrap_or_default(),
+            delegation: serde_json::to_value(delegation).ok(),
         }
     }
 
@@ -96,10 +97,29 @@ impl NewEvent {
     }
 }
 
+impl NewEvent {
+    /// A task with no delegation completed where it is; carried by that instance's stream.
+    pub fn task_completed_in_place(task: &Task) -> Self {
+        Self {
+            kind: EventKind::TaskCompleted,
+            occurred_at: task.updated_at,
+            task_id: task.id.clone(),
+            delegation_id: None,
+            source_instance_id: task.instance_id.clone(),
+            target_instance_id: task.instance_id.clone(),
+            caused_by_delegation_id: None,
+            delegation: None,
+        }
+    }
+}
+
 impl Event {
-    /// The delegation as recorded in the event.
-    pub fn delegation(&self) -> Result<Delegation, serde_json::Error> {
-        serde_json::from_value(self.delegation.clone())
+    /// The delegation as recorded in the event, if the event concerns one.
+    pub fn delegation(&self) -> Result<Option<Delegation>, serde_json::Error> {
+        self.delegation
+            .clone()
+            .map(serde_json::from_value)
+            .transpose()
     }
 }
 

@@ -58,11 +58,11 @@ diesel::table! {
         kind -> Text,
         occurred_at -> Timestamp,
         task_id -> Text,
-        delegation_id -> Text,
+        delegation_id -> Nullable<Text>,
         source_instance_id -> Text,
         target_instance_id -> Text,
         caused_by_delegation_id -> Nullable<Text>,
-        delegation -> Jsonb,
+        delegation -> Nullable<Jsonb>,
     }
 }
 

@@ -1,14 +1,17 @@
 //! The `tasks` table.
 
 use chrono::NaiveDateTime;
-use diesel::prelude::*;
+use diesel::{
+    prelude::*,
+    sql_types::{Text, Timestamp},
+};
 use diesel_async::RunQueryDsl;
 
-use super::{Conn, schema::tasks, with_conn};
+use super::{Conn, delegations::Cursor, schema::tasks, with_conn};
 use crate::domain::TaskStatus;
 
 /// One task.
-#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Insertable)]
+#[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable, Insertable)]
 #[diesel(table_name = tasks)]
 pub struct Task {
     /// Unique id.
@@ -50,33 +53,96 @@ pub async fn find(conn: &mut Conn, id: &str) -> QueryResult<Option<Task>> {
         .optional())
 }
 
-/// Reads a task and locks its row until the transaction ends, so that every change to a task
-/// and its delegations is serialised (PostgreSQL takes a row lock; SQLite's `BEGIN IMMEDIATE`
-/// already holds the write lock). `None` if there is no such task.
-pub async fn lock(conn: &mut Conn, id: &str) -> QueryResult<Option<Task>> {
+/// Locks the task's family — the root of its subtask tree — until the transaction ends, then
+/// reads the task. Every change to a task, its subtasks or their delegations takes this lock
+/// first, so the writers of one family run one after another (PostgreSQL row lock; SQLite's
+/// `BEGIN IMMEDIATE` already holds the write lock) and, with one lock per family, cannot
+/// deadlock. `None` if there is no such task.
+pub async fn lock_family(conn: &mut Conn, id: &str) -> QueryResult<Option<Task>> {
     // A no-op UPDATE rather than `SELECT … FOR UPDATE`, which SQLite does not have.
-    with_conn!(conn, |c| diesel::update(tasks::table.find(id))
-        .set(tasks::updated_at.eq(tasks::updated_at))
-        .returning(Task::as_returning())
-        .get_result(c)
-        .await
-        .optional())
+    const LOCK_ROOT: &str = "
+        WITH RECURSIVE up (id, parent_task_id) AS (
+            SELECT id, parent_task_id FROM tasks WHERE id = $1
+            UNION ALL
+            SELECT t.id, t.parent_task_id FROM tasks t JOIN up ON t.id = up.parent_task_id
+        )
+        UPDATE tasks SET updated_at = updated_at
+        WHERE id IN (SELECT id FROM up WHERE parent_task_id IS NULL)";
+    let locked = with_conn!(conn, |c| diesel::sql_query(LOCK_ROOT)
+        .bind::<Text, _>(id)
+        .execute(c)
+        .await)?;
+    if locked == 0 {
+        return Ok(None);
+    }
+    find(conn, id).await
 }
 
-/// Like [`lock`], for the task of a delegation; `None` if there is no such delegation.
-pub async fn lock_by_delegation(conn: &mut Conn, delegation_id: &str) -> QueryResult<Option<Task>> {
-    use super::schema::task_delegations as td;
-    let task_id = td::table
-        .find(delegation_id)
-        .select(td::task_id)
-        .single_value();
-    with_conn!(conn, |c| diesel::update(tasks::table)
-        .filter(tasks::id.nullable().eq(task_id))
-        .set(tasks::updated_at.eq(tasks::updated_at))
+/// The direct subtasks of a task, oldest first, after `after`, at most `limit`.
+pub async fn children(
+    conn: &mut Conn,
+    parent_id: &str,
+    after: Option<&Cursor>,
+    limit: i64,
+) -> QueryResult<Vec<Task>> {
+    with_conn!(conn, |c| {
+        let mut query = tasks::table
+            .filter(tasks::parent_task_id.eq(parent_id))
+            .select(Task::as_select())
+            .into_boxed();
+        if let Some((at, id)) = after {
+            query = query.filter(
+                tasks::created_at
+                    .gt(at)
+                    .or(tasks::created_at.eq(at).and(tasks::id.gt(id))),
+            );
+        }
+        query
+            .order((tasks::created_at, tasks::id))
+            .limit(limit)
+            .load(c)
+            .await
+    })
+}
+
+/// Cancels every unfinished task below `root` in the subtask tree, at any depth, whose branch
+/// was created at or after `since`; returns them.
+pub async fn cancel_below(
+    conn: &mut Conn,
+    root: &str,
+    since: NaiveDateTime,
+    now: NaiveDateTime,
+) -> QueryResult<Vec<Task>> {
+    // $1, $2, $3 in order of appearance, as SQLite numbers them that way.
+    const CANCEL_BELOW: &str = "
+        WITH RECURSIVE below (id) AS (
+            SELECT id FROM tasks WHERE parent_task_id = $1 AND created_at >= $2
+            UNION ALL
+            SELECT t.id FROM tasks t JOIN below b ON t.parent_task_id = b.id
+        )
+        UPDATE tasks SET status = 'cancelled', updated_at = $3
+        WHERE id IN (SELECT id FROM below) AND status NOT IN ('done', 'cancelled')
+        RETURNING *";
+    with_conn!(conn, |c| diesel::sql_query(CANCEL_BELOW)
+        .bind::<Text, _>(root)
+        .bind::<Timestamp, _>(since)
+        .bind::<Timestamp, _>(now)
+        .load(c)
+        .await)
+}
+
+/// Sets a task's status.
+pub async fn set_status(
+    conn: &mut Conn,
+    id: &str,
+    status: TaskStatus,
+    now: NaiveDateTime,
+) -> QueryResult<Task> {
+    with_conn!(conn, |c| diesel::update(tasks::table.find(id))
+        .set((tasks::status.eq(status), tasks::updated_at.eq(now)))
         .returning(Task::as_returning())
         .get_result(c)
-        .await
-        .optional())
+        .await)
 }
 
 /// Moves a task to another instance.

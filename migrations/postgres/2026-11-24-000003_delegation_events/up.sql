@@ -8,7 +8,8 @@ CREATE TABLE delegation_events (
                                  'task_completed')),
     occurred_at              TIMESTAMP NOT NULL,
     task_id                  TEXT NOT NULL,
-    delegation_id            TEXT NOT NULL,
+    -- NULL for a task completed where it started, with no delegation.
+    delegation_id            TEXT,
     -- The instances whose streams carry the event: the delegation's source and target (for a
     -- task_completed event, both are the instance where the task started).
     source_instance_id       TEXT NOT NULL,
@@ -17,7 +18,7 @@ CREATE TABLE delegation_events (
     -- cascaded events.
     caused_by_delegation_id  TEXT,
     -- The delegation as it was right after the change.
-    delegation               JSONB NOT NULL
+    delegation               JSONB
 );
 CREATE INDEX delegation_events_occurred_at_idx ON delegation_events (occurred_at);
 
