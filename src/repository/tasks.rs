@@ -1,6 +1,6 @@
 //! Creating and reading tasks.
 
-use chrono::NaiveDateTime;
+use chrono::DateTime;
 
 use super::{
     Page, PageRequest, decode_cursor,
@@ -221,7 +221,7 @@ pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
             cancelled_subtasks.extend(subs);
         }
         let at = now();
-        let rest = tasks::cancel_below(conn, id, NaiveDateTime::MIN, at).await?;
+        let rest = tasks::cancel_below(conn, id, DateTime::UNIX_EPOCH.naive_utc(), at).await?;
         let rest_ids: Vec<&str> = rest.iter().map(|t| t.id.as_str()).collect();
         if !rest_ids.is_empty() {
             let change = Change {

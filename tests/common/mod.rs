@@ -370,3 +370,26 @@ where
     }
     results
 }
+
+/// Inserts `children` subtasks under `root`, each with `grandchildren` subtasks, in a few
+/// multi-row statements (the API would take minutes for 10,000 tasks in a debug build).
+pub async fn bulk_subtasks(db: &Db, root: &str, children: usize, grandchildren: usize) {
+    let mut conn = db.conn().await.expect("conn");
+    let stamp = "2026-01-01 00:00:00";
+    let row = |id: &str, parent: &str| {
+        format!("('{id}', '{id}', '', 'global', '{parent}', 'pending', '{stamp}', '{stamp}')")
+    };
+    let insert = "INSERT INTO tasks (id, title, description, instance_id, parent_task_id, status, \
+                  created_at, updated_at) VALUES ";
+    let level: Vec<_> = (0..children)
+        .map(|c| row(&format!("{root}.{c}"), root))
+        .collect();
+    execute(&mut conn, &format!("{insert}{}", level.join(", "))).await;
+    for c in 0..children {
+        let parent = format!("{root}.{c}");
+        let level: Vec<_> = (0..grandchildren)
+            .map(|g| row(&format!("{parent}.{g}"), &parent))
+            .collect();
+        execute(&mut conn, &format!("{insert}{}", level.join(", "))).await;
+    }
+}
