@@ -42,21 +42,35 @@ async fn measure(backend: Backend) {
         } else {
             ("project", "global", DelegationType::Escalate)
         };
-        let d = delegations::create(&db, hop("deep", source, target, kind)).await.unwrap();
+        let d = delegations::create(&db, hop("deep", source, target, kind))
+            .await
+            .unwrap();
         delegations::accept(&db, &d.id).await.unwrap();
     }
     let chain = median_of(|| async {
-        assert_eq!(delegations::chain(&db, "deep").await.unwrap().delegations.len(), 1000);
+        assert_eq!(
+            delegations::chain(&db, "deep")
+                .await
+                .unwrap()
+                .delegations
+                .len(),
+            1000
+        );
     })
     .await;
 
     task(&db, "wide", "global").await;
     bulk_subtasks(&db, "wide", 100, 99).await;
     let tree = median_of(|| async {
-        assert_eq!(tasks::tree(&db, "wide").await.unwrap().tasks.len(), 1 + 100 + 100 * 99);
+        assert_eq!(
+            tasks::tree(&db, "wide").await.unwrap().tasks.len(),
+            1 + 100 + 100 * 99
+        );
     })
     .await;
-    println!("{backend:?}: chain of 1,000 hops read in {chain:?}; tree of 10,001 tasks read in {tree:?}");
+    println!(
+        "{backend:?}: chain of 1,000 hops read in {chain:?}; tree of 10,001 tasks read in {tree:?}"
+    );
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -238,6 +238,20 @@ on_both_backends! {
         server.stop().await;
     }
 
+    async fn a_subtree_stream_covers_instances_registered_later(backend: Backend) {
+        let mut server = TestServer::start(backend).await;
+        setup(&mut server).await;
+        let mut stream = watch(&mut server, "project", true, None, &[]).await.unwrap();
+        next_progress(&mut stream).await;
+        register(&mut server, "late", Scope::Orchestration, "orch").await;
+        let d1 = create(&mut server, "t", "global", "project").await;
+        accept(&mut server, &d1).await;
+        create(&mut server, "t", "project", "late").await;
+        let targets: Vec<_> = story_of(&mut stream, 3).await.into_iter().map(|(_, target, _)| target).collect();
+        assert_eq!(targets, ["project", "project", "late"]);
+        server.stop().await;
+    }
+
     async fn a_filtered_subscriber_still_advances_its_cursor(backend: Backend) {
         let mut server = TestServer::start(backend).await;
         setup(&mut server).await;
