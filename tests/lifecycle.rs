@@ -299,10 +299,11 @@ on_both_backends! {
         assert_eq!(done.task.status, TaskStatus::Done);
     }
 
-    async fn a_decompose_hop_completes_its_subtask_but_not_the_parent(backend: Backend) {
+    async fn a_decompose_hop_completes_its_subtask_while_the_parent_waits_for_the_rest(backend: Backend) {
         let (_guard, db) = story(backend).await;
         let to_project = accepted_route(&db, "t", "global", "project").await;
         subtask(&db, "t.1", "t").await;
+        subtask(&db, "t.2", "t").await;
         let sub = tasks::get(&db, "t.1").await.unwrap();
         assert_eq!((sub.instance_id.as_str(), sub.parent_task_id.as_deref()), ("project", Some("t")));
 
