@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{Backend, TestDb, accepted_route, hierarchy, hop, instance, race, snapshot, task};
+use common::{
+    Backend, TestDb, accepted_route, hierarchy, hop, instance, race, snapshot, subtask, task,
+};
 use hopper_delegation::{
     domain::{DelegationStatus, DelegationType, InstanceStatus, Scope, TaskStatus},
     error::Error,
@@ -39,17 +41,6 @@ async fn story(backend: Backend) -> (TestDb, Db) {
     hierarchy(&db).await;
     task(&db, "t", "global").await;
     (test_db, db)
-}
-
-async fn subtask(db: &Db, id: &str, parent: &str) {
-    let new = NewTask {
-        id: Some(id.to_owned()),
-        title: id.to_owned(),
-        description: String::new(),
-        instance_id: None,
-        parent_task_id: Some(parent.to_owned()),
-    };
-    tasks::create(db, new).await.expect("subtask");
 }
 
 on_both_backends! {

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{Backend, TestDb, TestServer, accepted_route, hierarchy, hop, instance, race, task};
+use common::{
+    Backend, TestDb, TestServer, accepted_route, hierarchy, hop, instance, race, subtask, task,
+};
 use hopper_delegation::{
     domain::{DelegationStatus, DelegationType, EventKind, Scope, TaskStatus},
     error::Error,
@@ -12,7 +14,7 @@ use hopper_delegation::{
     repository::{
         PageRequest,
         delegations::{self, Completion},
-        tasks::{self, NewTask},
+        tasks,
     },
     store::{
         Db,
@@ -23,17 +25,6 @@ use hopper_delegation::{
 use serde_json::json;
 
 use DelegationType::{Decompose, Escalate, Route};
-
-async fn subtask(db: &Db, id: &str, parent: &str) {
-    let new = NewTask {
-        id: Some(id.to_owned()),
-        title: id.to_owned(),
-        description: String::new(),
-        instance_id: None,
-        parent_task_id: Some(parent.to_owned()),
-    };
-    tasks::create(db, new).await.expect("subtask");
-}
 
 async fn decompose(db: &Db, task: &str, source: &str, target: &str) -> Delegation {
     let d = delegations::create(db, hop(task, source, target, Decompose))

@@ -13,7 +13,7 @@
 //! The store enforces each transition as a compare-and-set on the statuses returned by
 //! [`Transition::from`], so concurrent callers cannot both win.
 
-use super::{DelegationStatus, DelegationType, InstanceStatus, TaskStatus};
+use super::{DelegationStatus, DelegationType, EventKind, InstanceStatus, TaskStatus};
 use crate::error::Error;
 
 /// A change of a delegation's status requested by a client.
@@ -47,6 +47,16 @@ impl Transition {
             Self::Reject => DelegationStatus::Rejected,
             Self::Complete => DelegationStatus::Completed,
             Self::Cancel => DelegationStatus::Cancelled,
+        }
+    }
+
+    /// The event this transition records.
+    pub fn event(self) -> EventKind {
+        match self {
+            Self::Accept => EventKind::DelegationAccepted,
+            Self::Reject => EventKind::DelegationRejected,
+            Self::Complete => EventKind::DelegationCompleted,
+            Self::Cancel => EventKind::DelegationCancelled,
         }
     }
 

@@ -224,12 +224,14 @@ async fn lock(conn: &mut Conn, id: &str) -> Result<Delegation, Error> {
     find(conn, id).await
 }
 
-/// Applies `transition` to one delegation as a compare-and-set and returns it changed.
+/// Applies `transition` to one delegation as a compare-and-set, records its event (naming
+/// `cause`, the delegation that set it off, if any), and returns the delegation changed.
 async fn transition(
     conn: &mut Conn,
     delegation: &Delegation,
     transition: Transition,
     change: Change<'_>,
+    cause: Option<&str>,
 ) -> Result<Delegation, Error> {
     let status = transition.check(&delegation.id, delegation.status)?;
     let change = Change {
@@ -237,12 +239,14 @@ async fn transition(
         ..change
     };
     let updated = delegations::update(conn, &[&delegation.id], transition.from(), &change).await?;
-    updated.into_iter().next().ok_or_else(|| {
+    let changed = updated.into_iter().next().ok_or_else(|| {
         Error::Internal(format!(
-            "delegation {} changed under the task lock",
+            "delegation {} changed under the family lock",
             delegation.id
         ))
-    })
+    })?;
+    events::append(conn, &[NewEvent::of(transition.event(), &changed, cause)]).await?;
+    Ok(changed)
 }
 
 /// The target takes the task on.
@@ -256,10 +260,7 @@ pub async fn accept(db: &Db, id: &str) -> Result<Delegation, Error> {
             accepted_at: Some(at),
             ..Change::at(at)
         };
-        let accepted = transition(conn, &delegation, Transition::Accept, change).await?;
-        let event = NewEvent::of(EventKind::DelegationAccepted, &accepted, None);
-        events::append(conn, &[event]).await?;
-        Ok(accepted)
+        transition(conn, &delegation, Transition::Accept, change, None).await
     }
     .await;
     tx.finish(outcome).await
@@ -276,9 +277,7 @@ pub async fn reject(db: &Db, id: &str, reason: &str) -> Result<Delegation, Error
             rejection_reason: Some(reason),
             ..Change::at(at)
         };
-        let rejected = transition(conn, &delegation, Transition::Reject, change).await?;
-        let event = NewEvent::of(EventKind::DelegationRejected, &rejected, None);
-        events::append(conn, &[event]).await?;
+        let rejected = transition(conn, &delegation, Transition::Reject, change, None).await?;
         tasks::move_to(conn, &rejected.task_id, &rejected.source_instance_id, at).await?;
         Ok(rejected)
     }
@@ -370,13 +369,8 @@ async fn complete_and_bubble(
         result,
         ..Change::at(at)
     };
-    let delegation = transition(
-        conn,
-        delegation,
-        Transition::Complete,
-        Change { notes, ..completed },
-    )
-    .await?;
+    let notes = Change { notes, ..completed };
+    let delegation = transition(conn, delegation, Transition::Complete, notes, cause).await?;
     let ids: Vec<&str> = ancestors.iter().map(|d| d.id.as_str()).collect();
     let completed_ancestors = if ids.is_empty() {
         Vec::new()
@@ -388,12 +382,8 @@ async fn complete_and_bubble(
         let from = Transition::Complete.from();
         in_order(delegations::update(conn, &ids, from, &change).await?, &ids)
     };
-    // One event per completed hop, each bubbled one naming the hop below it that caused it.
-    let mut log = vec![NewEvent::of(
-        EventKind::DelegationCompleted,
-        &delegation,
-        cause,
-    )];
+    // One event per bubbled hop, each naming the hop below it that caused it.
+    let mut log = Vec::new();
     let mut below = &delegation;
     for ancestor in &completed_ancestors {
         log.push(NewEvent::of(
@@ -496,7 +486,7 @@ pub(super) async fn cancel_in(
     transition_allowed(delegation, Transition::Cancel)?;
     let at = now();
     let below = delegations::active_below(conn, &delegation.id).await?;
-    let delegation = transition(conn, delegation, Transition::Cancel, Change::at(at)).await?;
+    let delegation = transition(conn, delegation, Transition::Cancel, Change::at(at), None).await?;
     let ids: Vec<&str> = below.iter().map(|d| d.id.as_str()).collect();
     let cancelled = Change {
         status: Some(DelegationStatus::Cancelled),
@@ -532,16 +522,10 @@ pub(super) async fn cancel_in(
         at,
     )
     .await?;
-    let mut log = vec![NewEvent::of(
-        EventKind::DelegationCancelled,
-        &delegation,
-        None,
-    )];
-    log.extend(
-        cancelled_descendants
-            .iter()
-            .map(|hop| NewEvent::of(EventKind::DelegationCancelled, hop, Some(&delegation.id))),
-    );
+    let log: Vec<_> = cancelled_descendants
+        .iter()
+        .map(|hop| NewEvent::of(EventKind::DelegationCancelled, hop, Some(&delegation.id)))
+        .collect();
     events::append(conn, &log).await?;
     Ok(Cancellation {
         delegation,

@@ -270,6 +270,18 @@ pub async fn task(db: &Db, id: &str, at: &str) {
     .expect("create task");
 }
 
+/// Creates a subtask where its parent is.
+pub async fn subtask(db: &Db, id: &str, parent: &str) {
+    let new = NewTask {
+        id: Some(id.to_owned()),
+        title: id.to_owned(),
+        description: String::new(),
+        instance_id: None,
+        parent_task_id: Some(parent.to_owned()),
+    };
+    task_ops::create(db, new).await.expect("subtask");
+}
+
 /// The request for a hop of `task` from `source` to `target`.
 pub fn hop(task: &str, source: &str, target: &str, kind: DelegationType) -> NewDelegation {
     NewDelegation {
