@@ -24,6 +24,7 @@ async fn register(server: &mut TestServer, id: &str, scope: Scope, parent: &str)
             parent_id: parent.into(),
             status: pb::InstanceStatus::Running.into(),
             config: None,
+            request_id: String::new(),
         })
         .await
         .expect("register");

@@ -40,6 +40,7 @@ async fn register(server: &mut TestServer, id: &str, scope: Scope, parent: &str)
             parent_id: parent.into(),
             status: InstanceStatus::Running.into(),
             config: None,
+            request_id: String::new(),
         })
         .await
         .expect("register")
@@ -72,6 +73,7 @@ fn route(source: &str, target: &str) -> pb::CreateDelegationRequest {
         delegation_type: DelegationType::Route.into(),
         notes: "please".into(),
         delegated_by: "operator".into(),
+        request_id: String::new(),
     }
 }
 

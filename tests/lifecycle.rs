@@ -323,6 +323,7 @@ on_both_backends! {
     async fn a_subtask_is_created_where_its_parent_is(backend: Backend) {
         let (_guard, db) = story(backend).await;
         let new = |instance: Option<&str>, parent: &str| NewTask {
+            request_id: None,
             id: None,
             title: "part".into(),
             description: "one part".into(),
@@ -349,6 +350,7 @@ on_both_backends! {
     async fn instances_register_list_and_change_status(backend: Backend) {
         let (_guard, db) = story(backend).await;
         let taken = NewInstance {
+            request_id: None,
             id: Some("global".into()),
             name: "again".into(),
             scope: Scope::Global,

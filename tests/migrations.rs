@@ -7,7 +7,7 @@ use common::{Backend, TestDb, execute, text_rows};
 use hopper_delegation::store::{self, Db, Migrate};
 
 /// How many migrations there are.
-const STEPS: usize = 3;
+const STEPS: usize = 4;
 
 /// The schema as text, without diesel's own bookkeeping table.
 async fn schema(db: &Db, backend: Backend) -> Vec<String> {

@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use super::{Page, PageRequest, decode_cursor, encode_cursor, new_id};
+use super::{Page, PageRequest, decode_cursor, encode_cursor, new_id, remember, replay};
 pub use crate::store::delegations::Listing;
 use crate::{
     domain::{
@@ -24,8 +24,10 @@ use crate::{
 };
 
 /// A validated CreateDelegation request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct NewDelegation {
+    /// Makes the request idempotent: a retry with the same id returns the original result.
+    pub request_id: Option<String>,
     /// The task to delegate.
     pub task_id: String,
     /// The sending instance.
@@ -80,6 +82,10 @@ pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
     let mut tx = db.begin().await?;
     let conn: &mut Conn = &mut tx;
     let outcome = async {
+        let request_id = new.request_id.as_deref();
+        if let Some(original) = replay(conn, request_id, "CreateDelegation", &new).await? {
+            return Ok(original);
+        }
         let task = tasks::lock_family(conn, &new.task_id)
             .await?
             .ok_or_else(|| Error::not_found("task", &new.task_id))?;
@@ -127,12 +133,13 @@ pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
             completed_at: None,
             result: None,
             rejection_reason: None,
-            notes: new.notes,
-            delegated_by: new.delegated_by,
+            notes: new.notes.clone(),
+            delegated_by: new.delegated_by.clone(),
             created_at: at,
             updated_at: at,
         };
         delegations::insert(conn, &delegation).await?;
+        remember(conn, request_id, &delegation).await?;
         let created = NewEvent::of(EventKind::DelegationCreated, &delegation, None);
         events::append(conn, &[created]).await?;
         tasks::move_to(conn, &task.id, target, at).await?;

@@ -1,6 +1,6 @@
 //! Registering, reading and updating instances.
 
-use super::{Page, PageRequest, id_cursor, new_id, taken};
+use super::{Page, PageRequest, id_cursor, new_id, remember, replay, taken};
 use crate::{
     domain::{InstanceStatus, Scope},
     error::Error,
@@ -12,8 +12,10 @@ use crate::{
 };
 
 /// A validated RegisterInstance request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct NewInstance {
+    /// Makes the request idempotent: a retry with the same id returns the original result.
+    pub request_id: Option<String>,
     /// Caller-chosen id; `None` for a generated one.
     pub id: Option<String>,
     /// Human-readable name.
@@ -30,19 +32,23 @@ pub struct NewInstance {
 
 /// Registers an instance under an existing parent.
 pub async fn register(db: &Db, new: NewInstance) -> Result<Instance, Error> {
-    let at = now();
-    let instance = Instance {
-        id: new.id.unwrap_or_else(new_id),
-        name: new.name,
-        scope: new.scope,
-        parent_id: new.parent_id,
-        status: new.status,
-        config: new.config,
-        created_at: at,
-        updated_at: at,
-    };
     let mut tx = db.begin().await?;
     let outcome = async {
+        let request_id = new.request_id.as_deref();
+        if let Some(original) = replay(&mut tx, request_id, "RegisterInstance", &new).await? {
+            return Ok(original);
+        }
+        let at = now();
+        let instance = Instance {
+            id: new.id.clone().unwrap_or_else(new_id),
+            name: new.name.clone(),
+            scope: new.scope,
+            parent_id: new.parent_id.clone(),
+            status: new.status,
+            config: new.config.clone(),
+            created_at: at,
+            updated_at: at,
+        };
         if let Some(parent) = &instance.parent_id {
             if instances::find(&mut tx, parent).await?.is_none() {
                 return Err(Error::not_found("parent instance", parent));
@@ -51,6 +57,7 @@ pub async fn register(db: &Db, new: NewInstance) -> Result<Instance, Error> {
         instances::insert(&mut tx, &instance)
             .await
             .map_err(taken("instance", &instance.id))?;
+        remember(&mut tx, request_id, &instance).await?;
         Ok(instance)
     }
     .await;

@@ -11,7 +11,7 @@ use chrono::DateTime;
 use crate::{
     domain::limits,
     error::Error,
-    store::{delegations::Cursor, is_unique_violation},
+    store::{Conn, delegations::Cursor, idempotency, is_unique_violation, now},
 };
 
 /// One page of a listing.
@@ -74,6 +74,52 @@ fn decode_cursor(token: &str) -> Result<Option<Cursor>, Error> {
         .ok_or_else(forged)?;
     limits::id("page_token", id).map_err(|_| forged())?;
     Ok(Some((at.naive_utc(), id.to_owned())))
+}
+
+/// For a create request carrying a request_id: claims the id inside the caller's transaction
+/// and returns `None` to go ahead, or the record the first request with this id created.
+/// ALREADY_EXISTS if the id was used for a different request.
+async fn replay<T: serde::de::DeserializeOwned>(
+    conn: &mut Conn,
+    request_id: Option<&str>,
+    method: &'static str,
+    request: &impl serde::Serialize,
+) -> Result<Option<T>, Error> {
+    let Some(request_id) = request_id else {
+        return Ok(None);
+    };
+    let request = serde_json::to_string(request).map_err(|e| Error::Internal(e.to_string()))?;
+    let Some(earlier) = idempotency::claim(conn, request_id, method, &request, now()).await? else {
+        return Ok(None);
+    };
+    if earlier.method != method || earlier.request != request {
+        return Err(Error::AlreadyExists {
+            entity: "request",
+            id: format!(
+                "{request_id} (it was used for a different {} request)",
+                earlier.method
+            ),
+        });
+    }
+    let response = earlier
+        .response
+        .ok_or_else(|| Error::Internal("unrecorded request".into()))?;
+    serde_json::from_str(&response)
+        .map(Some)
+        .map_err(|e| Error::Internal(e.to_string()))
+}
+
+/// Records what a claimed request created, for its retries.
+async fn remember(
+    conn: &mut Conn,
+    request_id: Option<&str>,
+    created: &impl serde::Serialize,
+) -> Result<(), Error> {
+    let Some(request_id) = request_id else {
+        return Ok(());
+    };
+    let response = serde_json::to_string(created).map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(idempotency::record(conn, request_id, &response).await?)
 }
 
 /// A new random, time-ordered id.

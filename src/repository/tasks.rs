@@ -5,7 +5,7 @@ use chrono::DateTime;
 use super::{
     Page, PageRequest, decode_cursor,
     delegations::{Cancellation, cancel_in, complete_in, complete_parents, finish_in_place},
-    encode_cursor, new_id, taken,
+    encode_cursor, new_id, remember, replay, taken,
 };
 use crate::{
     domain::{DelegationStatus, TaskStatus},
@@ -41,8 +41,10 @@ pub struct TaskCancellation {
 }
 
 /// A validated CreateTask request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct NewTask {
+    /// Makes the request idempotent: a retry with the same id returns the original result.
+    pub request_id: Option<String>,
     /// Caller-chosen id; `None` for a generated one.
     pub id: Option<String>,
     /// Short title.
@@ -60,6 +62,10 @@ pub struct NewTask {
 pub async fn create(db: &Db, new: NewTask) -> Result<Task, Error> {
     let mut tx = db.begin().await?;
     let outcome = async {
+        let request_id = new.request_id.as_deref();
+        if let Some(original) = replay(&mut tx, request_id, "CreateTask", &new).await? {
+            return Ok(original);
+        }
         let instance_id = match &new.parent_task_id {
             Some(parent_id) => {
                 // Locked, so that the parent cannot move away while the subtask is placed.
@@ -72,8 +78,8 @@ pub async fn create(db: &Db, new: NewTask) -> Result<Task, Error> {
                         parent.status
                     )));
                 }
-                match new.instance_id {
-                    Some(wanted) if wanted != parent.instance_id => {
+                match &new.instance_id {
+                    Some(wanted) if *wanted != parent.instance_id => {
                         return Err(Error::precondition(format!(
                             "parent task {parent_id} is at instance {}, not {wanted}; \
                              a subtask is created where its parent task is",
@@ -86,6 +92,7 @@ pub async fn create(db: &Db, new: NewTask) -> Result<Task, Error> {
             None => {
                 let id = new
                     .instance_id
+                    .clone()
                     .ok_or_else(|| Error::invalid("instance_id", "is required"))?;
                 if instances::find(&mut tx, &id).await?.is_none() {
                     return Err(Error::not_found("instance", id));
@@ -95,11 +102,11 @@ pub async fn create(db: &Db, new: NewTask) -> Result<Task, Error> {
         };
         let at = now();
         let task = Task {
-            id: new.id.unwrap_or_else(new_id),
-            title: new.title,
-            description: new.description,
+            id: new.id.clone().unwrap_or_else(new_id),
+            title: new.title.clone(),
+            description: new.description.clone(),
             instance_id,
-            parent_task_id: new.parent_task_id,
+            parent_task_id: new.parent_task_id.clone(),
             status: TaskStatus::Pending,
             result: None,
             created_at: at,
@@ -108,6 +115,7 @@ pub async fn create(db: &Db, new: NewTask) -> Result<Task, Error> {
         tasks::insert(&mut tx, &task)
             .await
             .map_err(taken("task", &task.id))?;
+        remember(&mut tx, request_id, &task).await?;
         Ok(task)
     }
     .await;

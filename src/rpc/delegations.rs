@@ -92,6 +92,7 @@ impl DelegationService for DelegationApi {
     ) -> Result<Response<pb::Delegation>, Status> {
         let r = request.into_inner();
         let new = NewDelegation {
+            request_id: limits::optional_id("request_id", &r.request_id)?,
             task_id: id("task_id", r.task_id)?,
             source_instance_id: id("source_instance_id", r.source_instance_id)?,
             target_instance_id: id("target_instance_id", r.target_instance_id)?,

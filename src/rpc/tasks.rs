@@ -35,6 +35,7 @@ impl TaskService for TaskApi {
     ) -> Result<Response<pb::Task>, Status> {
         let r = request.into_inner();
         let new = NewTask {
+            request_id: limits::optional_id("request_id", &r.request_id)?,
             id: limits::optional_id("id", &r.id)?,
             title: text("title", r.title, limits::MAX_TITLE_LEN, true)?,
             description: text("description", r.description, limits::MAX_NOTES_LEN, false)?,

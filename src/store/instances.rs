@@ -8,7 +8,9 @@ use super::{Conn, schema::hopper_instances, with_conn};
 use crate::domain::{InstanceStatus, Scope};
 
 /// One Hopper instance.
-#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Insertable)]
+#[derive(
+    Debug, Clone, PartialEq, Queryable, Selectable, Insertable, serde::Serialize, serde::Deserialize,
+)]
 #[diesel(table_name = hopper_instances)]
 pub struct Instance {
     /// Unique id.

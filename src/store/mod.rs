@@ -9,6 +9,7 @@
 
 pub mod delegations;
 pub mod events;
+pub mod idempotency;
 pub mod instances;
 pub mod schema;
 mod sql_types;

@@ -74,6 +74,17 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// Create requests that carried a request_id, with what they created.
+    idempotent_requests (request_id) {
+        request_id -> Text,
+        method -> Text,
+        request -> Text,
+        response -> Nullable<Text>,
+        created_at -> Timestamp,
+    }
+}
+
 diesel::joinable!(tasks -> hopper_instances (instance_id));
 diesel::joinable!(task_delegations -> tasks (task_id));
 diesel::allow_tables_to_appear_in_same_query!(
@@ -81,5 +92,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     tasks,
     task_delegations,
     delegation_events,
-    event_log_state
+    event_log_state,
+    idempotent_requests
 );

@@ -11,7 +11,17 @@ use super::{Conn, delegations::Cursor, schema::tasks, with_conn};
 use crate::domain::TaskStatus;
 
 /// One task.
-#[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable, Insertable)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    QueryableByName,
+    Selectable,
+    Insertable,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[diesel(table_name = tasks)]
 pub struct Task {
     /// Unique id.

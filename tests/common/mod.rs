@@ -227,6 +227,7 @@ pub async fn instance(db: &Db, id: &str, scope: Scope, parent: Option<&str>) {
     instance_ops::register(
         db,
         NewInstance {
+            request_id: None,
             id: Some(id.to_owned()),
             name: id.to_uppercase(),
             scope,
@@ -259,6 +260,7 @@ pub async fn task(db: &Db, id: &str, at: &str) {
     task_ops::create(
         db,
         NewTask {
+            request_id: None,
             id: Some(id.to_owned()),
             title: format!("task {id}"),
             description: String::new(),
@@ -273,6 +275,7 @@ pub async fn task(db: &Db, id: &str, at: &str) {
 /// Creates a subtask where its parent is.
 pub async fn subtask(db: &Db, id: &str, parent: &str) {
     let new = NewTask {
+        request_id: None,
         id: Some(id.to_owned()),
         title: id.to_owned(),
         description: String::new(),
@@ -285,12 +288,27 @@ pub async fn subtask(db: &Db, id: &str, parent: &str) {
 /// The request for a hop of `task` from `source` to `target`.
 pub fn hop(task: &str, source: &str, target: &str, kind: DelegationType) -> NewDelegation {
     NewDelegation {
+        request_id: None,
         task_id: task.to_owned(),
         source_instance_id: source.to_owned(),
         target_instance_id: target.to_owned(),
         delegation_type: kind,
         notes: None,
         delegated_by: Some("tests".to_owned()),
+    }
+}
+
+/// Adds a request id to a [`hop`].
+pub trait NewDelegationExt {
+    fn with_request_id(self, request_id: &str) -> Self;
+}
+
+impl NewDelegationExt for NewDelegation {
+    fn with_request_id(self, request_id: &str) -> Self {
+        Self {
+            request_id: Some(request_id.to_owned()),
+            ..self
+        }
     }
 }
 
