@@ -14,6 +14,8 @@ pub const MAX_REASON_LEN: usize = 4 * 1024;
 pub const MAX_NOTES_LEN: usize = 16 * 1024;
 /// Largest result or config, as JSON text.
 pub const MAX_JSON_BYTES: usize = 1024 * 1024;
+/// Deepest nesting of objects and arrays in a result or config.
+pub const MAX_JSON_DEPTH: usize = 32;
 /// Page size used when a request asks for 0.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 /// Largest page; larger requests are lowered to it.
@@ -62,8 +64,21 @@ pub fn text(field: &'static str, value: &str, max: usize, required: bool) -> Res
     Ok(())
 }
 
-/// Checks the size of a JSON document.
+/// Checks the size and nesting depth of a JSON document.
 pub fn json(field: &'static str, value: &serde_json::Value) -> Result<(), Error> {
+    fn depth(value: &serde_json::Value) -> usize {
+        match value {
+            serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+            serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    if depth(value) > MAX_JSON_DEPTH {
+        return Err(Error::invalid(
+            field,
+            format!("nests deeper than {MAX_JSON_DEPTH} levels"),
+        ));
+    }
     let len = serde_json::to_vec(value).map_or(usize::MAX, |bytes| bytes.len());
     if len > MAX_JSON_BYTES {
         return Err(Error::invalid(
@@ -117,6 +132,12 @@ mod tests {
         assert!(json("result", &serde_json::json!({"a": 1})).is_ok());
         let huge = serde_json::Value::String("x".repeat(MAX_JSON_BYTES));
         assert!(json("result", &huge).is_err());
+        let mut deep = serde_json::json!(1);
+        for _ in 0..MAX_JSON_DEPTH {
+            deep = serde_json::json!([deep]);
+        }
+        assert!(json("result", &deep).is_ok());
+        assert!(json("result", &serde_json::json!({"a": deep})).is_err());
     }
 
     #[test]

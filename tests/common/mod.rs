@@ -206,7 +206,8 @@ pub async fn execute(conn: &mut Conn, sql: &str) {
     .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
-/// Counts rows per table and dumps the delegations, to show that a failed request wrote nothing.
+/// Counts rows per table (and the event log's head) and dumps every task and delegation with
+/// its status and last change, to show that a failed request wrote nothing.
 pub async fn snapshot(db: &Db) -> Vec<String> {
     let mut conn = db.conn().await.expect("conn");
     text_rows(
@@ -214,6 +215,9 @@ pub async fn snapshot(db: &Db) -> Vec<String> {
         "SELECT 'instances ' || COUNT(*) AS line FROM hopper_instances
          UNION ALL SELECT 'tasks ' || COUNT(*) FROM tasks
          UNION ALL SELECT 'delegations ' || COUNT(*) FROM task_delegations
+         UNION ALL SELECT 'events ' || COUNT(*) || ' ' || COALESCE(MAX(sequence), 0)
+                   FROM delegation_events
+         UNION ALL SELECT 'requests ' || COUNT(*) FROM idempotent_requests
          UNION ALL SELECT t.id || ' ' || t.status || ' ' || t.instance_id || ' ' ||
                           CAST(t.updated_at AS TEXT) FROM tasks t
          UNION ALL SELECT d.id || ' ' || d.status || ' ' || CAST(d.updated_at AS TEXT)
