@@ -11,7 +11,8 @@ use std::{future::Future, time::Duration};
 use chrono::TimeDelta;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::{Code, Status, body::Body, transport::Server};
+use tower::util::MapResponseLayer;
 
 use crate::{
     events::Hub,
@@ -107,6 +108,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
+        .layer(MapResponseLayer::new(reclassify_transport_errors))
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
@@ -125,6 +127,33 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// tonic answers two client mistakes with codes that blame the server or mislead: a message
+/// over the size limit gets OUT_OF_RANGE, and one it cannot decode (say, nested past prost's
+/// recursion limit) gets INTERNAL. Both are rewritten here, where the status travels in the
+/// headers of a trailers-only response: RESOURCE_EXHAUSTED and INVALID_ARGUMENT.
+fn reclassify_transport_errors(mut response: http::Response<Body>) -> http::Response<Body> {
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let message = status.message();
+    let code = match status.code() {
+        Code::OutOfRange if message.starts_with("Error, decoded message length too large") => {
+            Code::ResourceExhausted
+        }
+        Code::Internal if message.starts_with("failed to decode Protobuf message") => {
+            Code::InvalidArgument
+        }
+        _ => return response,
+    };
+    if Status::new(code, message)
+        .add_header(response.headers_mut())
+        .is_err()
+    {
+        tracing::warn!(%message, "could not rewrite a transport error's status");
+    }
+    response
 }
 
 /// Deletes events older than the retention period, every prune interval.

@@ -150,6 +150,7 @@ on_both_backends! {
         case!("complete a pending one", FailedPrecondition, "is pending", d.complete_delegation(pb::CompleteDelegationRequest { id: pending.clone(), result: None, notes: None }));
         case!("result NaN", InvalidArgument, "result", d.complete_delegation(pb::CompleteDelegationRequest { id: pending.clone(), result: Some(nan.clone()), notes: None }));
         case!("result nested too deep", InvalidArgument, "result", d.complete_delegation(pb::CompleteDelegationRequest { id: pending.clone(), result: Some(nested(33)), notes: None }));
+        case!("nested past the decoder's limit", InvalidArgument, "failed to decode", d.complete_delegation(pb::CompleteDelegationRequest { id: pending.clone(), result: Some(nested(60)), notes: None }));
         case!("cancel unknown", NotFound, "delegation ghost not found", d.cancel_delegation(pb::CancelDelegationRequest { id: "ghost".into() }));
         case!("chain of unknown", NotFound, "task ghost not found", d.get_delegation_chain(pb::GetDelegationChainRequest { task_id: "ghost".into() }));
         case!("tree: bad id", InvalidArgument, "task_id", d.get_delegation_tree(pb::GetDelegationTreeRequest { task_id: "é".into() }));
@@ -160,7 +161,7 @@ on_both_backends! {
         for (name, code, expect, outcome) in &outcomes {
             let status = outcome.as_ref().err().unwrap_or_else(|| panic!("{name}: accepted"));
             assert_eq!(status.code(), *code, "{name}: {status:?}");
-            if *code == Code::InvalidArgument {
+            if *code == Code::InvalidArgument && !status.message().starts_with("failed to decode") {
                 let details = status.get_error_details();
                 let violation = &details.bad_request().unwrap_or_else(|| panic!("{name}: no BadRequest")).field_violations[0];
                 assert_eq!(violation.field, *expect, "{name}");
@@ -173,7 +174,7 @@ on_both_backends! {
         server.stop().await;
     }
 
-    async fn oversized_messages_are_refused_by_the_transport(backend: Backend) {
+    async fn oversized_messages_are_resource_exhausted(backend: Backend) {
         let mut server = TestServer::start(backend).await;
         let request = pb::CreateTaskRequest {
             title: "big".into(),
@@ -183,9 +184,7 @@ on_both_backends! {
         };
         let before = snapshot(&server.db.pool()).await;
         let status = server.tasks.create_task(request).await.unwrap_err();
-        // tonic 0.14 refuses a message over its 4 MiB limit with OUT_OF_RANGE; issue 5 asks for
-        // RESOURCE_EXHAUSTED, which needs a layer of our own (not done yet).
-        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
         assert!(status.message().contains("too large"), "{status:?}");
         assert_eq!(snapshot(&server.db.pool()).await, before);
         server.stop().await;
