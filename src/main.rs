@@ -75,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             let url = &args.database.database_url;
+            let _owner = store::SqliteOwner::acquire(url)?;
             let applied = store::migrate(url, Migrate::Latest)
                 .await
                 .context("could not migrate the database")?;

@@ -92,3 +92,39 @@ fn a_bad_database_url_is_refused_with_a_message() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_second_server_on_the_same_sqlite_file_fails_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("shared.db").display());
+    let mut first = hopper()
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(first.stderr.take().unwrap()).lines();
+    assert!(
+        log.by_ref()
+            .map_while(Result::ok)
+            .any(|line| line.contains("serving gRPC"))
+    );
+
+    let started = Instant::now();
+    let second = hopper()
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("another hopper-delegation server is using"),
+        "{stderr}"
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(first.wait().unwrap().success());
+}

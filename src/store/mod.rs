@@ -45,6 +45,41 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long SQLite waits for another writer's lock before giving up.
 const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
 
+/// Keeps other server processes off a SQLite database for as long as it lives: SQLite has
+/// one writer, and a second server on the same file would only queue behind the first's locks
+/// (or, on a network file system, risk the file). Holds an exclusive lock on `PATH.lock`.
+#[derive(Debug)]
+pub struct SqliteOwner {
+    _file: std::fs::File,
+}
+
+impl SqliteOwner {
+    /// Takes the lock for a SQLite URL, failing at once with a clear message if another process
+    /// holds it; `None` for PostgreSQL, which several replicas share.
+    pub fn acquire(url: &DatabaseUrl) -> anyhow::Result<Option<Self>> {
+        let DatabaseUrl::Sqlite(path) = url else {
+            return Ok(None);
+        };
+        let mut lock_path = path.clone().into_os_string();
+        lock_path.push(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Self { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another hopper-delegation server is using {} (it holds {}); \
+                 SQLite serves one process — use PostgreSQL for several replicas",
+                path.display(),
+                std::path::Path::new(&lock_path).display()
+            ),
+            Err(std::fs::TryLockError::Error(err)) => Err(err.into()),
+        }
+    }
+}
+
 /// Where the data lives, parsed from `--database-url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
