@@ -49,10 +49,10 @@ pub async fn register(db: &Db, new: NewInstance) -> Result<Instance, Error> {
             created_at: at,
             updated_at: at,
         };
-        if let Some(parent) = &instance.parent_id {
-            if instances::find(&mut tx, parent).await?.is_none() {
-                return Err(Error::not_found("parent instance", parent));
-            }
+        if let Some(parent) = &instance.parent_id
+            && instances::find(&mut tx, parent).await?.is_none()
+        {
+            return Err(Error::not_found("parent instance", parent));
         }
         instances::insert(&mut tx, &instance)
             .await
