@@ -45,6 +45,9 @@ struct ServeArgs {
     /// Size of the database connection pool.
     #[arg(long, env = "HOPPER_MAX_CONNECTIONS", default_value_t = 16)]
     max_connections: usize,
+    /// A request that cannot get a database connection within this fails with UNAVAILABLE.
+    #[arg(long, env = "HOPPER_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    db_timeout: Duration,
     /// A silent WatchEvents stream gets a progress message this often.
     #[arg(long, env = "HOPPER_PROGRESS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     progress_interval: Duration,
@@ -80,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("could not migrate the database")?;
             tracing::info!(?applied, "database is up to date");
-            let db = Db::open(url, args.max_connections)?;
+            let db = Db::open_with_timeout(url, args.max_connections, args.db_timeout)?;
             let listener = TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("could not listen on {}", args.listen))?;

@@ -39,9 +39,9 @@ pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
-/// How long a request waits for a pooled connection (or for a new one to be set up) before it
-/// fails with UNAVAILABLE instead of hanging.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits by default for a pooled connection (or for a new one to be set
+/// up) before it fails with UNAVAILABLE instead of hanging.
+pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long SQLite waits for another writer's lock before giving up.
 const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
 
@@ -188,10 +188,21 @@ pub fn now() -> NaiveDateTime {
 impl Db {
     /// Opens a pool; nothing is checked until the first connection is needed.
     pub fn open(url: &DatabaseUrl, max_connections: usize) -> Result<Self, Error> {
+        Self::open_with_timeout(url, max_connections, DEFAULT_CONNECTION_TIMEOUT)
+    }
+
+    /// Like [`Db::open`]; a request that cannot get a connection within `timeout` fails with
+    /// UNAVAILABLE.
+    pub fn open_with_timeout(
+        url: &DatabaseUrl,
+        max_connections: usize,
+        timeout: Duration,
+    ) -> Result<Self, Error> {
         let pool = match url {
             DatabaseUrl::Postgres(url) => Pool::Pg(pool(
                 AsyncDieselConnectionManager::new(url.clone()),
                 max_connections,
+                timeout,
             )?),
             DatabaseUrl::Sqlite(path) => {
                 let mut config = ManagerConfig::<SqliteConn>::default();
@@ -200,7 +211,7 @@ impl Db {
                     DatabaseUrl::sqlite_path(path),
                     config,
                 );
-                Pool::Sqlite(pool(manager, max_connections)?)
+                Pool::Sqlite(pool(manager, max_connections, timeout)?)
             }
         };
         let commits = Arc::new(watch::channel(0).0);
@@ -364,18 +375,19 @@ pub async fn listen_for_commits(db: Db) {
     }
 }
 
-/// A pool whose waits, connects and recycles give up after [`CONNECTION_TIMEOUT`].
+/// A pool whose waits, connects and recycles give up after `timeout`.
 fn pool<C>(
     manager: AsyncDieselConnectionManager<C>,
     max_size: usize,
+    timeout: Duration,
 ) -> Result<deadpool::Pool<C>, Error>
 where
     AsyncDieselConnectionManager<C>: ::deadpool::managed::Manager,
 {
     let timeouts = Timeouts {
-        wait: Some(CONNECTION_TIMEOUT),
-        create: Some(CONNECTION_TIMEOUT),
-        recycle: Some(CONNECTION_TIMEOUT),
+        wait: Some(timeout),
+        create: Some(timeout),
+        recycle: Some(timeout),
     };
     deadpool::Pool::builder(manager)
         .max_size(max_size)
