@@ -239,6 +239,16 @@ impl Stream {
             let bounds = events::bounds(&mut conn).await?;
             check_cursor(self.cursor, bounds)?;
             let page = events::read(&mut conn, &self.subscription.scope, self.cursor, PAGE).await?;
+            // Retention may have deleted events after the cursor between the two reads: then
+            // this page may have a hole, and the subscriber must hear so.
+            let pruned_through = events::bounds(&mut conn).await?.pruned_through;
+            check_cursor(
+                self.cursor,
+                events::Bounds {
+                    pruned_through,
+                    ..bounds
+                },
+            )?;
             drop(conn);
             let full = page.len() == usize::try_from(PAGE).unwrap_or(usize::MAX);
             for event in page {

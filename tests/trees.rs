@@ -56,6 +56,22 @@ async fn all_events(db: &Db) -> Vec<Event> {
         .unwrap()
 }
 
+/// A NewTask for a subtask.
+struct NewTaskExt;
+
+impl NewTaskExt {
+    fn child(id: &str, parent: &str) -> hopper_delegation::repository::tasks::NewTask {
+        hopper_delegation::repository::tasks::NewTask {
+            request_id: None,
+            id: Some(id.to_owned()),
+            title: id.to_owned(),
+            description: String::new(),
+            instance_id: None,
+            parent_task_id: Some(parent.to_owned()),
+        }
+    }
+}
+
 fn status_of(task: &hopper_delegation::store::tasks::Task) -> TaskStatus {
     task.status
 }
@@ -213,6 +229,29 @@ on_both_backends! {
         assert_eq!(ids, expected);
         assert_eq!(cancelled.cancelled_subtasks.len(), 1);
         assert!(cancelled.cancelled_delegations.iter().all(|d| d.status == DelegationStatus::Cancelled));
+    }
+
+    async fn a_task_with_open_subtasks_neither_moves_nor_completes_by_its_hop(backend: Backend) {
+        let (_guard, db, to_project) = project_holds_t(backend).await;
+        subtask(&db, "t.1", "t").await;
+        let finish = delegations::complete(&db, &to_project.id, None, None).await.unwrap_err();
+        assert!(finish.to_string().contains("task t has 1 open subtasks"), "{finish}");
+        let onward = delegations::create(&db, hop("t", "project", "orch", Route)).await.unwrap_err();
+        assert!(onward.to_string().contains("has 1 open subtasks"), "{onward}");
+        // Decompose starts a subtask's chain only; further down it is a route.
+        let split = decompose(&db, "t.1", "project", "orch").await;
+        let again = delegations::create(&db, hop("t.1", "orch", "leaf", Decompose)).await.unwrap_err();
+        assert!(again.to_string().contains("use route from here"), "{again}");
+        let down = delegations::create(&db, hop("t.1", "orch", "leaf", Route)).await.unwrap();
+        assert_eq!(down.parent_delegation_id.as_deref(), Some(split.id.as_str()));
+        // No subtasks for a task on its way; a task on its way can still be cancelled.
+        let in_transit = tasks::create(&db, NewTaskExt::child("t.1.a", "t.1")).await.unwrap_err();
+        assert!(in_transit.to_string().contains("task t.1 is on its way"), "{in_transit}");
+        task(&db, "u", "global").await;
+        let moving = delegations::create(&db, hop("u", "global", "project", Route)).await.unwrap();
+        let cancelled = tasks::cancel(&db, "u").await.unwrap();
+        assert_eq!(cancelled.cancelled_delegations[0].id, moving.id);
+        assert_eq!(cancelled.task.instance_id, "global");
     }
 
     async fn the_last_two_subtasks_racing_complete_the_parent_once(backend: Backend) {

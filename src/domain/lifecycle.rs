@@ -123,6 +123,10 @@ pub struct ProposedHop<'a> {
     pub is_subtask: bool,
     /// The id of a pending delegation of the task, if it has one.
     pub pending_delegation: Option<&'a str>,
+    /// How many of the task's subtasks are not finished.
+    pub open_subtasks: usize,
+    /// Whether a hop of the task itself brought it to the source.
+    pub arrived_by_delegation: bool,
     /// The sending instance.
     pub source: &'a str,
     /// The receiving instance.
@@ -155,6 +159,12 @@ pub fn check_new_hop(hop: &ProposedHop<'_>) -> Result<(), Error> {
             hop.task_id
         )));
     }
+    if hop.open_subtasks > 0 {
+        return Err(Error::precondition(format!(
+            "task {} has {} open subtasks; it stays where they were made until they finish",
+            hop.task_id, hop.open_subtasks
+        )));
+    }
     if hop.task_location != hop.source {
         return Err(Error::precondition(format!(
             "task {} is at instance {}, not at the source {}",
@@ -171,6 +181,13 @@ pub fn check_new_hop(hop: &ProposedHop<'_>) -> Result<(), Error> {
         return Err(Error::precondition(format!(
             "task {} is not a subtask; only subtasks are delegated with decompose",
             hop.task_id
+        )));
+    }
+    if hop.kind == DelegationType::Decompose && hop.arrived_by_delegation {
+        return Err(Error::precondition(format!(
+            "subtask {} was delegated to {} already; decompose only starts a subtask's chain, \
+             use route from here",
+            hop.task_id, hop.source
         )));
     }
     let (expected, wanted) = match hop.kind {
@@ -288,6 +305,8 @@ mod tests {
             task_location: "g",
             is_subtask: false,
             pending_delegation: None,
+            open_subtasks: 0,
+            arrived_by_delegation: false,
             source: "g",
             target: "p",
             target_status: InstanceStatus::Running,

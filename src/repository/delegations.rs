@@ -100,24 +100,28 @@ pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
             .ok_or_else(|| Error::not_found("target instance", target))?;
         let target_lineage = instances::lineage(conn, target).await?;
         let pending = delegations::pending_of_task(conn, &task.id).await?;
+        let arrival = delegations::accepted_into(conn, &task.id, source).await?;
         lifecycle::check_new_hop(&ProposedHop {
             task_id: &task.id,
             task_status: task.status,
             task_location: &task.instance_id,
             is_subtask: task.parent_task_id.is_some(),
             pending_delegation: pending.as_deref(),
+            open_subtasks: open_subtasks(conn, &task.id).await?,
+            arrived_by_delegation: arrival.is_some(),
             source,
             target,
             target_status: target_instance.status,
             kind: new.delegation_type,
             relation: Relation::between(&source_lineage, &target_lineage),
         })?;
-        let parent_delegation_id = match delegations::accepted_into(conn, &task.id, source).await? {
-            Some(id) => Some(id),
-            None => match &task.parent_task_id {
-                Some(parent_task) => delegations::accepted_into(conn, parent_task, source).await?,
-                None => None,
-            },
+        // The hop continues the one that brought the task (or its parent task) here.
+        let parent_delegation_id = match (arrival, &task.parent_task_id) {
+            (Some(id), _) => Some(id),
+            (None, Some(parent_task)) => {
+                delegations::accepted_into(conn, parent_task, source).await?
+            }
+            (None, None) => None,
         };
         let at = now();
         let delegation = Delegation {
@@ -359,6 +363,15 @@ async fn complete_and_bubble(
     let lineage = delegations::lineage(conn, id).await?;
     let kinds: Vec<_> = lineage.iter().map(|d| d.delegation_type).collect();
     let (reach, task_done) = lifecycle::bubbling(&kinds);
+    if task_done {
+        let open = open_subtasks(conn, &delegation.task_id).await?;
+        if open > 0 {
+            return Err(Error::precondition(format!(
+                "task {} has {open} open subtasks; it completes when they do",
+                delegation.task_id
+            )));
+        }
+    }
     let ancestors = &lineage[1..=reach];
     if let Some(stuck) = ancestors
         .iter()
@@ -454,6 +467,28 @@ pub(super) async fn complete_parents(
     Ok(())
 }
 
+/// How many subtasks of a task are not finished.
+pub(super) async fn open_subtasks(conn: &mut Conn, task_id: &str) -> Result<usize, Error> {
+    let children = tasks::children(conn, task_id, None, i64::MAX).await?;
+    Ok(children.iter().filter(|t| !t.status.is_final()).count())
+}
+
+/// Sends each task of `hops` (cancelled, in cascade order) back to the source of its topmost
+/// cancelled hop, except the tasks in `skip`.
+pub(super) async fn return_tasks<'a>(
+    conn: &mut Conn,
+    hops: &'a [Delegation],
+    mut skip: HashSet<&'a str>,
+    at: chrono::NaiveDateTime,
+) -> Result<(), Error> {
+    for hop in hops {
+        if skip.insert(hop.task_id.as_str()) {
+            tasks::move_to(conn, &hop.task_id, &hop.source_instance_id, at).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Marks a task that holds no delegation DONE where it is.
 pub(super) async fn finish_in_place(
     conn: &mut Conn,
@@ -516,12 +551,8 @@ pub(super) async fn cancel_in(
         cancelled_descendants
             .extend(delegations::update_of_tasks(conn, &subtask_ids, from, &cancelled).await?);
     }
-    let mut returned = HashSet::from([delegation.task_id.as_str()]);
-    for hop in &cancelled_descendants {
-        if returned.insert(hop.task_id.as_str()) {
-            tasks::move_to(conn, &hop.task_id, &hop.source_instance_id, at).await?;
-        }
-    }
+    let own_task = HashSet::from([delegation.task_id.as_str()]);
+    return_tasks(conn, &cancelled_descendants, own_task, at).await?;
     let task = tasks::move_to(
         conn,
         &delegation.task_id,

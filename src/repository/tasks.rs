@@ -1,10 +1,15 @@
 //! Creating and reading tasks.
 
+use std::collections::HashSet;
+
 use chrono::DateTime;
 
 use super::{
     Page, PageRequest, decode_cursor,
-    delegations::{Cancellation, cancel_in, complete_in, complete_parents, finish_in_place},
+    delegations::{
+        Cancellation, cancel_in, complete_in, complete_parents, finish_in_place, open_subtasks,
+        return_tasks,
+    },
     encode_cursor, new_id, remember, replay, taken,
 };
 use crate::{
@@ -78,6 +83,7 @@ pub async fn create(db: &Db, new: NewTask) -> Result<Task, Error> {
                         parent.status
                     )));
                 }
+                in_place(&mut tx, parent_id).await?;
                 match &new.instance_id {
                     Some(wanted) if *wanted != parent.instance_id => {
                         return Err(Error::precondition(format!(
@@ -165,12 +171,9 @@ pub async fn complete(
     let mut tx = db.begin().await?;
     let conn: &mut Conn = &mut tx;
     let outcome = async {
-        let task = open_task(conn, id).await?;
-        let open = tasks::children(conn, id, None, i64::MAX)
-            .await?
-            .into_iter()
-            .filter(|t| !t.status.is_final())
-            .count();
+        let task = unfinished(conn, id).await?;
+        in_place(conn, id).await?;
+        let open = open_subtasks(conn, id).await?;
         if open > 0 {
             return Err(Error::precondition(format!(
                 "task {id} has {open} open subtasks; it completes when they do"
@@ -211,7 +214,7 @@ pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
     let mut tx = db.begin().await?;
     let conn: &mut Conn = &mut tx;
     let outcome = async {
-        open_task(conn, id).await?;
+        unfinished(conn, id).await?;
         let chain = delegations::current_chain(conn, id).await?;
         let mut cancelled_delegations = Vec::new();
         let mut cancelled_subtasks = Vec::new();
@@ -250,6 +253,7 @@ pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
                 })
                 .collect();
             events::append(conn, &log).await?;
+            return_tasks(conn, &hops, HashSet::new(), at).await?;
             cancelled_delegations.extend(hops);
         }
         cancelled_subtasks.extend(rest);
@@ -265,19 +269,23 @@ pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
     tx.finish(outcome).await
 }
 
-/// Locks the task's family and reads the task; FAILED_PRECONDITION if it is finished or on its
-/// way somewhere.
-async fn open_task(conn: &mut Conn, id: &str) -> Result<Task, Error> {
+/// Locks the task's family and reads the task; FAILED_PRECONDITION if it is finished.
+async fn unfinished(conn: &mut Conn, id: &str) -> Result<Task, Error> {
     let task = tasks::lock_family(conn, id)
         .await?
         .ok_or_else(|| Error::not_found("task", id))?;
     if task.status.is_final() {
         return Err(Error::precondition(format!("task {id} is {}", task.status)));
     }
-    if let Some(pending) = delegations::pending_of_task(conn, id).await? {
-        return Err(Error::precondition(format!(
-            "task {id} is on its way: delegation {pending} is pending"
-        )));
-    }
     Ok(task)
+}
+
+/// FAILED_PRECONDITION if the task is on its way somewhere (a pending delegation).
+async fn in_place(conn: &mut Conn, id: &str) -> Result<(), Error> {
+    match delegations::pending_of_task(conn, id).await? {
+        Some(pending) => Err(Error::precondition(format!(
+            "task {id} is on its way: delegation {pending} is pending"
+        ))),
+        None => Ok(()),
+    }
 }

@@ -250,21 +250,24 @@ impl Db {
     /// SQLite transactions start with `BEGIN IMMEDIATE`, taking the write lock up front: a
     /// deferred `BEGIN` that reads and then writes fails with "database is locked" under
     /// concurrency instead of waiting for the lock. PostgreSQL runs READ COMMITTED; the
-    /// repository serialises the writers of one task by locking the task's row first.
+    /// repository serialises the writers of one task family by locking its root row first.
     pub async fn begin(&self) -> Result<Tx, Error> {
         let mut conn = self.conn().await?;
         conn.begin().await?;
         Ok(Tx {
-            conn,
+            conn: Some(conn),
             db: self.clone(),
         })
     }
 }
 
-/// An open transaction. Dropped without [`Tx::finish`] (say, the request was cancelled), its
-/// connection is discarded by the pool, which rolls the transaction back.
+/// An open transaction. Dropped without [`Tx::finish`] — say, the client went away and tonic
+/// dropped the request mid-way — it is rolled back on a task of its own before its connection
+/// goes back to the pool, so no connection is handed out inside a stale transaction (on
+/// SQLite that would hold the write lock and stall every writer).
 pub struct Tx {
-    conn: Conn,
+    /// `None` only once finished or dropped.
+    conn: Option<Conn>,
     db: Db,
 }
 
@@ -272,23 +275,35 @@ impl Tx {
     /// Commits if `outcome` is `Ok`, rolls back otherwise, and passes `outcome` on (or the
     /// commit's error).
     pub async fn finish<T>(mut self, outcome: Result<T, Error>) -> Result<T, Error> {
+        let Some(mut conn) = self.conn.take() else {
+            return Err(Error::Internal("transaction finished twice".into()));
+        };
         match outcome {
-            Ok(value) => match self.conn.commit().await {
+            Ok(value) => match conn.commit().await {
                 Ok(()) => {
                     self.db.signal_commit();
                     Ok(value)
                 }
                 Err(err) => {
-                    // A failed COMMIT may leave the transaction open; close it (the pool
-                    // discards the connection if that fails too).
-                    let _ = self.conn.rollback().await;
+                    // A failed COMMIT may leave the transaction open: close it.
+                    conn.rollback_or_discard().await;
                     Err(err.into())
                 }
             },
             Err(err) => {
-                let _ = self.conn.rollback().await;
+                conn.rollback_or_discard().await;
                 Err(err)
             }
+        }
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(conn.rollback_or_discard());
         }
     }
 }
@@ -297,13 +312,17 @@ impl std::ops::Deref for Tx {
     type Target = Conn;
 
     fn deref(&self) -> &Conn {
-        &self.conn
+        self.conn
+            .as_ref()
+            .expect("only a finished transaction has no connection")
     }
 }
 
 impl std::ops::DerefMut for Tx {
     fn deref_mut(&mut self) -> &mut Conn {
-        &mut self.conn
+        self.conn
+            .as_mut()
+            .expect("only a finished transaction has no connection")
     }
 }
 
@@ -334,6 +353,17 @@ impl Conn {
 
     async fn rollback(&mut self) -> diesel::QueryResult<()> {
         with_conn!(self, |c| rollback_transaction(c).await)
+    }
+
+    /// Rolls the open transaction back; if that fails, takes the connection out of the pool
+    /// and closes it, which ends the transaction on the server side.
+    async fn rollback_or_discard(mut self) {
+        if self.rollback().await.is_err() {
+            match self {
+                Self::Pg(object) => drop(deadpool::Object::take(object)),
+                Self::Sqlite(object) => drop(deadpool::Object::take(object)),
+            }
+        }
     }
 }
 
