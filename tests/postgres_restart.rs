@@ -17,7 +17,9 @@ use hopper_delegation::{
     server::{self, Config},
     store::{self, Db, Migrate, events},
 };
-use tonic::Code;
+use tonic::{Code, transport::Channel};
+
+type DelegationClient = pb::delegation_service_client::DelegationServiceClient<Channel>;
 
 fn pg_bin(tool: &str) -> Option<PathBuf> {
     let versions = std::fs::read_dir("/usr/lib/postgresql").ok()?;
@@ -181,17 +183,20 @@ async fn the_service_rides_out_a_postgres_restart() {
         delegation_type: pb::DelegationType::Route.into(),
         ..Default::default()
     };
-    for (source, target) in [("global", "project"), ("project", "orch")] {
-        let d = delegations
-            .create_delegation(route("t", source, target))
-            .await
-            .unwrap()
-            .into_inner();
-        delegations
-            .accept_delegation(pb::AcceptDelegationRequest { id: d.id })
-            .await
-            .unwrap();
-    }
+    // Routes a task global -> project -> orch, each hop accepted.
+    let two_hops = async |delegations: &mut DelegationClient, task: &str| {
+        for (source, target) in [("global", "project"), ("project", "orch")] {
+            let d = delegations
+                .create_delegation(route(task, source, target))
+                .await
+                .unwrap();
+            let accept = pb::AcceptDelegationRequest {
+                id: d.into_inner().id,
+            };
+            delegations.accept_delegation(accept).await.unwrap();
+        }
+    };
+    two_hops(&mut delegations, "t").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     cluster.stop();
@@ -231,17 +236,7 @@ async fn the_service_rides_out_a_postgres_restart() {
 
     // More events after the outage: the subscriber must get them all, once, in order.
     common::task(&db, "t2", "global").await;
-    for (source, target) in [("global", "project"), ("project", "orch")] {
-        let d = delegations
-            .create_delegation(route("t2", source, target))
-            .await
-            .unwrap()
-            .into_inner();
-        delegations
-            .accept_delegation(pb::AcceptDelegationRequest { id: d.id })
-            .await
-            .unwrap();
-    }
+    two_hops(&mut delegations, "t2").await;
     let mut completing = delegations.clone();
     let chain = completing
         .get_delegation_chain(pb::GetDelegationChainRequest {
