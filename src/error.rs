@@ -41,6 +41,12 @@ pub enum Error {
     /// The request is well-formed but the current state forbids it; the message names the state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// No credentials, or ones this server does not know.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller is known but the rules in `repository::access` forbid the request.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A cursor outside what the event log holds; the message says where to resume.
     #[error("{0}")]
     OutOfRange(String),
@@ -106,6 +112,8 @@ impl From<Error> for Status {
             Error::NotFound { .. } => Status::not_found(message),
             Error::AlreadyExists { .. } => Status::already_exists(message),
             Error::FailedPrecondition(_) => Status::failed_precondition(message),
+            Error::Unauthenticated(_) => Status::unauthenticated(message),
+            Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::OutOfRange(_) => Status::out_of_range(message),
             Error::Unavailable(_) => Status::unavailable(message),
             Error::Internal(_) => {
@@ -145,6 +153,16 @@ mod tests {
                 Error::precondition("task t is done"),
                 Code::FailedPrecondition,
                 "task t is done",
+            ),
+            (
+                Error::Unauthenticated("no token".into()),
+                Code::Unauthenticated,
+                "no token",
+            ),
+            (
+                Error::PermissionDenied("not yours".into()),
+                Code::PermissionDenied,
+                "not yours",
             ),
             (
                 Error::Unavailable("gone".into()),

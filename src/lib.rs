@@ -7,6 +7,8 @@
 //!
 //! - `proto/hopper/delegation/v1/*.proto`, compiled by `build.rs` into [`proto`].
 //! - [`server`]: assembles the services, health and reflection; owns shutdown.
+//! - [`auth`]: who is calling (bearer tokens, client certificates); the rules of what each
+//!   caller may do are in [`repository::access`].
 //! - [`rpc`]: one file per gRPC service; parses requests, converts records. No database here.
 //! - [`repository`]: one function per operation; each write is one transaction.
 //! - [`domain`]: the vocabulary and the lifecycle state machine ([`domain::lifecycle`]); pure.
@@ -16,6 +18,7 @@
 //!
 //! `docs/ARCHITECTURE.md` explains the design choices.
 
+pub mod auth;
 pub mod domain;
 pub mod error;
 pub mod events;

@@ -1,11 +1,12 @@
 //! The `hopper-delegation` binary: parses the command line, sets up logging, and runs the
 //! server or the migrations.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hopper_delegation::{
+    auth::{Authenticator, Tokens},
     events::Hub,
     server,
     store::{self, DatabaseUrl, Db, Migrate},
@@ -60,6 +61,53 @@ struct ServeArgs {
     /// On shutdown, how long running requests get to finish.
     #[arg(long, env = "HOPPER_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    #[command(flatten)]
+    security: SecurityArgs,
+}
+
+/// Authentication and TLS; see "Security" in the README.
+#[derive(Args)]
+struct SecurityArgs {
+    /// TOML file of SHA-256 token digests: `admin = [...]` and `[instances] ID = [...]`.
+    /// Requests then need `authorization: Bearer <token>` (or a client certificate).
+    #[arg(long, env = "HOPPER_AUTH_TOKENS")]
+    auth_tokens: Option<PathBuf>,
+    /// PEM certificate chain: serve TLS (needs --tls-key).
+    #[arg(long, env = "HOPPER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "HOPPER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate: accept client certificates it signed, whose subject CN is the
+    /// calling instance's id (mTLS). Needs --tls-cert.
+    #[arg(long, env = "HOPPER_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve a non-loopback address without authentication.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl SecurityArgs {
+    fn load(
+        &self,
+        listen: SocketAddr,
+    ) -> anyhow::Result<(Authenticator, Option<server::TlsConfig>)> {
+        let tokens = self.auth_tokens.as_deref().map(Tokens::load).transpose()?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(server::tls_config(
+                cert,
+                key,
+                self.tls_client_ca.as_deref(),
+            )?),
+            _ => None,
+        };
+        let auth = Authenticator::new(tokens, self.tls_client_ca.is_some());
+        server::check_exposure(listen, &auth, self.insecure)?;
+        if !auth.is_open() && tls.is_none() && !listen.ip().is_loopback() {
+            tracing::warn!("bearer tokens travel in plaintext: give --tls-cert and --tls-key");
+        }
+        Ok((auth, tls))
+    }
 }
 
 #[tokio::main]
@@ -77,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(?applied, "database is up to date");
         }
         Command::Serve(args) => {
+            let (auth, tls) = args.security.load(args.listen)?;
             let url = &args.database.database_url;
             let _owner = store::SqliteOwner::acquire(url)?;
             let applied = store::migrate(url, Migrate::Latest)
@@ -93,6 +142,8 @@ async fn main() -> anyhow::Result<()> {
                 event_retention: args.event_retention,
                 prune_interval: args.prune_interval,
                 drain_timeout: args.drain_timeout,
+                auth,
+                tls,
             };
             let hub = Hub::new(db, config.progress_interval);
             server::run(listener, hub, config, shutdown_signal()).await?;

@@ -3,18 +3,29 @@
 //! the background tasks (event-log retention, and on PostgreSQL the LISTEN connection that
 //! wakes event streams for writes made by other replicas); owns shutdown.
 //!
+//! Every request to the Hopper services passes the [`Authenticator`] first; health and
+//! reflection stay open, for probes and for grpcurl. TLS, when configured, is rustls.
+//!
 //! [`run`] takes a bound listener and a shutdown future, so tests bind `127.0.0.1:0` and stop
 //! the server without signals.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{Context, bail};
 
 use chrono::TimeDelta;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Code, Status, body::Body, transport::Server};
+pub use tonic::transport::ServerTlsConfig as TlsConfig;
+use tonic::{
+    Code, Status,
+    body::Body,
+    transport::{Certificate, Identity, Server},
+};
 use tower::util::MapResponseLayer;
 
 use crate::{
+    auth::Authenticator,
     events::Hub,
     proto::{
         self, delegation_service_server::DelegationServiceServer,
@@ -35,6 +46,10 @@ pub struct Config {
     pub prune_interval: Duration,
     /// How long shutdown waits for running requests before giving up on them.
     pub drain_timeout: Duration,
+    /// Who may call: [`Authenticator::open`] lets everyone in.
+    pub auth: Authenticator,
+    /// TLS for every connection; `None` serves plaintext HTTP/2.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for Config {
@@ -44,6 +59,8 @@ impl Default for Config {
             event_retention: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
+            auth: Authenticator::open(),
+            tls: None,
         }
     }
 }
@@ -103,7 +120,12 @@ pub async fn run(
         let _ = draining.send(true);
     };
 
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = config.tls.clone() {
+        builder = builder.tls_config(tls)?;
+    }
+    let auth = config.auth.clone();
+    let server = builder
         // Notice peers that vanished without closing their connection.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -112,9 +134,18 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(InstanceServiceServer::new(InstanceApi::new(db.clone())))
-        .add_service(TaskServiceServer::new(TaskApi::new(db)))
-        .add_service(DelegationServiceServer::new(DelegationApi::new(hub)))
+        .add_service(InstanceServiceServer::with_interceptor(
+            InstanceApi::new(db.clone()),
+            auth.clone(),
+        ))
+        .add_service(TaskServiceServer::with_interceptor(
+            TaskApi::new(db),
+            auth.clone(),
+        ))
+        .add_service(DelegationServiceServer::with_interceptor(
+            DelegationApi::new(hub),
+            auth,
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
     let drain_deadline = async {
         let _ = drain_started.wait_for(|started| *started).await;
@@ -127,6 +158,45 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// Refuses to expose an unauthenticated server beyond this machine unless `insecure`.
+pub fn check_exposure(
+    listen: SocketAddr,
+    auth: &Authenticator,
+    insecure: bool,
+) -> anyhow::Result<()> {
+    if auth.is_open() && !listen.ip().is_loopback() && !insecure {
+        bail!(
+            "refusing to serve {listen} without authentication: anyone who can reach it could \
+             accept, complete or watch any task. Give --auth-tokens and/or --tls-client-ca, \
+             listen on a loopback address, or pass --insecure to serve it open anyway"
+        );
+    }
+    Ok(())
+}
+
+/// Server TLS from PEM files: the server's certificate chain and key, and optionally the CA
+/// that signs client certificates (mTLS). With a client CA, a client may still connect
+/// without a certificate and authenticate with a bearer token instead.
+pub fn tls_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> anyhow::Result<TlsConfig> {
+    let read = |path: &Path, what: &str| {
+        std::fs::read(path).with_context(|| format!("could not read the {what} {}", path.display()))
+    };
+    let identity = Identity::from_pem(read(cert, "TLS certificate")?, read(key, "TLS key")?);
+    let mut tls = TlsConfig::new()
+        .identity(identity)
+        .timeout(Duration::from_secs(10));
+    if let Some(ca) = client_ca {
+        tls = tls
+            .client_ca_root(Certificate::from_pem(read(ca, "client CA certificate")?))
+            .client_auth_optional(true);
+    }
+    // Parse the PEM now, so that a bad file stops start-up with a clear message.
+    Server::builder()
+        .tls_config(tls.clone())
+        .context("could not use the TLS certificate, key or client CA")?;
+    Ok(tls)
 }
 
 /// tonic answers two client mistakes with codes that blame the server or mislead: a message

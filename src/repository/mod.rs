@@ -2,6 +2,7 @@
 //! [`crate::domain`] need, asks them, and writes through [`crate::store`]; a request that fails
 //! anywhere writes nothing.
 
+pub mod access;
 pub mod delegations;
 pub mod instances;
 pub mod tasks;

@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use chrono::DateTime;
 
 use super::{
-    Page, PageRequest, decode_cursor,
+    Page, PageRequest,
+    access::{self, Action},
+    decode_cursor,
     delegations::{
         Cancellation, cancel_in, complete_in, complete_parents, finish_in_place, open_subtasks,
         return_tasks,
@@ -13,6 +15,7 @@ use super::{
     encode_cursor, new_id, remember, replay, taken,
 };
 use crate::{
+    auth::Caller,
     domain::{DelegationStatus, TaskStatus},
     error::Error,
     store::{
@@ -168,10 +171,23 @@ pub async fn complete(
     id: &str,
     result: Option<&serde_json::Value>,
 ) -> Result<TaskCompletion, Error> {
+    complete_as(db, &Caller::Open, id, result).await
+}
+
+/// [`complete`] for `caller`, who must be where the task is: checked under the task's lock,
+/// so that the task cannot move on between the check and the completion.
+pub async fn complete_as(
+    db: &Db,
+    caller: &Caller,
+    id: &str,
+    result: Option<&serde_json::Value>,
+) -> Result<TaskCompletion, Error> {
     let mut tx = db.begin().await?;
     let conn: &mut Conn = &mut tx;
     let outcome = async {
-        let task = unfinished(conn, id).await?;
+        let task = locked(conn, id).await?;
+        access::authorize(conn, caller, Action::CompleteTask(id)).await?;
+        let task = unfinished(task)?;
         in_place(conn, id).await?;
         let open = open_subtasks(conn, id).await?;
         if open > 0 {
@@ -214,7 +230,7 @@ pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
     let mut tx = db.begin().await?;
     let conn: &mut Conn = &mut tx;
     let outcome = async {
-        unfinished(conn, id).await?;
+        unfinished(locked(conn, id).await?)?;
         let chain = delegations::current_chain(conn, id).await?;
         let mut cancelled_delegations = Vec::new();
         let mut cancelled_subtasks = Vec::new();
@@ -269,13 +285,20 @@ pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
     tx.finish(outcome).await
 }
 
-/// Locks the task's family and reads the task; FAILED_PRECONDITION if it is finished.
-async fn unfinished(conn: &mut Conn, id: &str) -> Result<Task, Error> {
-    let task = tasks::lock_family(conn, id)
+/// Locks the task's family and reads the task.
+async fn locked(conn: &mut Conn, id: &str) -> Result<Task, Error> {
+    tasks::lock_family(conn, id)
         .await?
-        .ok_or_else(|| Error::not_found("task", id))?;
+        .ok_or_else(|| Error::not_found("task", id))
+}
+
+/// FAILED_PRECONDITION if the task is finished.
+fn unfinished(task: Task) -> Result<Task, Error> {
     if task.status.is_final() {
-        return Err(Error::precondition(format!("task {id} is {}", task.status)));
+        return Err(Error::precondition(format!(
+            "task {} is {}",
+            task.id, task.status
+        )));
     }
     Ok(task)
 }

@@ -8,6 +8,7 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 
 use super::{FromProto, all, id, optional_text, parse_result, text, timestamp};
 use crate::{
+    auth::Caller,
     domain::{DelegationType, EventKind, limits},
     error::Error,
     events::{Hub, Item, Subscription},
@@ -16,6 +17,7 @@ use crate::{
     },
     repository::{
         PageRequest,
+        access::{self, Action},
         delegations::{self, Listing, NewDelegation},
         tasks,
     },
@@ -53,6 +55,7 @@ impl DelegationService for DelegationApi {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let subscription = Subscription {
             scope: Scope {
@@ -72,6 +75,8 @@ impl DelegationService for DelegationApi {
                 .map(|kind| EventKind::required("kinds", kind))
                 .collect::<Result<_, _>>()?,
         };
+        let watched = Action::ManageInstance(&subscription.scope.instance_id);
+        access::check(&self.db, &caller, watched).await?;
         let items = self.hub.watch(subscription).await?;
         let stream = ReceiverStream::new(items).map(|item| match item? {
             Item::Event(event) => Ok(pb::WatchEventsResponse {
@@ -90,6 +95,7 @@ impl DelegationService for DelegationApi {
         &self,
         request: Request<pb::CreateDelegationRequest>,
     ) -> Result<Response<pb::Delegation>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let new = NewDelegation {
             request_id: limits::optional_id("request_id", &r.request_id)?,
@@ -100,6 +106,8 @@ impl DelegationService for DelegationApi {
             notes: optional_text("notes", r.notes, limits::MAX_NOTES_LEN)?,
             delegated_by: optional_text("delegated_by", r.delegated_by, limits::MAX_NAME_LEN)?,
         };
+        let source = &new.source_instance_id;
+        access::check(&self.db, &caller, Action::CreateDelegation { source }).await?;
         Ok(Response::new(
             delegations::create(&self.db, new).await?.into(),
         ))
@@ -109,7 +117,9 @@ impl DelegationService for DelegationApi {
         &self,
         request: Request<pb::GetDelegationRequest>,
     ) -> Result<Response<pb::Delegation>, Status> {
+        let caller = Caller::of(&request)?;
         let delegation_id = id("id", request.into_inner().id)?;
+        access::check(&self.db, &caller, Action::ReadDelegation(&delegation_id)).await?;
         Ok(Response::new(
             delegations::get(&self.db, &delegation_id).await?.into(),
         ))
@@ -119,9 +129,12 @@ impl DelegationService for DelegationApi {
         &self,
         request: Request<pb::UpdateDelegationRequest>,
     ) -> Result<Response<pb::Delegation>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let delegation_id = id("id", r.id)?;
         let notes = text("notes", r.notes, limits::MAX_NOTES_LEN, false)?;
+        let action = Action::AnnotateDelegation(&delegation_id);
+        access::check(&self.db, &caller, action).await?;
         let updated = delegations::update_notes(&self.db, &delegation_id, &notes).await?;
         Ok(Response::new(updated.into()))
     }
@@ -130,12 +143,14 @@ impl DelegationService for DelegationApi {
         &self,
         request: Request<pb::ListTaskDelegationsRequest>,
     ) -> Result<Response<pb::ListTaskDelegationsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let task_id = id("task_id", r.task_id)?;
         let page = PageRequest {
             size: limits::page_size(r.page_size)?,
             token: r.page_token,
         };
+        access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
         let page = delegations::list(&self.db, Listing::OfTask(&task_id), &page).await?;
         Ok(Response::new(pb::ListTaskDelegationsResponse {
             delegations: all(page.items),
@@ -147,7 +162,9 @@ impl DelegationService for DelegationApi {
         &self,
         request: Request<pb::GetDelegationChainRequest>,
     ) -> Result<Response<pb::GetDelegationChainResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let task_id = id("task_id", request.into_inner().task_id)?;
+        access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
         let chain = delegations::chain(&self.db, &task_id).await?;
         Ok(Response::new(pb::GetDelegationChainResponse {
             task_id,
@@ -161,7 +178,9 @@ impl DelegationService for DelegationApi {
         &self,
         request: Request<pb::GetDelegationTreeRequest>,
     ) -> Result<Response<pb::GetDelegationTreeResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let task_id = id("task_id", request.into_inner().task_id)?;
+        access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
         let tree = tasks::tree(&self.db, &task_id).await?;
         let mut tasks = tree.tasks.into_iter().map(pb::Task::from);
         Ok(Response::new(pb::GetDelegationTreeResponse {
@@ -175,12 +194,14 @@ impl DelegationService for DelegationApi {
         &self,
         request: Request<pb::ListPendingDelegationsRequest>,
     ) -> Result<Response<pb::ListPendingDelegationsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let instance_id = id("instance_id", r.instance_id)?;
         let page = PageRequest {
             size: limits::page_size(r.page_size)?,
             token: r.page_token,
         };
+        access::check(&self.db, &caller, Action::ManageInstance(&instance_id)).await?;
         let page = delegations::list(&self.db, Listing::PendingFor(&instance_id), &page).await?;
         Ok(Response::new(pb::ListPendingDelegationsResponse {
             delegations: all(page.items),
@@ -192,7 +213,9 @@ impl DelegationService for DelegationApi {
         &self,
         request: Request<pb::AcceptDelegationRequest>,
     ) -> Result<Response<pb::Delegation>, Status> {
+        let caller = Caller::of(&request)?;
         let delegation_id = id("id", request.into_inner().id)?;
+        access::check(&self.db, &caller, Action::AnswerDelegation(&delegation_id)).await?;
         Ok(Response::new(
             delegations::accept(&self.db, &delegation_id).await?.into(),
         ))
@@ -202,9 +225,11 @@ impl DelegationService for DelegationApi {
         &self,
         request: Request<pb::RejectDelegationRequest>,
     ) -> Result<Response<pb::Delegation>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let delegation_id = id("id", r.id)?;
         let reason = text("reason", r.reason, limits::MAX_REASON_LEN, true)?;
+        access::check(&self.db, &caller, Action::AnswerDelegation(&delegation_id)).await?;
         let rejected = delegations::reject(&self.db, &delegation_id, &reason).await?;
         Ok(Response::new(rejected.into()))
     }
@@ -213,6 +238,7 @@ impl DelegationService for DelegationApi {
         &self,
         request: Request<pb::CompleteDelegationRequest>,
     ) -> Result<Response<pb::CompleteDelegationResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let delegation_id = id("id", r.id)?;
         let result = parse_result(r.result)?;
@@ -220,6 +246,7 @@ impl DelegationService for DelegationApi {
             .notes
             .map(|n| text("notes", n, limits::MAX_NOTES_LEN, false))
             .transpose()?;
+        access::check(&self.db, &caller, Action::AnswerDelegation(&delegation_id)).await?;
         let done =
             delegations::complete(&self.db, &delegation_id, result.as_ref(), notes.as_deref())
                 .await?;
@@ -234,7 +261,9 @@ impl DelegationService for DelegationApi {
         &self,
         request: Request<pb::CancelDelegationRequest>,
     ) -> Result<Response<pb::CancelDelegationResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let delegation_id = id("id", request.into_inner().id)?;
+        access::check(&self.db, &caller, Action::CancelDelegation(&delegation_id)).await?;
         let cancelled = delegations::cancel(&self.db, &delegation_id).await?;
         Ok(Response::new(pb::CancelDelegationResponse {
             delegation: Some(cancelled.delegation.into()),

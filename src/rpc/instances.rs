@@ -4,10 +4,12 @@ use tonic::{Request, Response, Status};
 
 use super::{FromProto, all, id, json, text};
 use crate::{
+    auth::Caller,
     domain::{InstanceStatus, Scope, limits},
     proto::{self as pb, instance_service_server::InstanceService},
     repository::{
         PageRequest,
+        access::{self, Action},
         instances::{self, NewInstance},
     },
     store::{Db, instances::Filter},
@@ -32,6 +34,7 @@ impl InstanceService for InstanceApi {
         &self,
         request: Request<pb::RegisterInstanceRequest>,
     ) -> Result<Response<pb::Instance>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let config = match r.config {
             Some(config) => json::from_struct("config", config)?,
@@ -48,6 +51,8 @@ impl InstanceService for InstanceApi {
                 .unwrap_or(InstanceStatus::Created),
             config,
         };
+        let parent_id = new.parent_id.as_deref();
+        access::check(&self.db, &caller, Action::RegisterInstance { parent_id }).await?;
         Ok(Response::new(
             instances::register(&self.db, new).await?.into(),
         ))
@@ -57,7 +62,9 @@ impl InstanceService for InstanceApi {
         &self,
         request: Request<pb::GetInstanceRequest>,
     ) -> Result<Response<pb::Instance>, Status> {
+        let caller = Caller::of(&request)?;
         let instance_id = id("id", request.into_inner().id)?;
+        access::check(&self.db, &caller, Action::ReadInstance(&instance_id)).await?;
         Ok(Response::new(
             instances::get(&self.db, &instance_id).await?.into(),
         ))
@@ -67,11 +74,13 @@ impl InstanceService for InstanceApi {
         &self,
         request: Request<pb::ListInstancesRequest>,
     ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let filter = Filter {
             scope: Scope::from_proto("scope", r.scope)?,
             parent_id: limits::optional_id("parent_id", &r.parent_id)?,
             status: InstanceStatus::from_proto("status", r.status)?,
+            within: access::visible_subtree(&caller),
         };
         let page = PageRequest {
             size: limits::page_size(r.page_size)?,
@@ -88,9 +97,11 @@ impl InstanceService for InstanceApi {
         &self,
         request: Request<pb::UpdateInstanceStatusRequest>,
     ) -> Result<Response<pb::Instance>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let instance_id = id("id", r.id)?;
         let status = InstanceStatus::required("status", r.status)?;
+        access::check(&self.db, &caller, Action::ManageInstance(&instance_id)).await?;
         Ok(Response::new(
             instances::set_status(&self.db, &instance_id, status)
                 .await?

@@ -4,11 +4,13 @@ use tonic::{Request, Response, Status};
 
 use super::{all, id, parse_result, text};
 use crate::{
+    auth::Caller,
     domain::limits,
     error::Error,
     proto::{self as pb, task_service_server::TaskService},
     repository::{
         PageRequest,
+        access::{self, Action},
         tasks::{self, NewTask},
     },
     store::Db,
@@ -33,6 +35,7 @@ impl TaskService for TaskApi {
         &self,
         request: Request<pb::CreateTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let new = NewTask {
             request_id: limits::optional_id("request_id", &r.request_id)?,
@@ -45,6 +48,11 @@ impl TaskService for TaskApi {
         if new.instance_id.is_none() && new.parent_task_id.is_none() {
             return Err(Error::invalid("instance_id", "is required").into());
         }
+        let action = Action::CreateTask {
+            instance_id: new.instance_id.as_deref(),
+            parent_task_id: new.parent_task_id.as_deref(),
+        };
+        access::check(&self.db, &caller, action).await?;
         Ok(Response::new(tasks::create(&self.db, new).await?.into()))
     }
 
@@ -52,12 +60,14 @@ impl TaskService for TaskApi {
         &self,
         request: Request<pb::ListSubtasksRequest>,
     ) -> Result<Response<pb::ListSubtasksResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let task_id = id("task_id", r.task_id)?;
         let page = PageRequest {
             size: limits::page_size(r.page_size)?,
             token: r.page_token,
         };
+        access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
         let page = tasks::list_subtasks(&self.db, &task_id, &page).await?;
         Ok(Response::new(pb::ListSubtasksResponse {
             subtasks: all(page.items),
@@ -69,10 +79,12 @@ impl TaskService for TaskApi {
         &self,
         request: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let task_id = id("task_id", r.task_id)?;
         let result = parse_result(r.result)?;
-        let done = tasks::complete(&self.db, &task_id, result.as_ref()).await?;
+        // Checked inside the completing transaction: where the task is can change.
+        let done = tasks::complete_as(&self.db, &caller, &task_id, result.as_ref()).await?;
         Ok(Response::new(pb::CompleteTaskResponse {
             task: Some(done.task.into()),
             completed_delegations: all(done.completed_delegations),
@@ -83,7 +95,9 @@ impl TaskService for TaskApi {
         &self,
         request: Request<pb::CancelTaskRequest>,
     ) -> Result<Response<pb::CancelTaskResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let task_id = id("task_id", request.into_inner().task_id)?;
+        access::check(&self.db, &caller, Action::CancelTask(&task_id)).await?;
         let cancelled = tasks::cancel(&self.db, &task_id).await?;
         Ok(Response::new(pb::CancelTaskResponse {
             task: Some(cancelled.task.into()),
@@ -96,7 +110,9 @@ impl TaskService for TaskApi {
         &self,
         request: Request<pb::GetTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
+        let caller = Caller::of(&request)?;
         let task_id = id("id", request.into_inner().id)?;
+        access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
         Ok(Response::new(tasks::get(&self.db, &task_id).await?.into()))
     }
 }

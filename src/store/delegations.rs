@@ -162,6 +162,17 @@ pub async fn pending_of_task(conn: &mut Conn, task_id: &str) -> QueryResult<Opti
         .optional())
 }
 
+/// The source of the task's first delegation: the instance it started from.
+pub async fn first_source(conn: &mut Conn, task_id: &str) -> QueryResult<Option<String>> {
+    with_conn!(conn, |c| td::table
+        .filter(td::task_id.eq(task_id))
+        .order((td::delegated_at, td::id))
+        .select(td::source_instance_id)
+        .first(c)
+        .await
+        .optional())
+}
+
 /// The most recent accepted delegation that brought the task to `instance_id`.
 pub async fn accepted_into(
     conn: &mut Conn,

@@ -1,7 +1,10 @@
 //! The `hopper_instances` table.
 
 use chrono::NaiveDateTime;
-use diesel::{prelude::*, sql_types::Text};
+use diesel::{
+    prelude::*,
+    sql_types::{Bool, Text},
+};
 use diesel_async::RunQueryDsl;
 
 use super::{Conn, schema::hopper_instances, with_conn};
@@ -40,6 +43,8 @@ pub struct Filter {
     pub parent_id: Option<String>,
     /// Only this run state.
     pub status: Option<InstanceStatus>,
+    /// Only this instance and those below it.
+    pub within: Option<String>,
 }
 
 /// Inserts a new instance.
@@ -80,6 +85,19 @@ pub async fn list(
         }
         if let Some(status) = filter.status {
             query = query.filter(hopper_instances::status.eq(status));
+        }
+        if let Some(root) = &filter.within {
+            query = query.filter(
+                diesel::dsl::sql::<Bool>(
+                    "id IN (WITH RECURSIVE subtree (id) AS (\
+                     SELECT id FROM hopper_instances WHERE id = ",
+                )
+                .bind::<Text, _>(root)
+                .sql(
+                    " UNION ALL SELECT i.id FROM hopper_instances i \
+                     JOIN subtree s ON i.parent_id = s.id) SELECT id FROM subtree)",
+                ),
+            );
         }
         if let Some(after) = after {
             query = query.filter(hopper_instances::id.gt(after));
@@ -127,4 +145,31 @@ pub async fn lineage(conn: &mut Conn, id: &str) -> QueryResult<Vec<String>> {
         .load::<Id>(c)
         .await
         .map(|rows| rows.into_iter().map(|row| row.id).collect()))
+}
+
+/// Whether `instance_id` is, or is an ancestor of, an instance the task involves: where it is
+/// now, or either end of one of its delegations. One round trip.
+pub async fn involved_in_task(
+    conn: &mut Conn,
+    task_id: &str,
+    instance_id: &str,
+) -> QueryResult<bool> {
+    const INVOLVED: &str = "
+        WITH RECURSIVE up (id, parent_id) AS (
+            SELECT id, parent_id FROM hopper_instances
+            WHERE id IN (
+                SELECT instance_id FROM tasks WHERE id = $1
+                UNION SELECT source_instance_id FROM task_delegations WHERE task_id = $1
+                UNION SELECT target_instance_id FROM task_delegations WHERE task_id = $1
+            )
+            UNION
+            SELECT i.id, i.parent_id FROM hopper_instances i JOIN up ON i.id = up.parent_id
+        )
+        SELECT id FROM up WHERE id = $2";
+    with_conn!(conn, |c| diesel::sql_query(INVOLVED)
+        .bind::<Text, _>(task_id)
+        .bind::<Text, _>(instance_id)
+        .load::<Id>(c)
+        .await
+        .map(|rows| !rows.is_empty()))
 }

@@ -1,0 +1,267 @@
+//! Who may do what: every authorization rule of the API, in one match ([`authorize`]).
+//!
+//! The rules are about places in the instance tree. An instance *manages* itself and every
+//! instance below it. The open server and the admin token may do everything; an instance may:
+//!
+//! | Request | Allowed when the calling instance… |
+//! | --- | --- |
+//! | RegisterInstance | manages the new instance's parent (a root takes the admin token) |
+//! | GetInstance | manages the instance, or the instance is one of its ancestors |
+//! | ListInstances | always; it sees only the instances it manages |
+//! | UpdateInstanceStatus, ListPendingDelegations, WatchEvents | manages the instance |
+//! | CreateTask | manages the instance the task (or subtask: its parent task) is at |
+//! | GetTask, ListSubtasks, ListTaskDelegations, GetDelegationChain, GetDelegationTree, GetDelegation | manages an instance the task involves: where it is, or either end of one of its delegations |
+//! | CompleteTask | is where the task is (the target of the delegation that brought it) |
+//! | CancelTask | manages the instance the task started from |
+//! | CreateDelegation | manages the source instance |
+//! | CancelDelegation | manages the delegation's source instance |
+//! | AcceptDelegation, RejectDelegation, CompleteDelegation | is the delegation's target instance |
+//! | UpdateDelegation | is the delegation's target or manages its source |
+//!
+//! A refusal is PERMISSION_DENIED and names the rule; a record the request names that does not
+//! exist is NOT_FOUND, as it would be without authentication. The checks read only facts that
+//! never change (an instance's parent, a delegation's ends), except where a task is, which
+//! CompleteTask checks again under the task's lock.
+
+use std::fmt;
+
+use crate::{
+    auth::Caller,
+    error::Error,
+    store::{self, Conn, Db},
+};
+
+/// A request, reduced to what its authorization depends on.
+#[derive(Debug, Clone, Copy)]
+pub enum Action<'a> {
+    /// RegisterInstance under this parent (`None`: a new root).
+    RegisterInstance {
+        /// The parent of the new instance.
+        parent_id: Option<&'a str>,
+    },
+    /// GetInstance.
+    ReadInstance(&'a str),
+    /// UpdateInstanceStatus, ListPendingDelegations, WatchEvents (with or without
+    /// descendants) of this instance.
+    ManageInstance(&'a str),
+    /// CreateTask at this instance, or under this parent task.
+    CreateTask {
+        /// Where the task is created.
+        instance_id: Option<&'a str>,
+        /// The task it is a subtask of.
+        parent_task_id: Option<&'a str>,
+    },
+    /// Any read of this task, its subtasks or its delegations.
+    ReadTask(&'a str),
+    /// CompleteTask.
+    CompleteTask(&'a str),
+    /// CancelTask.
+    CancelTask(&'a str),
+    /// CreateDelegation from this source instance.
+    CreateDelegation {
+        /// The instance the task leaves.
+        source: &'a str,
+    },
+    /// GetDelegation.
+    ReadDelegation(&'a str),
+    /// UpdateDelegation (its notes).
+    AnnotateDelegation(&'a str),
+    /// AcceptDelegation, RejectDelegation, CompleteDelegation.
+    AnswerDelegation(&'a str),
+    /// CancelDelegation.
+    CancelDelegation(&'a str),
+}
+
+/// Refuses `action` with PERMISSION_DENIED unless `caller` may do it. Open and admin callers
+/// need no database; an instance's check takes a pooled connection for one or two reads.
+pub async fn check(db: &Db, caller: &Caller, action: Action<'_>) -> Result<(), Error> {
+    if matches!(caller, Caller::Instance(_)) {
+        authorize(&mut db.conn().await?, caller, action).await?;
+    }
+    Ok(())
+}
+
+/// [`check`] on a connection the caller holds, such as the transaction that will act.
+pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> Result<(), Error> {
+    let Caller::Instance(me) = caller else {
+        return Ok(());
+    };
+    let me = me.as_str();
+    let verdict = match action {
+        Action::RegisterInstance { parent_id: None } => {
+            Err(Rule::Admin("register a root instance"))
+        }
+        Action::RegisterInstance {
+            parent_id: Some(parent),
+        } => manages(conn, me, "parent instance", parent).await?,
+        Action::ReadInstance(id) => {
+            let lineage = lineage(conn, "instance", id).await?;
+            let mine = store::instances::lineage(conn, me).await?;
+            if lineage.iter().any(|i| i == me) || mine.iter().any(|i| i == id) {
+                Ok(())
+            } else {
+                Err(Rule::Related("instance", id.into()))
+            }
+        }
+        // Itself even before it is registered, so that it can subscribe first.
+        Action::ManageInstance(id) if id == me => Ok(()),
+        Action::ManageInstance(id) => manages(conn, me, "instance", id).await?,
+        Action::CreateTask {
+            parent_task_id: Some(parent),
+            ..
+        } => {
+            let at = task(conn, "parent task", parent).await?.instance_id;
+            manages(conn, me, "instance", &at).await?
+        }
+        Action::CreateTask {
+            instance_id,
+            parent_task_id: None,
+        } => manages(conn, me, "instance", instance_id.unwrap_or_default()).await?,
+        Action::ReadTask(id) => {
+            task(conn, "task", id).await?;
+            involved(conn, me, id).await?
+        }
+        Action::CompleteTask(id) => {
+            let at = task(conn, "task", id).await?.instance_id;
+            if at == me {
+                Ok(())
+            } else {
+                Err(Rule::Holder(id.into(), at))
+            }
+        }
+        Action::CancelTask(id) => {
+            let at = task(conn, "task", id).await?.instance_id;
+            let origin = store::delegations::first_source(conn, id).await?;
+            manages(conn, me, "instance", origin.as_deref().unwrap_or(&at)).await?
+        }
+        Action::CreateDelegation { source } => manages(conn, me, "source instance", source).await?,
+        Action::ReadDelegation(id) => {
+            let task_id = delegation(conn, id).await?.task_id;
+            involved(conn, me, &task_id).await?
+        }
+        Action::AnnotateDelegation(id) => {
+            let d = delegation(conn, id).await?;
+            if d.target_instance_id == me {
+                Ok(())
+            } else {
+                manages(conn, me, "source instance", &d.source_instance_id).await?
+            }
+        }
+        Action::AnswerDelegation(id) => {
+            let d = delegation(conn, id).await?;
+            if d.target_instance_id == me {
+                Ok(())
+            } else {
+                Err(Rule::Target(id.into(), d.target_instance_id))
+            }
+        }
+        Action::CancelDelegation(id) => {
+            let d = delegation(conn, id).await?;
+            manages(conn, me, "source instance", &d.source_instance_id).await?
+        }
+    };
+    verdict.map_err(|rule| Error::PermissionDenied(format!("instance {me} may not {rule}")))
+}
+
+/// Which rule refused a request, for the PERMISSION_DENIED message.
+#[derive(Debug)]
+enum Rule {
+    /// Only the admin token may.
+    Admin(&'static str),
+    /// The instance is neither at nor above this one.
+    Manages(&'static str, String),
+    /// Neither manages the instance nor is below it.
+    Related(&'static str, String),
+    /// Not involved in the task.
+    Involved(String),
+    /// The task is elsewhere.
+    Holder(String, String),
+    /// Not the delegation's target.
+    Target(String, String),
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Admin(what) => write!(f, "{what}; that takes the admin token"),
+            Self::Manages(entity, id) => {
+                write!(f, "act for {entity} {id}, which is outside its subtree")
+            }
+            Self::Related(entity, id) => write!(
+                f,
+                "read {entity} {id}, which is neither in its subtree nor one of its ancestors"
+            ),
+            Self::Involved(task) => write!(
+                f,
+                "read task {task}, which involves no instance in its subtree"
+            ),
+            Self::Holder(task, at) => write!(
+                f,
+                "complete task {task}, which is at instance {at}; only {at} may"
+            ),
+            Self::Target(delegation, target) => write!(
+                f,
+                "answer delegation {delegation}; only its target {target} may accept, reject \
+                 or complete it"
+            ),
+        }
+    }
+}
+
+/// Ok if `me` is `id` or one of its ancestors.
+async fn manages(
+    conn: &mut Conn,
+    me: &str,
+    entity: &'static str,
+    id: &str,
+) -> Result<Result<(), Rule>, Error> {
+    let lineage = lineage(conn, entity, id).await?;
+    Ok(if lineage.iter().any(|i| i == me) {
+        Ok(())
+    } else {
+        Err(Rule::Manages(entity, id.into()))
+    })
+}
+
+/// The instance and its ancestors; NOT_FOUND if there is no such instance.
+async fn lineage(conn: &mut Conn, entity: &'static str, id: &str) -> Result<Vec<String>, Error> {
+    let lineage = store::instances::lineage(conn, id).await?;
+    if lineage.is_empty() {
+        return Err(Error::not_found(entity, id));
+    }
+    Ok(lineage)
+}
+
+async fn involved(conn: &mut Conn, me: &str, task_id: &str) -> Result<Result<(), Rule>, Error> {
+    Ok(
+        if store::instances::involved_in_task(conn, task_id, me).await? {
+            Ok(())
+        } else {
+            Err(Rule::Involved(task_id.into()))
+        },
+    )
+}
+
+async fn task(
+    conn: &mut Conn,
+    entity: &'static str,
+    id: &str,
+) -> Result<store::tasks::Task, Error> {
+    store::tasks::find(conn, id)
+        .await?
+        .ok_or_else(|| Error::not_found(entity, id))
+}
+
+async fn delegation(conn: &mut Conn, id: &str) -> Result<store::delegations::Delegation, Error> {
+    store::delegations::find(conn, id)
+        .await?
+        .ok_or_else(|| Error::not_found("delegation", id))
+}
+
+/// The instance whose subtree `caller` may list: `None` for everything.
+pub fn visible_subtree(caller: &Caller) -> Option<String> {
+    match caller {
+        Caller::Instance(me) => Some(me.clone()),
+        Caller::Open | Caller::Admin => None,
+    }
+}
