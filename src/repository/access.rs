@@ -103,8 +103,6 @@ pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> 
                 Err(Rule::Related("instance", id.into()))
             }
         }
-        // Itself even before it is registered, so that it can subscribe first.
-        Action::ManageInstance(id) if id == me => Ok(()),
         Action::ManageInstance(id) => manages(conn, me, "instance", id).await?,
         Action::CreateTask {
             parent_task_id: Some(parent),

@@ -468,7 +468,12 @@ pub async fn migrate(url: &DatabaseUrl, action: Migrate) -> anyhow::Result<Vec<S
         }
         DatabaseUrl::Sqlite(path) => {
             let mut conn = SqliteConnection::establish(&DatabaseUrl::sqlite_path(&path))?;
-            conn.batch_execute(&format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};"))?;
+            // WAL is a property of the file. Switching to it takes an exclusive lock, which a
+            // pool opening several connections at once can fail to get without waiting, so the
+            // migrating connection, alone on the file, switches it first.
+            conn.batch_execute(&format!(
+                "PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL;"
+            ))?;
             run_migrations(&mut conn, SQLITE_MIGRATIONS, action)
         }
     })

@@ -28,7 +28,13 @@ use hopper_delegation::{
     store::{self, Conn, DatabaseUrl, Db, Migrate, delegations::Delegation},
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tonic::transport::Channel;
+use tonic::{
+    Request, Status,
+    codegen::InterceptedService,
+    metadata::{Ascii, MetadataValue},
+    service::Interceptor,
+    transport::Channel,
+};
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,6 +338,7 @@ pub struct TestServer {
     pub instances: InstanceServiceClient<Channel>,
     pub tasks: TaskServiceClient<Channel>,
     pub delegations: DelegationServiceClient<Channel>,
+    pub channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -366,7 +373,8 @@ impl TestServer {
             hub,
             instances: InstanceServiceClient::new(channel.clone()),
             tasks: TaskServiceClient::new(channel.clone()),
-            delegations: DelegationServiceClient::new(channel),
+            delegations: DelegationServiceClient::new(channel.clone()),
+            channel,
             shutdown: Some(shutdown),
             handle: Some(handle),
         }
@@ -426,4 +434,63 @@ pub async fn bulk_subtasks(db: &Db, root: &str, children: usize, grandchildren: 
             .collect();
         execute(&mut conn, &format!("{insert}{}", level.join(", "))).await;
     }
+}
+
+/// Sends `authorization: Bearer TOKEN` with every request (nothing for `None`).
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Clients of the three services that authenticate with one bearer token.
+pub struct Clients {
+    pub instances: InstanceServiceClient<InterceptedService<Channel, Bearer>>,
+    pub tasks: TaskServiceClient<InterceptedService<Channel, Bearer>>,
+    pub delegations: DelegationServiceClient<InterceptedService<Channel, Bearer>>,
+}
+
+impl Clients {
+    /// Clients over `channel` sending `token` (none for `None`).
+    pub fn new(channel: Channel, token: Option<&str>) -> Self {
+        let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")));
+        Self {
+            instances: InstanceServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            tasks: TaskServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            delegations: DelegationServiceClient::with_interceptor(channel, bearer),
+        }
+    }
+}
+
+impl TestServer {
+    /// Clients that call as the holder of `token`.
+    pub fn calling_as(&self, token: &str) -> Clients {
+        Clients::new(self.channel.clone(), Some(token))
+    }
+}
+
+/// The token of an instance in the test tokens file: `ID-token`; the admin's is `admin-token`.
+pub fn token_of(id: &str) -> String {
+    format!("{id}-token")
+}
+
+/// A tokens file with the admin token and one token for each of `instances`.
+pub fn test_tokens(instances: &[&str]) -> hopper_delegation::auth::Tokens {
+    use hopper_delegation::auth::digest_hex;
+    let mut toml = format!(
+        "admin = {:?}\n[instances]\n",
+        digest_hex(&token_of("admin"))
+    );
+    for id in instances {
+        toml.push_str(&format!("{id:?} = {:?}\n", digest_hex(&token_of(id))));
+    }
+    hopper_delegation::auth::Tokens::parse(&toml).expect("tokens")
 }
