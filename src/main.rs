@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Migrate the database, then serve gRPC until SIGTERM or Ctrl-C.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply pending migrations and exit.
     Migrate(DatabaseArgs),
 }
@@ -126,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             let (auth, tls) = args.security.load(args.listen)?;
+            let shutdown = shutdown_signal()?;
             let url = &args.database.database_url;
             let _owner = store::SqliteOwner::acquire(url)?;
             let applied = store::migrate(url, Migrate::Latest)
@@ -146,30 +147,22 @@ async fn main() -> anyhow::Result<()> {
                 tls,
             };
             let hub = Hub::new(db, config.progress_interval);
-            server::run(listener, hub, config, shutdown_signal()).await?;
+            server::run(listener, hub, config, shutdown).await?;
         }
     }
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Installs the SIGTERM and SIGINT handlers now, so that a signal that comes before the server
+/// is running still shuts it down cleanly, and resolves on the first of them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {},
+            _ = interrupt.recv() => {},
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
+    })
 }

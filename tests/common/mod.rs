@@ -362,11 +362,10 @@ impl TestServer {
         let handle = tokio::spawn(server::run(listener, hub.clone(), config, async {
             let _ = stop.await;
         }));
+        // Lazy, so that a TLS server (whose clients a test makes itself) starts too.
         let channel = Channel::from_shared(format!("http://{addr}"))
             .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
+            .connect_lazy();
         Self {
             addr,
             db,
