@@ -1,6 +1,7 @@
-//! Property-based fuzzing of request validation: arbitrary requests go straight into the gRPC
-//! handlers (no network, a real SQLite database) and must come back as a response or a
-//! status from the documented set — never a panic, never INTERNAL. The case count is bounded
+//! Property-based fuzzing of request validation and authorization: arbitrary requests from
+//! arbitrary callers go straight into the gRPC handlers (no network, a real SQLite database)
+//! and must come back as a response or a status from the documented set — never a panic,
+//! never INTERNAL. The case count is bounded
 //! (`PROPTEST_CASES`, default 256 per property) so CI runs it in seconds.
 
 mod common;
@@ -9,6 +10,7 @@ use std::sync::OnceLock;
 
 use common::{Backend, TestDb};
 use hopper_delegation::{
+    auth::Caller,
     events::Hub,
     proto::{
         self as pb, delegation_service_server::DelegationService,
@@ -63,6 +65,24 @@ fn text() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Unauthenticated servers, admins, instances of the tree and strangers.
+fn caller() -> impl Strategy<Value = Caller> {
+    prop_oneof![
+        Just(Caller::Open),
+        Just(Caller::Admin),
+        prop_oneof![Just("global"), Just("project"), Just("orch2")]
+            .prop_map(|id| Caller::Instance(id.to_owned())),
+        text().prop_map(Caller::Instance),
+    ]
+}
+
+/// `message` as a request from `caller`, as the authenticating interceptor leaves it.
+fn from<T>(caller: &Caller, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.extensions_mut().insert(caller.clone());
+    request
+}
+
 fn number() -> impl Strategy<Value = i32> {
     prop_oneof![
         Just(0),
@@ -82,6 +102,7 @@ fn check<T>(outcome: Result<T, tonic::Status>) -> Result<(), TestCaseError> {
             Code::FailedPrecondition,
             Code::AlreadyExists,
             Code::OutOfRange,
+            Code::PermissionDenied,
         ];
         prop_assert!(allowed.contains(&status.code()), "{status:?}");
     }
@@ -90,45 +111,45 @@ fn check<T>(outcome: Result<T, tonic::Status>) -> Result<(), TestCaseError> {
 
 proptest! {
     #[test]
-    fn instance_requests_never_panic(id in text(), name in text(), parent in text(), scope in number(), status in number(), page in number(), token in text()) {
+    fn instance_requests_never_panic(who in caller(), id in text(), name in text(), parent in text(), scope in number(), status in number(), page in number(), token in text()) {
         let f = fixture();
         f.runtime.block_on(async {
             let register = pb::RegisterInstanceRequest { id: id.clone(), name, scope, parent_id: parent.clone(), status, config: None, request_id: id.clone() };
-            check(f.instances.register_instance(Request::new(register)).await)?;
-            check(f.instances.get_instance(Request::new(pb::GetInstanceRequest { id: id.clone() })).await)?;
+            check(f.instances.register_instance(from(&who, register)).await)?;
+            check(f.instances.get_instance(from(&who, pb::GetInstanceRequest { id: id.clone() })).await)?;
             let list = pb::ListInstancesRequest { scope, parent_id: parent, status, page_size: page, page_token: token };
-            check(f.instances.list_instances(Request::new(list)).await)?;
-            check(f.instances.update_instance_status(Request::new(pb::UpdateInstanceStatusRequest { id, status })).await)
+            check(f.instances.list_instances(from(&who, list)).await)?;
+            check(f.instances.update_instance_status(from(&who, pb::UpdateInstanceStatusRequest { id, status })).await)
         })?;
     }
 
     #[test]
-    fn task_requests_never_panic(id in text(), title in text(), instance in text(), parent in text(), page in number(), token in text()) {
+    fn task_requests_never_panic(who in caller(), id in text(), title in text(), instance in text(), parent in text(), page in number(), token in text()) {
         let f = fixture();
         f.runtime.block_on(async {
             let create = pb::CreateTaskRequest { id: id.clone(), title, description: String::new(), instance_id: instance, parent_task_id: parent, request_id: String::new() };
-            check(f.tasks.create_task(Request::new(create)).await)?;
-            check(f.tasks.get_task(Request::new(pb::GetTaskRequest { id: id.clone() })).await)?;
-            check(f.tasks.list_subtasks(Request::new(pb::ListSubtasksRequest { task_id: id.clone(), page_size: page, page_token: token })).await)?;
-            check(f.tasks.cancel_task(Request::new(pb::CancelTaskRequest { task_id: id })).await)
+            check(f.tasks.create_task(from(&who, create)).await)?;
+            check(f.tasks.get_task(from(&who, pb::GetTaskRequest { id: id.clone() })).await)?;
+            check(f.tasks.list_subtasks(from(&who, pb::ListSubtasksRequest { task_id: id.clone(), page_size: page, page_token: token })).await)?;
+            check(f.tasks.cancel_task(from(&who, pb::CancelTaskRequest { task_id: id })).await)
         })?;
     }
 
     #[test]
-    fn delegation_requests_never_panic(task in text(), source in text(), target in text(), kind in number(), id in text(), reason in text(), page in number(), token in text(), after in proptest::option::of(any::<u64>()), kinds in proptest::collection::vec(number(), 0..3)) {
+    fn delegation_requests_never_panic(who in caller(), task in text(), source in text(), target in text(), kind in number(), id in text(), reason in text(), page in number(), token in text(), after in proptest::option::of(any::<u64>()), kinds in proptest::collection::vec(number(), 0..3)) {
         let f = fixture();
         f.runtime.block_on(async {
             let d = &f.delegations;
             let create = pb::CreateDelegationRequest { task_id: task.clone(), source_instance_id: source, target_instance_id: target.clone(), delegation_type: kind, notes: reason.clone(), delegated_by: String::new(), request_id: String::new() };
-            check(d.create_delegation(Request::new(create)).await)?;
-            check(d.get_delegation(Request::new(pb::GetDelegationRequest { id: id.clone() })).await)?;
-            check(d.reject_delegation(Request::new(pb::RejectDelegationRequest { id: id.clone(), reason })).await)?;
-            check(d.complete_delegation(Request::new(pb::CompleteDelegationRequest { id: id.clone(), result: None, notes: None })).await)?;
-            check(d.list_pending_delegations(Request::new(pb::ListPendingDelegationsRequest { instance_id: target, page_size: page, page_token: token.clone() })).await)?;
-            check(d.list_task_delegations(Request::new(pb::ListTaskDelegationsRequest { task_id: task.clone(), page_size: page, page_token: token })).await)?;
-            check(d.get_delegation_tree(Request::new(pb::GetDelegationTreeRequest { task_id: task.clone() })).await)?;
+            check(d.create_delegation(from(&who, create)).await)?;
+            check(d.get_delegation(from(&who, pb::GetDelegationRequest { id: id.clone() })).await)?;
+            check(d.reject_delegation(from(&who, pb::RejectDelegationRequest { id: id.clone(), reason })).await)?;
+            check(d.complete_delegation(from(&who, pb::CompleteDelegationRequest { id: id.clone(), result: None, notes: None })).await)?;
+            check(d.list_pending_delegations(from(&who, pb::ListPendingDelegationsRequest { instance_id: target, page_size: page, page_token: token.clone() })).await)?;
+            check(d.list_task_delegations(from(&who, pb::ListTaskDelegationsRequest { task_id: task.clone(), page_size: page, page_token: token })).await)?;
+            check(d.get_delegation_tree(from(&who, pb::GetDelegationTreeRequest { task_id: task.clone() })).await)?;
             let watch = pb::WatchEventsRequest { instance_id: task, include_descendants: true, after_sequence: after, kinds };
-            check(d.watch_events(Request::new(watch)).await.map(drop))
+            check(d.watch_events(from(&who, watch)).await.map(drop))
         })?;
     }
 }
