@@ -115,10 +115,7 @@ pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> 
             instance_id,
             parent_task_id: None,
         } => manages(conn, me, "instance", instance_id.unwrap_or_default()).await?,
-        Action::ReadTask(id) => {
-            task(conn, "task", id).await?;
-            involved(conn, me, id).await?
-        }
+        Action::ReadTask(id) => involved(conn, me, id).await?,
         Action::CompleteTask(id) => {
             let at = task(conn, "task", id).await?.instance_id;
             if at == me {
@@ -230,14 +227,14 @@ async fn lineage(conn: &mut Conn, entity: &'static str, id: &str) -> Result<Vec<
     Ok(lineage)
 }
 
+/// Ok if `me` manages an instance the task involves. NOT_FOUND if there is no such task: looked
+/// up only on refusal, so that the allowed path is one query.
 async fn involved(conn: &mut Conn, me: &str, task_id: &str) -> Result<Result<(), Rule>, Error> {
-    Ok(
-        if store::instances::involved_in_task(conn, task_id, me).await? {
-            Ok(())
-        } else {
-            Err(Rule::Involved(task_id.into()))
-        },
-    )
+    if store::instances::involved_in_task(conn, task_id, me).await? {
+        return Ok(Ok(()));
+    }
+    task(conn, "task", task_id).await?;
+    Ok(Err(Rule::Involved(task_id.into())))
 }
 
 async fn task(
