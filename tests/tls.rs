@@ -119,6 +119,12 @@ async fn start(pki: &Pki, client_ca: bool) -> TestServer {
     server
 }
 
+/// Asserts the code of a refusal and a part of its message.
+fn expect_status(status: &tonic::Status, code: Code, needle: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(needle), "{status:?}");
+}
+
 fn get(id: &str) -> pb::GetInstanceRequest {
     pb::GetInstanceRequest { id: id.into() }
 }
@@ -183,12 +189,7 @@ async fn a_client_certificate_names_the_calling_instance() {
         .accept_delegation(accept())
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert!(
-        status.message().starts_with("instance project may not"),
-        "{}",
-        status.message()
-    );
+    expect_status(&status, Code::PermissionDenied, "instance project may not");
 
     // A token that names another instance than the certificate is refused outright.
     let channel = pki
@@ -201,12 +202,7 @@ async fn a_client_certificate_names_the_calling_instance() {
         .accept_delegation(accept())
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(
-        status.message().contains("names instance orch"),
-        "{}",
-        status.message()
-    );
+    expect_status(&status, Code::Unauthenticated, "names instance orch");
 
     // orch's certificate alone is enough to accept what was sent to orch.
     let mut as_orch = common::Clients::new(channel, None);
@@ -226,12 +222,7 @@ async fn a_client_certificate_names_the_calling_instance() {
         .get_instance(get("orch"))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated);
-    assert!(
-        status.message().contains("client certificate"),
-        "{}",
-        status.message()
-    );
+    expect_status(&status, Code::Unauthenticated, "client certificate");
 }
 
 #[tokio::test]
@@ -258,12 +249,7 @@ async fn certificates_from_another_ca_or_with_a_bad_name_are_refused() {
         .get_instance(get("orch"))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated);
-    assert!(
-        status.message().contains("is not an instance id"),
-        "{}",
-        status.message()
-    );
+    expect_status(&status, Code::Unauthenticated, "is not an instance id");
 }
 
 #[test]
