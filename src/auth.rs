@@ -34,6 +34,17 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// The key under which a create request's `request_id` is remembered: every caller has
+    /// its own, so that one caller can neither take nor replay another's request ids. Ids
+    /// cannot contain `/`, so the keys of different callers never meet.
+    pub fn request_key(&self, request_id: String) -> String {
+        match self {
+            Self::Open => request_id,
+            Self::Admin => format!("admin/{request_id}"),
+            Self::Instance(me) => format!("instance/{me}/{request_id}"),
+        }
+    }
+
     /// The caller stored in the request by [`Authenticator`]. A request that did not pass
     /// through it has no identity and is refused.
     pub fn of<T>(request: &Request<T>) -> Result<Self, Error> {
@@ -257,12 +268,17 @@ fn certificate_caller<T>(request: &Request<T>) -> Result<Option<Caller>, Error> 
         || Error::Unauthenticated("the client certificate names no instance (subject CN)".into());
     let (_, certificate) =
         x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|_| unnamed())?;
-    let name = certificate
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .ok_or_else(unnamed)?;
+    // Exactly one common name: with two, which instance is meant would be a guess.
+    let mut names = certificate.subject().iter_common_name();
+    let name = match (names.next(), names.next()) {
+        (Some(cn), None) => cn.as_str().map_err(|_| unnamed())?,
+        (Some(_), Some(_)) => {
+            return Err(Error::Unauthenticated(
+                "the client certificate has more than one common name".into(),
+            ));
+        }
+        (None, _) => return Err(unnamed()),
+    };
     limits::id("certificate common name", name).map_err(|_| {
         Error::Unauthenticated(format!(
             "the client certificate's common name {name:?} is not an instance id"

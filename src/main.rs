@@ -155,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Installs the SIGTERM and SIGINT handlers now, so that a signal that comes before the server
 /// is running still shuts it down cleanly, and resolves on the first of them.
+#[cfg(unix)]
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
@@ -164,5 +165,13 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = terminate.recv() => {},
             _ = interrupt.recv() => {},
         }
+    })
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
     })
 }

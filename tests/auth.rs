@@ -190,6 +190,8 @@ on_both_backends! {
 
         refused!(db, PermissionDenied, "act for source instance project", c.orch.delegations.create_delegation(route("t", "project", "orch")));
         refused!(db, PermissionDenied, "act for source instance project", c.project2.delegations.create_delegation(route("t", "project", "orch")));
+        // Naming itself as the source does not let project2 probe a task it may not read.
+        refused!(db, PermissionDenied, "read task t, which involves no instance", c.project2.delegations.create_delegation(route("t", "project2", "orch2")));
         let d1 = c.project.delegations.create_delegation(route("t", "project", "orch")).await.unwrap().into_inner().id;
 
         let pending = |id: &str| pb::ListPendingDelegationsRequest { instance_id: id.into(), ..Default::default() };
@@ -198,8 +200,8 @@ on_both_backends! {
         refused!(db, PermissionDenied, "act for instance orch", c.orch2.delegations.list_pending_delegations(pending("orch")));
 
         let accept = || pb::AcceptDelegationRequest { id: d1.clone() };
-        refused!(db, PermissionDenied, "only its target orch may accept", c.project.delegations.accept_delegation(accept()));
-        refused!(db, PermissionDenied, "only its target orch may accept", c.global.delegations.accept_delegation(accept()));
+        refused!(db, PermissionDenied, "only its target instance may accept", c.project.delegations.accept_delegation(accept()));
+        refused!(db, PermissionDenied, "only its target instance may accept", c.global.delegations.accept_delegation(accept()));
         refused!(db, NotFound, "delegation missing", c.orch.delegations.accept_delegation(pb::AcceptDelegationRequest { id: "missing".into() }));
         c.orch.delegations.accept_delegation(accept()).await.unwrap();
 
@@ -209,7 +211,7 @@ on_both_backends! {
         c.project.delegations.update_delegation(notes("project")).await.unwrap();
 
         let complete = || pb::CompleteTaskRequest { task_id: "t".into(), ..Default::default() };
-        refused!(db, PermissionDenied, "which is at instance orch; only orch may", c.project.tasks.complete_task(complete()));
+        refused!(db, PermissionDenied, "only the instance it is at may", c.project.tasks.complete_task(complete()));
         let done = c.orch.tasks.complete_task(complete()).await.unwrap().into_inner();
         assert_eq!(done.task.unwrap().status(), pb::TaskStatus::Done);
 
@@ -217,13 +219,13 @@ on_both_backends! {
         c.project.tasks.create_task(new_task("t2", "project")).await.unwrap();
         let d2 = c.global.delegations.create_delegation(route("t2", "project", "orch")).await.unwrap().into_inner().id;
         let reject = pb::RejectDelegationRequest { id: d2.clone(), reason: "busy".into() };
-        refused!(db, PermissionDenied, "only its target orch", c.orch2.delegations.reject_delegation(reject.clone()));
+        refused!(db, PermissionDenied, "only its target instance", c.orch2.delegations.reject_delegation(reject.clone()));
         c.orch.delegations.reject_delegation(reject).await.unwrap();
 
         let d3 = c.project.delegations.create_delegation(route("t2", "project", "orch")).await.unwrap().into_inner().id;
         c.orch.delegations.accept_delegation(pb::AcceptDelegationRequest { id: d3.clone() }).await.unwrap();
         let complete = || pb::CompleteDelegationRequest { id: d3.clone(), ..Default::default() };
-        refused!(db, PermissionDenied, "only its target orch", c.project.delegations.complete_delegation(complete()));
+        refused!(db, PermissionDenied, "only its target instance", c.project.delegations.complete_delegation(complete()));
         c.admin.delegations.complete_delegation(complete()).await.unwrap();
     }
 
@@ -290,5 +292,25 @@ on_both_backends! {
         };
         assert_eq!(event.kind(), pb::EventKind::DelegationCreated);
         assert_eq!(event.task_id, "t");
+    }
+
+    async fn request_ids_belong_to_their_caller(backend: Backend) {
+        let server = server(backend).await;
+        let mut c = Callers::of(&server);
+        let create = |id: &str, at: &str| pb::CreateTaskRequest { request_id: "req-1".into(), ..new_task(id, at) };
+
+        let first = c.project.tasks.create_task(create("a", "project")).await.unwrap().into_inner();
+        // The same request id from another caller is a request of its own…
+        let other = c.project2.tasks.create_task(create("b", "project2")).await.unwrap().into_inner();
+        assert_eq!((first.id.as_str(), other.id.as_str()), ("a", "b"));
+        let admin = c.admin.tasks.create_task(create("c", "project")).await.unwrap().into_inner();
+        assert_eq!(admin.id, "c");
+        // …while a retry by the same caller gets the original, and a different body under it is
+        // ALREADY_EXISTS, naming the id as the caller sent it.
+        let retry = c.project.tasks.create_task(create("a", "project")).await.unwrap().into_inner();
+        assert_eq!(retry, first);
+        let err = c.project.tasks.create_task(create("z", "project")).await.unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists);
+        assert!(err.message().starts_with("request req-1 (it was used"), "{}", err.message());
     }
 }

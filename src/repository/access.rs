@@ -13,15 +13,17 @@
 //! | GetTask, ListSubtasks, ListTaskDelegations, GetDelegationChain, GetDelegationTree, GetDelegation | manages an instance the task involves: where it is, or either end of one of its delegations |
 //! | CompleteTask | is where the task is (the target of the delegation that brought it) |
 //! | CancelTask | manages the instance the task started from |
-//! | CreateDelegation | manages the source instance |
+//! | CreateDelegation | manages the source instance, and may read the task |
 //! | CancelDelegation | manages the delegation's source instance |
 //! | AcceptDelegation, RejectDelegation, CompleteDelegation | is the delegation's target instance |
 //! | UpdateDelegation | is the delegation's target or manages its source |
 //!
-//! A refusal is PERMISSION_DENIED and names the rule; a record the request names that does not
-//! exist is NOT_FOUND, as it would be without authentication. The checks read only facts that
-//! never change (an instance's parent, a delegation's ends), except where a task is, which
-//! CompleteTask checks again under the task's lock.
+//! A refusal is PERMISSION_DENIED and names the rule, but no instance the caller may not know
+//! of. A record the request names that does not exist is NOT_FOUND, as it would be without
+//! authentication. Most checks read only facts that never change (an instance's parent, a
+//! delegation's ends, where a task started), so [`check`] runs them before the write. Where a
+//! task is can change, so CompleteTask and CreateTask ask [`authorize`] inside their
+//! transaction, under the task family's lock (`tasks::complete_as`, `tasks::create_as`).
 
 use std::fmt;
 
@@ -57,8 +59,10 @@ pub enum Action<'a> {
     CompleteTask(&'a str),
     /// CancelTask.
     CancelTask(&'a str),
-    /// CreateDelegation from this source instance.
+    /// CreateDelegation of this task from this source instance.
     CreateDelegation {
+        /// The task sent.
+        task_id: &'a str,
         /// The instance the task leaves.
         source: &'a str,
     },
@@ -121,7 +125,7 @@ pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> 
             if at == me {
                 Ok(())
             } else {
-                Err(Rule::Holder(id.into(), at))
+                Err(Rule::Holder(id.into()))
             }
         }
         Action::CancelTask(id) => {
@@ -129,7 +133,14 @@ pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> 
             let origin = store::delegations::first_source(conn, id).await?;
             manages(conn, me, "instance", origin.as_deref().unwrap_or(&at)).await?
         }
-        Action::CreateDelegation { source } => manages(conn, me, "source instance", source).await?,
+        // The task too, so that the refusals of the lifecycle rules tell nothing about a task
+        // the caller may not read (normally the task is at the source, which settles both).
+        Action::CreateDelegation { task_id, source } => {
+            match manages(conn, me, "source instance", source).await? {
+                Ok(()) => involved(conn, me, task_id).await?,
+                refused => refused,
+            }
+        }
         Action::ReadDelegation(id) => {
             let task_id = delegation(conn, id).await?.task_id;
             involved(conn, me, &task_id).await?
@@ -147,7 +158,7 @@ pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> 
             if d.target_instance_id == me {
                 Ok(())
             } else {
-                Err(Rule::Target(id.into(), d.target_instance_id))
+                Err(Rule::Target(id.into()))
             }
         }
         Action::CancelDelegation(id) => {
@@ -169,10 +180,10 @@ enum Rule {
     Related(&'static str, String),
     /// Not involved in the task.
     Involved(String),
-    /// The task is elsewhere.
-    Holder(String, String),
+    /// The task is elsewhere. The messages name no instance the caller may not know of.
+    Holder(String),
     /// Not the delegation's target.
-    Target(String, String),
+    Target(String),
 }
 
 impl fmt::Display for Rule {
@@ -190,13 +201,12 @@ impl fmt::Display for Rule {
                 f,
                 "read task {task}, which involves no instance in its subtree"
             ),
-            Self::Holder(task, at) => write!(
+            Self::Holder(task) => {
+                write!(f, "complete task {task}; only the instance it is at may")
+            }
+            Self::Target(delegation) => write!(
                 f,
-                "complete task {task}, which is at instance {at}; only {at} may"
-            ),
-            Self::Target(delegation, target) => write!(
-                f,
-                "answer delegation {delegation}; only its target {target} may accept, reject \
+                "answer delegation {delegation}; only its target instance may accept, reject \
                  or complete it"
             ),
         }

@@ -97,7 +97,9 @@ async fn replay<T: serde::de::DeserializeOwned>(
         return Err(Error::AlreadyExists {
             entity: "request",
             id: format!(
-                "{request_id} (it was used for a different {} request)",
+                "{} (it was used for a different {} request)",
+                // Without the caller's scope (see `Caller::request_key`).
+                request_id.rsplit('/').next().unwrap_or(request_id),
                 earlier.method
             ),
         });

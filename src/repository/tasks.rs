@@ -68,18 +68,35 @@ pub struct NewTask {
 /// Creates a task, PENDING, at its instance. A subtask is created where its parent task is,
 /// and only while the parent is not finished.
 pub async fn create(db: &Db, new: NewTask) -> Result<Task, Error> {
+    create_as(db, &Caller::Open, new).await
+}
+
+/// [`create`] for `caller`. Where a subtask's parent is decides who may create it, so the
+/// parent's family is locked before the rule is asked: the parent cannot move away between
+/// the check and the insert.
+pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, Error> {
     let mut tx = db.begin().await?;
     let outcome = async {
+        let parent = match &new.parent_task_id {
+            Some(parent_id) => Some(
+                tasks::lock_family(&mut tx, parent_id)
+                    .await?
+                    .ok_or_else(|| Error::not_found("parent task", parent_id))?,
+            ),
+            None => None,
+        };
+        let action = Action::CreateTask {
+            instance_id: new.instance_id.as_deref(),
+            parent_task_id: new.parent_task_id.as_deref(),
+        };
+        access::authorize(&mut tx, caller, action).await?;
         let request_id = new.request_id.as_deref();
         if let Some(original) = replay(&mut tx, request_id, "CreateTask", &new).await? {
             return Ok(original);
         }
-        let instance_id = match &new.parent_task_id {
-            Some(parent_id) => {
-                // Locked, so that the parent cannot move away while the subtask is placed.
-                let parent = tasks::lock_family(&mut tx, parent_id)
-                    .await?
-                    .ok_or_else(|| Error::not_found("parent task", parent_id))?;
+        let instance_id = match parent {
+            Some(parent) => {
+                let parent_id = &parent.id;
                 if parent.status.is_final() {
                     return Err(Error::precondition(format!(
                         "parent task {parent_id} is {}; a finished task takes no subtasks",

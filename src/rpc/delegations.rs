@@ -98,7 +98,8 @@ impl DelegationService for DelegationApi {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let new = NewDelegation {
-            request_id: limits::optional_id("request_id", &r.request_id)?,
+            request_id: limits::optional_id("request_id", &r.request_id)?
+                .map(|id| caller.request_key(id)),
             task_id: id("task_id", r.task_id)?,
             source_instance_id: id("source_instance_id", r.source_instance_id)?,
             target_instance_id: id("target_instance_id", r.target_instance_id)?,
@@ -106,8 +107,11 @@ impl DelegationService for DelegationApi {
             notes: optional_text("notes", r.notes, limits::MAX_NOTES_LEN)?,
             delegated_by: optional_text("delegated_by", r.delegated_by, limits::MAX_NAME_LEN)?,
         };
-        let source = &new.source_instance_id;
-        access::check(&self.db, &caller, Action::CreateDelegation { source }).await?;
+        let action = Action::CreateDelegation {
+            task_id: &new.task_id,
+            source: &new.source_instance_id,
+        };
+        access::check(&self.db, &caller, action).await?;
         Ok(Response::new(
             delegations::create(&self.db, new).await?.into(),
         ))

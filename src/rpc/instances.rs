@@ -42,7 +42,8 @@ impl InstanceService for InstanceApi {
         };
         limits::json("config", &config)?;
         let new = NewInstance {
-            request_id: limits::optional_id("request_id", &r.request_id)?,
+            request_id: limits::optional_id("request_id", &r.request_id)?
+                .map(|id| caller.request_key(id)),
             id: limits::optional_id("id", &r.id)?,
             name: text("name", r.name, limits::MAX_NAME_LEN, true)?,
             scope: Scope::required("scope", r.scope)?,

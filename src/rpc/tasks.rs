@@ -38,7 +38,8 @@ impl TaskService for TaskApi {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let new = NewTask {
-            request_id: limits::optional_id("request_id", &r.request_id)?,
+            request_id: limits::optional_id("request_id", &r.request_id)?
+                .map(|id| caller.request_key(id)),
             id: limits::optional_id("id", &r.id)?,
             title: text("title", r.title, limits::MAX_TITLE_LEN, true)?,
             description: text("description", r.description, limits::MAX_NOTES_LEN, false)?,
@@ -48,12 +49,10 @@ impl TaskService for TaskApi {
         if new.instance_id.is_none() && new.parent_task_id.is_none() {
             return Err(Error::invalid("instance_id", "is required").into());
         }
-        let action = Action::CreateTask {
-            instance_id: new.instance_id.as_deref(),
-            parent_task_id: new.parent_task_id.as_deref(),
-        };
-        access::check(&self.db, &caller, action).await?;
-        Ok(Response::new(tasks::create(&self.db, new).await?.into()))
+        // Checked inside the creating transaction: where a parent task is can change.
+        Ok(Response::new(
+            tasks::create_as(&self.db, &caller, new).await?.into(),
+        ))
     }
 
     async fn list_subtasks(
