@@ -4,7 +4,7 @@ use chrono::NaiveDateTime;
 use diesel::{prelude::*, sql_types::Text};
 use diesel_async::RunQueryDsl;
 
-use super::{Conn, schema::task_delegations as td, with_conn};
+use super::{Bind, Conn, schema::task_delegations as td, sql, with_conn};
 use crate::domain::{DelegationStatus, DelegationType};
 
 /// One hop of a task between two instances.
@@ -236,11 +236,8 @@ const CHAIN_UP: &str = "
 
 /// The delegation and the hops of the same task it continues, nearest first, in one query.
 pub async fn lineage(conn: &mut Conn, id: &str) -> QueryResult<Vec<Delegation>> {
-    let sql = CHAIN_UP.replace("{anchor}", "$1").replace("{order}", "ASC");
-    with_conn!(conn, |c| diesel::sql_query(&sql)
-        .bind::<Text, _>(id)
-        .load(c)
-        .await)
+    let text = CHAIN_UP.replace("{anchor}", "$1").replace("{order}", "ASC");
+    with_conn!(conn, |c| sql(&text).bind::<Text, _>(id).load(c).await)
 }
 
 /// The task's current chain, origin first, in one query: from its latest live (pending,
@@ -249,13 +246,10 @@ pub async fn current_chain(conn: &mut Conn, task_id: &str) -> QueryResult<Vec<De
     let latest = "SELECT l.id FROM task_delegations l
                   WHERE l.task_id = $1 AND l.status IN ('pending', 'accepted', 'completed')
                   ORDER BY l.delegated_at DESC, l.id DESC LIMIT 1";
-    let sql = CHAIN_UP
+    let text = CHAIN_UP
         .replace("{anchor}", latest)
         .replace("{order}", "DESC");
-    with_conn!(conn, |c| diesel::sql_query(&sql)
-        .bind::<Text, _>(task_id)
-        .load(c)
-        .await)
+    with_conn!(conn, |c| sql(&text).bind::<Text, _>(task_id).load(c).await)
 }
 
 /// Every active delegation below `id` along parent links (into subtasks too), nearest first,
@@ -270,10 +264,7 @@ pub async fn active_below(conn: &mut Conn, id: &str) -> QueryResult<Vec<Delegati
         )
         SELECT * FROM below WHERE status IN ('pending', 'accepted')
         ORDER BY depth, delegated_at, id";
-    with_conn!(conn, |c| diesel::sql_query(BELOW)
-        .bind::<Text, _>(id)
-        .load(c)
-        .await)
+    with_conn!(conn, |c| sql(BELOW).bind::<Text, _>(id).load(c).await)
 }
 
 /// Applies `change` to the delegations of `task_ids` whose status is one of `from`; returns
@@ -386,10 +377,8 @@ pub async fn tree(conn: &mut Conn, task_id: &str) -> QueryResult<Tree> {
         JOIN tasks t ON t.id = f.id
         LEFT JOIN task_delegations d ON d.task_id = t.id
         ORDER BY f.depth, t.created_at, t.id, d.delegated_at, d.id";
-    let rows: Vec<TreeRow> = with_conn!(conn, |c| diesel::sql_query(TREE)
-        .bind::<Text, _>(task_id)
-        .load(c)
-        .await)?;
+    let rows: Vec<TreeRow> =
+        with_conn!(conn, |c| sql(TREE).bind::<Text, _>(task_id).load(c).await)?;
     let mut tree = Tree {
         tasks: Vec::new(),
         delegations: Vec::new(),

@@ -17,9 +17,10 @@ use diesel::{
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 
 use super::{
-    Conn,
+    Bind, Conn,
     delegations::Delegation,
     schema::{delegation_events as de, event_log_state},
+    sql,
     tasks::Task,
     with_conn,
 };
@@ -162,8 +163,6 @@ pub async fn read(
     after: i64,
     limit: i64,
 ) -> QueryResult<Vec<Event>> {
-    // SQLite numbers `$N` parameters in order of first appearance, whatever N says: they must
-    // appear in the text as $1, $2, $3, $4 for the binds below to land on both backends.
     const READ: &str = "
         WITH RECURSIVE scope (id) AS (
             SELECT id FROM hopper_instances WHERE id = $1
@@ -176,7 +175,7 @@ pub async fn read(
                OR e.target_instance_id IN (SELECT id FROM scope))
         ORDER BY e.sequence
         LIMIT $4";
-    with_conn!(conn, |c| diesel::sql_query(READ)
+    with_conn!(conn, |c| sql(READ)
         .bind::<Text, _>(&scope.instance_id)
         .bind::<Bool, _>(scope.include_descendants)
         .bind::<BigInt, _>(after)

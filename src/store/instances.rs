@@ -7,7 +7,7 @@ use diesel::{
 };
 use diesel_async::RunQueryDsl;
 
-use super::{Conn, schema::hopper_instances, with_conn};
+use super::{Bind, Conn, schema::hopper_instances, sql, with_conn};
 use crate::domain::{InstanceStatus, Scope};
 
 /// One Hopper instance.
@@ -140,7 +140,7 @@ pub async fn lineage(conn: &mut Conn, id: &str) -> QueryResult<Vec<String>> {
             FROM hopper_instances i JOIN lineage l ON i.id = l.parent_id
         )
         SELECT id FROM lineage ORDER BY depth";
-    with_conn!(conn, |c| diesel::sql_query(LINEAGE)
+    with_conn!(conn, |c| sql(LINEAGE)
         .bind::<Text, _>(id)
         .load::<Id>(c)
         .await
@@ -166,7 +166,7 @@ pub async fn involved_in_task(
             SELECT i.id, i.parent_id FROM hopper_instances i JOIN up ON i.id = up.parent_id
         )
         SELECT id FROM up WHERE id = $2";
-    with_conn!(conn, |c| diesel::sql_query(INVOLVED)
+    with_conn!(conn, |c| sql(INVOLVED)
         .bind::<Text, _>(task_id)
         .bind::<Text, _>(instance_id)
         .load::<Id>(c)

@@ -7,7 +7,7 @@ use diesel::{
 };
 use diesel_async::RunQueryDsl;
 
-use super::{Conn, delegations::Cursor, schema::tasks, with_conn};
+use super::{Bind, Conn, delegations::Cursor, schema::tasks, sql, with_conn};
 use crate::domain::TaskStatus;
 
 /// One task.
@@ -78,7 +78,7 @@ pub async fn lock_family(conn: &mut Conn, id: &str) -> QueryResult<Option<Task>>
         )
         UPDATE tasks SET updated_at = updated_at
         WHERE id IN (SELECT id FROM up WHERE parent_task_id IS NULL)";
-    let locked = with_conn!(conn, |c| diesel::sql_query(LOCK_ROOT)
+    let locked = with_conn!(conn, |c| sql(LOCK_ROOT)
         .bind::<Text, _>(id)
         .execute(c)
         .await)?;
@@ -123,7 +123,6 @@ pub async fn cancel_below(
     since: NaiveDateTime,
     now: NaiveDateTime,
 ) -> QueryResult<Vec<Task>> {
-    // $1, $2, $3 in order of appearance, as SQLite numbers them that way.
     const CANCEL_BELOW: &str = "
         WITH RECURSIVE below (id) AS (
             SELECT id FROM tasks WHERE parent_task_id = $1 AND created_at >= $2
@@ -133,7 +132,7 @@ pub async fn cancel_below(
         UPDATE tasks SET status = 'cancelled', updated_at = $3
         WHERE id IN (SELECT id FROM below) AND status NOT IN ('done', 'cancelled')
         RETURNING *";
-    with_conn!(conn, |c| diesel::sql_query(CANCEL_BELOW)
+    with_conn!(conn, |c| sql(CANCEL_BELOW)
         .bind::<Text, _>(root)
         .bind::<Timestamp, _>(since)
         .bind::<Timestamp, _>(now)
