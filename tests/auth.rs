@@ -186,7 +186,7 @@ on_both_backends! {
         refused!(db, PermissionDenied, "act for instance project", c.orch2.tasks.create_task(new_task("t", "project")));
         c.project.tasks.create_task(new_task("t", "project")).await.unwrap();
         let sub = pb::CreateTaskRequest { parent_task_id: "t".into(), ..new_task("t.1", "") };
-        refused!(db, PermissionDenied, "act for instance project", c.orch.tasks.create_task(sub.clone()));
+        refused!(db, PermissionDenied, "instance orch may not create a subtask of task t; only an instance managing where it is may", c.orch.tasks.create_task(sub.clone()));
 
         refused!(db, PermissionDenied, "act for source instance project", c.orch.delegations.create_delegation(route("t", "project", "orch")));
         refused!(db, PermissionDenied, "act for source instance project", c.project2.delegations.create_delegation(route("t", "project", "orch")));
@@ -206,7 +206,7 @@ on_both_backends! {
         c.orch.delegations.accept_delegation(accept()).await.unwrap();
 
         let notes = |by: &str| pb::UpdateDelegationRequest { id: d1.clone(), notes: format!("by {by}") };
-        refused!(db, PermissionDenied, "act for source instance project", c.orch2.delegations.update_delegation(notes("orch2")));
+        refused!(db, PermissionDenied, "may not annotate delegation", c.orch2.delegations.update_delegation(notes("orch2")));
         c.orch.delegations.update_delegation(notes("orch")).await.unwrap();
         c.project.delegations.update_delegation(notes("project")).await.unwrap();
 
@@ -236,15 +236,15 @@ on_both_backends! {
 
         let d = routed(&mut c, "t").await;
         let cancel = || pb::CancelDelegationRequest { id: d.clone() };
-        refused!(db, PermissionDenied, "act for source instance project", c.orch.delegations.cancel_delegation(cancel()));
-        refused!(db, PermissionDenied, "act for source instance project", c.project2.delegations.cancel_delegation(cancel()));
+        refused!(db, PermissionDenied, "only an instance managing where it was sent from may", c.orch.delegations.cancel_delegation(cancel()));
+        refused!(db, PermissionDenied, "may not cancel delegation", c.project2.delegations.cancel_delegation(cancel()));
         c.global.delegations.cancel_delegation(cancel()).await.unwrap();
 
         // The task is at orch now, but it started at project: only project's side cancels it.
         let d = routed(&mut c, "t2").await;
         c.orch.delegations.accept_delegation(pb::AcceptDelegationRequest { id: d }).await.unwrap();
         let cancel = || pb::CancelTaskRequest { task_id: "t2".into() };
-        refused!(db, PermissionDenied, "act for instance project", c.orch.tasks.cancel_task(cancel()));
+        refused!(db, PermissionDenied, "may not cancel task t2; only an instance managing where it started may", c.orch.tasks.cancel_task(cancel()));
         c.project.tasks.cancel_task(cancel()).await.unwrap();
     }
 

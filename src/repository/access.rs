@@ -18,8 +18,8 @@
 //! | AcceptDelegation, RejectDelegation, CompleteDelegation | is the delegation's target instance |
 //! | UpdateDelegation | is the delegation's target or manages its source |
 //!
-//! A refusal is PERMISSION_DENIED and names the rule, but no instance the caller may not know
-//! of. A record the request names that does not exist is NOT_FOUND, as it would be without
+//! A refusal is PERMISSION_DENIED and names the rule, but no instance other than those the
+//! request itself named. A record the request names that does not exist is NOT_FOUND, as it would be without
 //! authentication. Most checks read only facts that never change (an instance's parent, a
 //! delegation's ends, where a task started), so [`check`] runs them before the write. Where a
 //! task is can change, so CompleteTask and CreateTask ask [`authorize`] inside their
@@ -113,7 +113,8 @@ pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> 
             ..
         } => {
             let at = task(conn, "parent task", parent).await?.instance_id;
-            manages(conn, me, "instance", &at).await?
+            (manages(conn, me, "instance", &at).await?)
+                .map_err(|_| Rule::Managing("create a subtask of task", parent.into(), "it is"))
         }
         Action::CreateTask {
             instance_id,
@@ -131,7 +132,8 @@ pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> 
         Action::CancelTask(id) => {
             let at = task(conn, "task", id).await?.instance_id;
             let origin = store::delegations::first_source(conn, id).await?;
-            manages(conn, me, "instance", origin.as_deref().unwrap_or(&at)).await?
+            (manages(conn, me, "instance", origin.as_deref().unwrap_or(&at)).await?)
+                .map_err(|_| Rule::Managing("cancel task", id.into(), "it started"))
         }
         // The task too, so that the refusals of the lifecycle rules tell nothing about a task
         // the caller may not read (normally the task is at the source, which settles both).
@@ -150,7 +152,9 @@ pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> 
             if d.target_instance_id == me {
                 Ok(())
             } else {
-                manages(conn, me, "source instance", &d.source_instance_id).await?
+                (manages(conn, me, "source instance", &d.source_instance_id).await?).map_err(|_| {
+                    Rule::Managing("annotate delegation", id.into(), "it was sent from")
+                })
             }
         }
         Action::AnswerDelegation(id) => {
@@ -163,7 +167,8 @@ pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> 
         }
         Action::CancelDelegation(id) => {
             let d = delegation(conn, id).await?;
-            manages(conn, me, "source instance", &d.source_instance_id).await?
+            (manages(conn, me, "source instance", &d.source_instance_id).await?)
+                .map_err(|_| Rule::Managing("cancel delegation", id.into(), "it was sent from"))
         }
     };
     verdict.map_err(|rule| Error::PermissionDenied(format!("instance {me} may not {rule}")))
@@ -174,8 +179,11 @@ pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> 
 enum Rule {
     /// Only the admin token may.
     Admin(&'static str),
-    /// The instance is neither at nor above this one.
+    /// The instance is neither at nor above this one, which the request named.
     Manages(&'static str, String),
+    /// The instance does not manage where a record is, which the message does not say:
+    /// (what it may not do, the record, where).
+    Managing(&'static str, String, &'static str),
     /// Neither manages the instance nor is below it.
     Related(&'static str, String),
     /// Not involved in the task.
@@ -193,6 +201,10 @@ impl fmt::Display for Rule {
             Self::Manages(entity, id) => {
                 write!(f, "act for {entity} {id}, which is outside its subtree")
             }
+            Self::Managing(what, id, place) => write!(
+                f,
+                "{what} {id}; only an instance managing where {place} may"
+            ),
             Self::Related(entity, id) => write!(
                 f,
                 "read {entity} {id}, which is neither in its subtree nor one of its ancestors"

@@ -281,18 +281,25 @@ fn walk_params<'b, DB: Backend, P: Params<DB>>(
     mut out: AstPass<'_, 'b, DB>,
 ) -> QueryResult<()> {
     let mut rest = params.text();
+    let mut highest = 0;
     while let Some(dollar) = rest.find('$') {
         out.push_sql(&rest[..dollar]);
         let digits = rest[dollar + 1..]
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(rest.len() - dollar - 1);
         let n = rest[dollar + 1..dollar + 1 + digits].parse().map_err(|_| {
-            diesel::result::Error::QueryBuilderError("a `$` without a number".into())
+            diesel::result::Error::QueryBuilderError("a `$` without a parameter number".into())
         })?;
         params.push(n, &mut out)?;
+        highest = highest.max(n);
         rest = &rest[dollar + 1 + digits..];
     }
     out.push_sql(rest);
+    if highest < params.count() {
+        return Err(diesel::result::Error::QueryBuilderError(
+            format!("{} values bound, ${highest} used", params.count()).into(),
+        ));
+    }
     Ok(())
 }
 
@@ -685,6 +692,11 @@ mod tests {
             diesel::debug_query::<diesel::sqlite::Sqlite, _>(&query).to_string(),
             r#"SELECT ?, ? WHERE x = ? -- binds: [7, "a", "a"]"#
         );
+        let mut builder = diesel::pg::PgQueryBuilder::default();
+        let unused = sql("SELECT $1").bind::<Text, _>("a").bind::<Text, _>("b");
+        assert!(unused.to_sql(&mut builder, &diesel::pg::Pg).is_err());
+        let missing = sql("SELECT $2").bind::<Text, _>("a");
+        assert!(missing.to_sql(&mut builder, &diesel::pg::Pg).is_err());
     }
 
     #[test]
