@@ -164,7 +164,8 @@ pub fn digest_hex(token: &str) -> String {
 
 fn decode_hex(hex: &str) -> Option<Digest256> {
     let hex = hex.as_bytes();
-    if hex.len() != 64 {
+    // from_str_radix alone would take a sign ("+f").
+    if hex.len() != 64 || !hex.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     let mut out = [0; 32];
@@ -392,5 +393,6 @@ mod tests {
             Some(sha256("abc"))
         );
         assert_eq!(decode_hex(&"zz".repeat(32)), None);
+        assert_eq!(decode_hex(&"+f".repeat(32)), None);
     }
 }

@@ -102,10 +102,7 @@ impl SecurityArgs {
             _ => None,
         };
         let auth = Authenticator::new(tokens, self.tls_client_ca.is_some());
-        server::check_exposure(listen, &auth, self.insecure)?;
-        if !auth.is_open() && tls.is_none() && !listen.ip().is_loopback() {
-            tracing::warn!("bearer tokens travel in plaintext: give --tls-cert and --tls-key");
-        }
+        server::check_exposure(listen, &auth, tls.is_some(), self.insecure)?;
         Ok((auth, tls))
     }
 }

@@ -160,13 +160,21 @@ pub async fn run(
     Ok(())
 }
 
-/// Refuses to expose an unauthenticated server beyond this machine unless `insecure`.
+/// Refuses to expose an unauthenticated server beyond this machine unless `insecure`, and
+/// warns when bearer tokens would cross the network without TLS.
 pub fn check_exposure(
     listen: SocketAddr,
     auth: &Authenticator,
+    tls: bool,
     insecure: bool,
 ) -> anyhow::Result<()> {
-    if auth.is_open() && !listen.ip().is_loopback() && !insecure {
+    if listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if !auth.is_open() && !tls {
+        tracing::warn!("bearer tokens travel in plaintext: give --tls-cert and --tls-key");
+    }
+    if auth.is_open() && !insecure {
         bail!(
             "refusing to serve {listen} without authentication: anyone who can reach it could \
              accept, complete or watch any task. Give --auth-tokens and/or --tls-client-ca, \

@@ -30,7 +30,7 @@ use std::fmt;
 use crate::{
     auth::Caller,
     error::Error,
-    store::{self, Conn, Db},
+    store::{self, Conn, Db, tasks::Task},
 };
 
 /// A request, reduced to what its authorization depends on.
@@ -46,17 +46,17 @@ pub enum Action<'a> {
     /// UpdateInstanceStatus, ListPendingDelegations, WatchEvents (with or without
     /// descendants) of this instance.
     ManageInstance(&'a str),
-    /// CreateTask at this instance, or under this parent task.
+    /// CreateTask, asked inside the creating transaction once the parent (if any) is locked.
     CreateTask {
-        /// Where the task is created.
-        instance_id: Option<&'a str>,
+        /// Where the task is created: for a subtask, where its parent task is.
+        at: &'a str,
         /// The task it is a subtask of.
-        parent_task_id: Option<&'a str>,
+        subtask_of: Option<&'a str>,
     },
     /// Any read of this task, its subtasks or its delegations.
     ReadTask(&'a str),
-    /// CompleteTask.
-    CompleteTask(&'a str),
+    /// CompleteTask of this task, as read under its family's lock.
+    CompleteTask(&'a Task),
     /// CancelTask.
     CancelTask(&'a str),
     /// CreateDelegation of this task from this source instance.
@@ -109,28 +109,24 @@ pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> 
         }
         Action::ManageInstance(id) => manages(conn, me, "instance", id).await?,
         Action::CreateTask {
-            parent_task_id: Some(parent),
-            ..
-        } => {
-            let at = task(conn, "parent task", parent).await?.instance_id;
-            (manages(conn, me, "instance", &at).await?)
-                .map_err(|_| Rule::Managing("create a subtask of task", parent.into(), "it is"))
-        }
+            at,
+            subtask_of: Some(parent),
+        } => (manages(conn, me, "instance", at).await?)
+            .map_err(|_| Rule::Managing("create a subtask of task", parent.into(), "it is")),
         Action::CreateTask {
-            instance_id,
-            parent_task_id: None,
-        } => manages(conn, me, "instance", instance_id.unwrap_or_default()).await?,
+            at,
+            subtask_of: None,
+        } => manages(conn, me, "instance", at).await?,
         Action::ReadTask(id) => involved(conn, me, id).await?,
-        Action::CompleteTask(id) => {
-            let at = task(conn, "task", id).await?.instance_id;
-            if at == me {
+        Action::CompleteTask(task) => {
+            if task.instance_id == me {
                 Ok(())
             } else {
-                Err(Rule::Holder(id.into()))
+                Err(Rule::Holder(task.id.clone()))
             }
         }
         Action::CancelTask(id) => {
-            let at = task(conn, "task", id).await?.instance_id;
+            let at = task(conn, id).await?.instance_id;
             let origin = store::delegations::first_source(conn, id).await?;
             (manages(conn, me, "instance", origin.as_deref().unwrap_or(&at)).await?)
                 .map_err(|_| Rule::Managing("cancel task", id.into(), "it started"))
@@ -255,18 +251,14 @@ async fn involved(conn: &mut Conn, me: &str, task_id: &str) -> Result<Result<(),
     if store::instances::involved_in_task(conn, task_id, me).await? {
         return Ok(Ok(()));
     }
-    task(conn, "task", task_id).await?;
+    task(conn, task_id).await?;
     Ok(Err(Rule::Involved(task_id.into())))
 }
 
-async fn task(
-    conn: &mut Conn,
-    entity: &'static str,
-    id: &str,
-) -> Result<store::tasks::Task, Error> {
+async fn task(conn: &mut Conn, id: &str) -> Result<Task, Error> {
     store::tasks::find(conn, id)
         .await?
-        .ok_or_else(|| Error::not_found(entity, id))
+        .ok_or_else(|| Error::not_found("task", id))
 }
 
 async fn delegation(conn: &mut Conn, id: &str) -> Result<store::delegations::Delegation, Error> {

@@ -85,16 +85,22 @@ pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, E
             ),
             None => None,
         };
+        // Where the task is created: a subtask where its parent task is.
+        let instance_id = match (&parent, &new.instance_id) {
+            (Some(parent), _) => parent.instance_id.clone(),
+            (None, Some(id)) => id.clone(),
+            (None, None) => return Err(Error::invalid("instance_id", "is required")),
+        };
         let action = Action::CreateTask {
-            instance_id: new.instance_id.as_deref(),
-            parent_task_id: new.parent_task_id.as_deref(),
+            at: &instance_id,
+            subtask_of: new.parent_task_id.as_deref(),
         };
         access::authorize(&mut tx, caller, action).await?;
         let request_id = new.request_id.as_deref();
         if let Some(original) = replay(&mut tx, request_id, "CreateTask", &new).await? {
             return Ok(original);
         }
-        let instance_id = match parent {
+        match &parent {
             Some(parent) => {
                 let parent_id = &parent.id;
                 if parent.status.is_final() {
@@ -104,28 +110,19 @@ pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, E
                     )));
                 }
                 in_place(&mut tx, parent_id).await?;
-                match &new.instance_id {
-                    Some(wanted) if *wanted != parent.instance_id => {
-                        return Err(Error::precondition(format!(
-                            "parent task {parent_id} is at instance {}, not {wanted}; \
-                             a subtask is created where its parent task is",
-                            parent.instance_id
-                        )));
-                    }
-                    _ => parent.instance_id,
+                if let Some(wanted) = new.instance_id.as_ref().filter(|w| **w != instance_id) {
+                    return Err(Error::precondition(format!(
+                        "parent task {parent_id} is at instance {instance_id}, not {wanted}; \
+                         a subtask is created where its parent task is"
+                    )));
                 }
             }
             None => {
-                let id = new
-                    .instance_id
-                    .clone()
-                    .ok_or_else(|| Error::invalid("instance_id", "is required"))?;
-                if instances::find(&mut tx, &id).await?.is_none() {
-                    return Err(Error::not_found("instance", id));
+                if instances::find(&mut tx, &instance_id).await?.is_none() {
+                    return Err(Error::not_found("instance", instance_id));
                 }
-                id
             }
-        };
+        }
         let at = now();
         let task = Task {
             id: new.id.clone().unwrap_or_else(new_id),
@@ -203,7 +200,7 @@ pub async fn complete_as(
     let conn: &mut Conn = &mut tx;
     let outcome = async {
         let task = locked(conn, id).await?;
-        access::authorize(conn, caller, Action::CompleteTask(id)).await?;
+        access::authorize(conn, caller, Action::CompleteTask(&task)).await?;
         let task = unfinished(task)?;
         in_place(conn, id).await?;
         let open = open_subtasks(conn, id).await?;

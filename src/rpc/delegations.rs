@@ -6,7 +6,7 @@ use std::pin::Pin;
 
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 
-use super::{FromProto, all, id, optional_text, parse_result, text, timestamp};
+use super::{FromProto, all, id, optional_text, page, parse_result, text, timestamp};
 use crate::{
     auth::Caller,
     domain::{DelegationType, EventKind, limits},
@@ -16,7 +16,6 @@ use crate::{
         self as pb, delegation_service_server::DelegationService, watch_events_response::Payload,
     },
     repository::{
-        PageRequest,
         access::{self, Action},
         delegations::{self, Listing, NewDelegation},
         tasks,
@@ -150,10 +149,7 @@ impl DelegationService for DelegationApi {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let task_id = id("task_id", r.task_id)?;
-        let page = PageRequest {
-            size: limits::page_size(r.page_size)?,
-            token: r.page_token,
-        };
+        let page = page(r.page_size, r.page_token)?;
         access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
         let page = delegations::list(&self.db, Listing::OfTask(&task_id), &page).await?;
         Ok(Response::new(pb::ListTaskDelegationsResponse {
@@ -201,10 +197,7 @@ impl DelegationService for DelegationApi {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let instance_id = id("instance_id", r.instance_id)?;
-        let page = PageRequest {
-            size: limits::page_size(r.page_size)?,
-            token: r.page_token,
-        };
+        let page = page(r.page_size, r.page_token)?;
         access::check(&self.db, &caller, Action::ManageInstance(&instance_id)).await?;
         let page = delegations::list(&self.db, Listing::PendingFor(&instance_id), &page).await?;
         Ok(Response::new(pb::ListPendingDelegationsResponse {

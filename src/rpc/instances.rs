@@ -2,13 +2,12 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{FromProto, all, id, json, text};
+use super::{FromProto, all, id, json, page, text};
 use crate::{
     auth::Caller,
     domain::{InstanceStatus, Scope, limits},
     proto::{self as pb, instance_service_server::InstanceService},
     repository::{
-        PageRequest,
         access::{self, Action},
         instances::{self, NewInstance},
     },
@@ -83,10 +82,7 @@ impl InstanceService for InstanceApi {
             status: InstanceStatus::from_proto("status", r.status)?,
             within: access::visible_subtree(&caller),
         };
-        let page = PageRequest {
-            size: limits::page_size(r.page_size)?,
-            token: r.page_token,
-        };
+        let page = page(r.page_size, r.page_token)?;
         let page = instances::list(&self.db, &filter, &page).await?;
         Ok(Response::new(pb::ListInstancesResponse {
             instances: all(page.items),

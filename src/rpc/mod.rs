@@ -18,6 +18,7 @@ use crate::{
     domain::{self, limits},
     error::Error,
     proto as pb,
+    repository::PageRequest,
     store::{delegations::Delegation, instances::Instance, tasks::Task},
 };
 
@@ -81,6 +82,14 @@ fn text(field: &'static str, value: String, max: usize, required: bool) -> Resul
 fn optional_text(field: &'static str, value: String, max: usize) -> Result<Option<String>, Error> {
     let value = text(field, value, max, false)?;
     Ok((!value.is_empty()).then_some(value))
+}
+
+/// A page request, its size checked by [`limits::page_size`].
+fn page(size: i32, token: String) -> Result<PageRequest, Error> {
+    Ok(PageRequest {
+        size: limits::page_size(size)?,
+        token,
+    })
 }
 
 /// An optional result document, within the size limit.

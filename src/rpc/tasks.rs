@@ -2,14 +2,13 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{all, id, parse_result, text};
+use super::{all, id, page, parse_result, text};
 use crate::{
     auth::Caller,
     domain::limits,
     error::Error,
     proto::{self as pb, task_service_server::TaskService},
     repository::{
-        PageRequest,
         access::{self, Action},
         tasks::{self, NewTask},
     },
@@ -62,10 +61,7 @@ impl TaskService for TaskApi {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let task_id = id("task_id", r.task_id)?;
-        let page = PageRequest {
-            size: limits::page_size(r.page_size)?,
-            token: r.page_token,
-        };
+        let page = page(r.page_size, r.page_token)?;
         access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
         let page = tasks::list_subtasks(&self.db, &task_id, &page).await?;
         Ok(Response::new(pb::ListSubtasksResponse {
