@@ -3,8 +3,8 @@
 //! `anyhow` is used only at start-up (`main`). Everything a request can hit is an [`Error`]:
 //! the rules produce `InvalidArgument`, `NotFound` and `FailedPrecondition` with a message that
 //! names the field, the entity or the current state; [`From<diesel::result::Error>`] turns
-//! database failures into `Unavailable` (connection lost, lock or serialisation conflict) or
-//! `Internal`, and the `From<Error> for tonic::Status` impl below is the only place that picks
+//! database failures into `Unavailable` (connection lost, SQLite busy), `Aborted` (deadlock,
+//! serialization failure) or `Internal`, keeping the database's text in the log, and the `From<Error> for tonic::Status` impl below is the only place that picks
 //! gRPC codes.
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
@@ -50,9 +50,14 @@ pub enum Error {
     /// A cursor outside what the event log holds; the message says where to resume.
     #[error("{0}")]
     OutOfRange(String),
-    /// The database cannot be reached or refused for a passing reason; retrying may succeed.
-    #[error("database unavailable: {0}")]
+    /// The service or its database cannot serve now; retrying later may succeed. The message
+    /// is written for the client: it never carries the database's own error text.
+    #[error("{0}")]
     Unavailable(String),
+    /// The database rolled the request back to resolve a conflict with a concurrent one (a
+    /// deadlock or a serialization failure); nothing was written and a retry may succeed.
+    #[error("{0}")]
+    Aborted(String),
     /// A bug or a corrupt row; the details are logged, the client gets a short message.
     #[error("internal error: {0}")]
     Internal(String),
@@ -82,21 +87,39 @@ impl Error {
 }
 
 impl From<DieselError> for Error {
+    /// The database's own words go to the log only: a client learns what happened and what to
+    /// do, never the text of a driver or a server (which can name tables, values or hosts).
     fn from(err: DieselError) -> Self {
-        match &err {
-            DieselError::DatabaseError(kind, info) => match kind {
-                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::SerializationFailure => {
-                    Self::Unavailable(info.message().to_owned())
-                }
-                // SQLite reports a lock it could not get within busy_timeout this way.
-                _ if info.message().contains("database is locked") => {
-                    Self::Unavailable(info.message().to_owned())
-                }
-                _ => Self::Internal(err.to_string()),
-            },
-            DieselError::BrokenTransactionManager => Self::Unavailable(err.to_string()),
-            _ => Self::Internal(err.to_string()),
+        let message = match &err {
+            DieselError::DatabaseError(_, info) => info.message(),
+            _ => "",
+        };
+        let kind = match &err {
+            DieselError::DatabaseError(kind, _) => Some(kind),
+            _ => None,
+        };
+        if matches!(kind, Some(DatabaseErrorKind::SerializationFailure))
+            || message.starts_with("deadlock detected")
+        {
+            tracing::warn!(error = %err, "transaction aborted by the database");
+            return Self::Aborted(
+                "the request conflicted with a concurrent one and changed nothing; retry it".into(),
+            );
         }
+        // SQLite reports a lock it could not get within busy_timeout this way.
+        if message.contains("database is locked") {
+            tracing::warn!(error = %err, "database busy");
+            return Self::Unavailable("the database is busy; retry later".into());
+        }
+        if matches!(
+            kind,
+            Some(DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand)
+        ) || matches!(err, DieselError::BrokenTransactionManager)
+        {
+            tracing::warn!(error = %err, "database connection lost");
+            return Self::Unavailable("the database cannot be reached; retry later".into());
+        }
+        Self::Internal(err.to_string())
     }
 }
 
@@ -116,6 +139,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::OutOfRange(_) => Status::out_of_range(message),
             Error::Unavailable(_) => Status::unavailable(message),
+            Error::Aborted(_) => Status::aborted(message),
             Error::Internal(_) => {
                 tracing::error!(error = %message, "internal error");
                 Status::internal("internal error; see the server log")
@@ -164,11 +188,8 @@ mod tests {
                 Code::PermissionDenied,
                 "not yours",
             ),
-            (
-                Error::Unavailable("gone".into()),
-                Code::Unavailable,
-                "database unavailable: gone",
-            ),
+            (Error::Unavailable("gone".into()), Code::Unavailable, "gone"),
+            (Error::Aborted("retry".into()), Code::Aborted, "retry"),
             (
                 Error::Internal("bug".into()),
                 Code::Internal,
@@ -203,5 +224,25 @@ mod tests {
             Error::from(DieselError::NotFound),
             Error::Internal(_)
         ));
+        let db_error = |kind, text: &str| {
+            Error::from(DieselError::DatabaseError(kind, Box::new(text.to_owned())))
+        };
+        let lost = db_error(
+            DatabaseErrorKind::UnableToSendCommand,
+            "connection to 10.0.0.7 closed",
+        );
+        assert_eq!(
+            lost,
+            Error::Unavailable("the database cannot be reached; retry later".into())
+        );
+        let deadlock = db_error(
+            DatabaseErrorKind::Unknown,
+            "deadlock detected: process 12 waits for ShareLock on transaction 99",
+        );
+        assert!(matches!(&deadlock, Error::Aborted(m) if !m.contains("process")));
+        let serialization = db_error(DatabaseErrorKind::SerializationFailure, "could not");
+        assert!(matches!(serialization, Error::Aborted(_)));
+        let busy = db_error(DatabaseErrorKind::Unknown, "database is locked");
+        assert!(matches!(busy, Error::Unavailable(m) if m.contains("busy")));
     }
 }

@@ -324,6 +324,23 @@ on_both_backends! {
     }
 }
 
+/// Without TCP_NODELAY on the accepted socket, a response written in two segments waits about
+/// 40 ms for the client's delayed ACK (tonic's `tcp_nodelay` does not reach sockets from a
+/// listener it did not bind).
+#[tokio::test]
+async fn accepted_connections_send_without_delay() {
+    let mut server = TestServer::start(Backend::Sqlite).await;
+    server
+        .instances
+        .list_instances(pb::ListInstancesRequest::default())
+        .await
+        .unwrap();
+    let sockets = common::accepted_nodelay(server.addr.port());
+    assert!(!sockets.is_empty(), "found no accepted connection");
+    assert!(sockets.iter().all(|on| *on), "{sockets:?}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn reflection_and_health_are_served_for_grpcurl() {
     use tonic_reflection::pb::{v1, v1alpha};

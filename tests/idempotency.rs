@@ -132,3 +132,45 @@ on_both_backends! {
         server.stop().await;
     }
 }
+
+on_both_backends! {
+    /// CreateTask (of a subtask) and CreateDelegation take the family lock and then the
+    /// request id, in that order: one id sent to both at once cannot deadlock them.
+    async fn one_request_id_raced_across_two_rpcs_has_one_winner(backend: Backend) {
+        let server = TestServer::start(backend).await;
+        let db = server.db.pool();
+        hierarchy(&db).await;
+        for round in 0..20 {
+            let root = format!("root-{round}");
+            task(&db, &root, "global").await;
+            let request_id = format!("shared-{round}");
+            let outcomes = race(2, |i| {
+                let (db, root, request_id) = (db.clone(), root.clone(), request_id.clone());
+                async move {
+                    if i == 0 {
+                        let new = NewTask {
+                            request_id: Some(request_id),
+                            id: None,
+                            title: "sub".into(),
+                            description: String::new(),
+                            instance_id: None,
+                            parent_task_id: Some(root),
+                        };
+                        tasks::create(&db, new).await.map(drop)
+                    } else {
+                        let new = hop(&root, "global", "project", DelegationType::Route);
+                        let new = common::NewDelegationExt::with_request_id(new, &request_id);
+                        delegations::create(&db, new).await.map(drop)
+                    }
+                }
+            })
+            .await;
+            let won = outcomes.iter().filter(|o| o.is_ok()).count();
+            let refused = outcomes
+                .iter()
+                .filter(|o| matches!(o, Err(Error::AlreadyExists { .. })))
+                .count();
+            assert_eq!((won, refused), (1, 1), "round {round}: {outcomes:?}");
+        }
+    }
+}

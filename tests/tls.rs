@@ -160,6 +160,18 @@ async fn tls_carries_bearer_tokens_and_refuses_plaintext() {
 }
 
 #[tokio::test]
+async fn tls_connections_send_without_delay() {
+    let pki = Pki::new();
+    let server = start(&pki, false).await;
+    let channel = pki.channel(&server, None).await.unwrap();
+    let mut orch = common::Clients::new(channel, Some(&token_of("orch")));
+    orch.instances.get_instance(get("orch")).await.unwrap();
+    let sockets = common::accepted_nodelay(server.addr.port());
+    assert!(!sockets.is_empty(), "found no accepted connection");
+    assert!(sockets.iter().all(|on| *on), "{sockets:?}");
+}
+
+#[tokio::test]
 async fn a_client_certificate_names_the_calling_instance() {
     let pki = Pki::new();
     let server = start(&pki, true).await;

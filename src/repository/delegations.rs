@@ -82,13 +82,14 @@ pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
     let mut tx = db.begin().await?;
     let conn: &mut Conn = &mut tx;
     let outcome = async {
+        // Locks in the one order every write takes them: the task family, then the request id.
+        let task = tasks::lock_family(conn, &new.task_id)
+            .await?
+            .ok_or_else(|| Error::not_found("task", &new.task_id))?;
         let request_id = new.request_id.as_deref();
         if let Some(original) = replay(conn, request_id, "CreateDelegation", &new).await? {
             return Ok(original);
         }
-        let task = tasks::lock_family(conn, &new.task_id)
-            .await?
-            .ok_or_else(|| Error::not_found("task", &new.task_id))?;
         let source = &new.source_instance_id;
         let target = &new.target_instance_id;
         let source_lineage = instances::lineage(conn, source).await?;

@@ -32,7 +32,7 @@ use diesel::{
 use diesel_async::{
     AsyncConnection, AsyncPgConnection, SimpleAsyncConnection, TransactionManager,
     async_connection_wrapper::AsyncConnectionWrapper,
-    pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, deadpool},
+    pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod, deadpool},
     sync_connection_wrapper::SyncConnectionWrapper,
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
@@ -358,12 +358,12 @@ impl Db {
     ) -> Result<Self, Error> {
         let pool = match url {
             DatabaseUrl::Postgres(url) => Pool::Pg(pool(
-                AsyncDieselConnectionManager::new(url.clone()),
+                AsyncDieselConnectionManager::new_with_config(url.clone(), fast_recycling()),
                 max_connections,
                 timeout,
             )?),
             DatabaseUrl::Sqlite(path) => {
-                let mut config = ManagerConfig::<SqliteConn>::default();
+                let mut config = fast_recycling::<SqliteConn>();
                 config.custom_setup = Box::new(|url| setup_sqlite(url).boxed());
                 let manager = AsyncDieselConnectionManager::new_with_config(
                     DatabaseUrl::sqlite_path(path),
@@ -396,7 +396,10 @@ impl Db {
 
     /// Checks a connection out of the pool; UNAVAILABLE if none can be had in time.
     pub async fn conn(&self) -> Result<Conn, Error> {
-        let unavailable = |e: deadpool::PoolError| Error::Unavailable(e.to_string());
+        let unavailable = |err: deadpool::PoolError| {
+            tracing::warn!(error = %err, "no database connection");
+            Error::Unavailable("no database connection could be had in time; retry later".into())
+        };
         Ok(match &self.pool {
             Pool::Pg(pool) => Conn::Pg(pool.get().await.map_err(unavailable)?),
             Pool::Sqlite(pool) => Conn::Sqlite(pool.get().await.map_err(unavailable)?),
@@ -561,6 +564,16 @@ pub async fn listen_for_commits(db: Db) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Hands out pooled connections without the `SELECT 1` round trip diesel-async makes on
+/// every checkout by default. A connection the server closed is still noticed: the pool drops
+/// one whose socket has closed or whose transaction state is broken, and a failure on first use
+/// ends that request with UNAVAILABLE (`error.rs`), as the ping would have.
+fn fast_recycling<C: AsyncConnection + 'static>() -> ManagerConfig<C> {
+    let mut config = ManagerConfig::default();
+    config.recycling_method = RecyclingMethod::Fast;
+    config
 }
 
 /// A pool whose waits, connects and recycles give up after `timeout`.

@@ -493,3 +493,27 @@ pub fn test_tokens(instances: &[&str]) -> hopper_delegation::auth::Tokens {
     }
     hopper_delegation::auth::Tokens::parse(&toml).expect("tokens")
 }
+
+/// TCP_NODELAY of every connection this process accepted on `port` (the server side of each
+/// client connection to a [`TestServer`] in this process), read from the sockets themselves.
+pub fn accepted_nodelay(port: u16) -> Vec<bool> {
+    use std::os::fd::BorrowedFd;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd") {
+        let name = entry.expect("fd entry").file_name();
+        let Ok(fd) = name.to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: the descriptor is only read with getsockname/getsockopt; if it was closed
+        // meanwhile those calls fail or read another socket, never write anything.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&fd);
+        let (Ok(local), Ok(_peer)) = (socket.local_addr(), socket.peer_addr()) else {
+            continue;
+        };
+        if local.as_socket().map(|a| a.port()) == Some(port) {
+            found.push(socket.tcp_nodelay().expect("TCP_NODELAY"));
+        }
+    }
+    found
+}
