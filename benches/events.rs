@@ -1,7 +1,8 @@
 //! What the event log costs writers, as ratios measured in one run (the machine is shared and
 //! noisy, so absolute figures mean little):
 //!
-//! 1. PostgreSQL: eight concurrent writers with the ordering lock vs. without it.
+//! 1. PostgreSQL: eight concurrent writers whose events go through the sequencer vs. numbered
+//!    at insert with no ordering at all (the hole `tests/event_ordering.rs` shows).
 //! 2. Both backends: eight concurrent writers while a subscriber's stream is open but never
 //!    read, vs. with no subscriber.
 //!
@@ -20,7 +21,7 @@ use hopper_delegation::{
     domain::DelegationType,
     proto as pb,
     repository::delegations,
-    store::{Db, events::DISABLE_ORDERING_LOCK_FOR_TESTS},
+    store::{Db, events::SKIP_SEQUENCER_FOR_TESTS},
 };
 
 const WRITERS: usize = 8;
@@ -58,25 +59,25 @@ fn median(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
-async fn ordering_lock_cost() {
+async fn sequencer_cost() {
     let server = TestServer::start(Backend::Postgres).await;
     let db = server.db.pool();
     hierarchy(&db).await;
     let (mut with, mut without) = (Vec::new(), Vec::new());
     for run in 0..2 * REPEATS {
-        let locked = (run % 4 == 0) || (run % 4 == 3);
-        DISABLE_ORDERING_LOCK_FOR_TESTS.store(!locked, Ordering::Relaxed);
+        let sequenced = (run % 4 == 0) || (run % 4 == 3);
+        SKIP_SEQUENCER_FOR_TESTS.store(!sequenced, Ordering::Relaxed);
         let took = write(&db, run).await;
-        if locked {
+        if sequenced {
             with.push(took)
         } else {
             without.push(took)
         }
     }
-    DISABLE_ORDERING_LOCK_FOR_TESTS.store(false, Ordering::Relaxed);
+    SKIP_SEQUENCER_FOR_TESTS.store(false, Ordering::Relaxed);
     let (with, without) = (median(with), median(without));
     println!(
-        "postgres: {} transitions by {WRITERS} writers: with the ordering lock {with:?}, without {without:?}: ratio {:.2}",
+        "postgres: {} transitions by {WRITERS} writers: through the sequencer {with:?}, numbered at insert {without:?}: ratio {:.2}",
         WRITERS * ROUNDS * 2,
         with.as_secs_f64() / without.as_secs_f64()
     );
@@ -122,6 +123,6 @@ async fn main() {
     stalled_subscriber_cost(Backend::Sqlite).await;
     if postgres_available().await {
         stalled_subscriber_cost(Backend::Postgres).await;
-        ordering_lock_cost().await;
+        sequencer_cost().await;
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! The log is the truth; nothing is kept in memory but one page per subscriber. A subscriber's
 //! task reads the events after its cursor a page at a time, sends them into a small bounded
-//! channel, and when it has caught up waits for [`Db::commits`] (bumped by local commits and,
-//! across replicas, by PostgreSQL notifications), the idle interval, shutdown, or the client
+//! channel, and when it has caught up waits for [`Db::appended`] (bumped when events become
+//! readable: by local commits on SQLite, by the sequencer and its notifications on PostgreSQL), the idle interval, shutdown, or the client
 //! leaving. Consequences:
 //!
 //! - A slow consumer blocks only its own task on the full channel; it holds no database
@@ -183,14 +183,14 @@ struct Stream {
 impl Stream {
     async fn run(mut self) {
         let _active = Active::new(&self.hub.active);
-        let mut commits = self.hub.db.commits();
+        let mut appended = self.hub.db.appended();
         let mut shutdown = self.hub.stop.subscribe();
         let mut last_sent = Instant::now();
         let mut replayed = false;
         let mut idle = false;
         loop {
-            // Seen before reading: a commit during the read wakes the next wait at once.
-            commits.borrow_and_update();
+            // Seen before reading: events appended during the read wake the next wait at once.
+            appended.borrow_and_update();
             let sent = match self.catch_up().await {
                 Ok(sent) => sent,
                 Err(err) => {
@@ -216,7 +216,7 @@ impl Stream {
             }
             idle = false;
             tokio::select! {
-                changed = commits.changed() => if changed.is_err() { return },
+                changed = appended.changed() => if changed.is_err() { return },
                 () = sleep_until(last_sent + self.hub.progress_interval) => idle = true,
                 () = stopping(&mut shutdown) => {
                     let bye = Error::Unavailable(

@@ -82,7 +82,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let db = hub.db().clone();
-    let _listener = Background(tokio::spawn(store::listen_for_commits(db.clone())));
+    let _listener = Background(tokio::spawn(store::listen_for_events(db.clone())));
     let _retention = Background(tokio::spawn(retention(db.clone(), config.clone())));
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -1,9 +1,9 @@
 //! PostgreSQL only: sequence order is commit order, so a tailing reader never skips an event;
 //! and an event committed through one replica reaches a subscriber of another.
 //!
-//! The ordering lock can be switched off (`DISABLE_ORDERING_LOCK_FOR_TESTS`) to show the hole
-//! it closes. That switch is process-wide, so the tests that touch it run in this binary, one
-//! after another inside a single test function.
+//! The sequencer can be bypassed (`SKIP_SEQUENCER_FOR_TESTS`: writers number events at insert,
+//! as before it existed) to show the hole it closes. That switch is process-wide, so the tests
+//! that touch it run in this binary, one after another.
 
 mod common;
 
@@ -17,7 +17,7 @@ use hopper_delegation::{
     server::Config,
     store::{
         Db,
-        events::{self, DISABLE_ORDERING_LOCK_FOR_TESTS, NewEvent, Scope},
+        events::{self, NewEvent, SKIP_SEQUENCER_FOR_TESTS, Scope},
     },
 };
 
@@ -31,10 +31,12 @@ fn everything() -> Scope {
     }
 }
 
-/// Writer A takes a sequence and holds its transaction open; writer B appends and tries to
-/// commit; a reader tails the log meanwhile, advancing its cursor past what it sees. Returns
-/// how many of the two events the reader delivered in the end.
+/// Writer A appends an event and holds its transaction open; writer B appends one and commits;
+/// the events are numbered and a reader tails the log, advancing its cursor past what it sees;
+/// then A commits, and the reader reads on from its cursor. Returns how many of the two events
+/// the reader delivered in the end.
 async fn two_writers_and_a_tailing_reader(db: &Db, event: &NewEvent) -> usize {
+    db.sequence_events().await.unwrap();
     let head = events::bounds(&mut db.conn().await.unwrap())
         .await
         .unwrap()
@@ -43,22 +45,19 @@ async fn two_writers_and_a_tailing_reader(db: &Db, event: &NewEvent) -> usize {
     events::append(&mut writer_a, std::slice::from_ref(event))
         .await
         .unwrap();
-    let writer_b = {
-        let (db, event) = (db.clone(), event.clone());
-        tokio::spawn(async move {
-            let mut tx = db.begin().await.unwrap();
-            let appended = events::append(&mut tx, &[event]).await.map_err(Into::into);
-            tx.finish(appended).await.unwrap();
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut writer_b = db.begin().await.unwrap();
+    events::append(&mut writer_b, std::slice::from_ref(event))
+        .await
+        .unwrap();
+    writer_b.finish(Ok(())).await.unwrap();
+    db.sequence_events().await.unwrap();
     let mut conn = db.conn().await.unwrap();
     let early = events::read(&mut conn, &everything(), head, 100)
         .await
         .unwrap();
     let cursor = early.last().map_or(head, |e| e.sequence);
     writer_a.finish(Ok(())).await.unwrap();
-    writer_b.await.unwrap();
+    db.sequence_events().await.unwrap();
     let late = events::read(&mut conn, &everything(), cursor, 100)
         .await
         .unwrap();
@@ -80,16 +79,18 @@ async fn sequence_order_is_commit_order_on_postgres() {
         .unwrap();
     let event = NewEvent::of(EventKind::DelegationCreated, &d, None);
 
-    // Without the lock, B commits the higher sequence first and the reader skips A's event.
-    DISABLE_ORDERING_LOCK_FOR_TESTS.store(true, Ordering::Relaxed);
+    // Numbered at insert, A holds the lower sequence, B commits the higher one first, and the
+    // reader skips A's event for ever.
+    SKIP_SEQUENCER_FOR_TESTS.store(true, Ordering::Relaxed);
     let delivered = two_writers_and_a_tailing_reader(&db, &event).await;
-    DISABLE_ORDERING_LOCK_FOR_TESTS.store(false, Ordering::Relaxed);
+    SKIP_SEQUENCER_FOR_TESTS.store(false, Ordering::Relaxed);
     assert_eq!(
         delivered, 1,
-        "without the lock the reader should have skipped an event"
+        "numbered at insert, the reader should have skipped an event"
     );
 
-    // With it, B waits for A's commit and the reader gets both.
+    // Through the queue neither writer waits for the other; B's event is numbered once B has
+    // committed, A's after it once A has: the reader gets both.
     assert_eq!(two_writers_and_a_tailing_reader(&db, &event).await, 2);
 }
 
@@ -135,6 +136,7 @@ async fn concurrent_writers_and_a_subscriber(rounds: usize) -> (Vec<u64>, Vec<u6
     for writer in writers {
         writer.await.unwrap();
     }
+    db.sequence_events().await.unwrap();
     let head = events::bounds(&mut db.conn().await.unwrap())
         .await
         .unwrap()
@@ -183,22 +185,22 @@ async fn concurrent_writers_never_open_a_gap_for_a_subscriber() {
     assert_eq!(delivered, logged);
 }
 
-/// The same run with the ordering lock off: the subscriber misses events. Ignored by default
-/// (it flips the process-wide switch and depends on timing); run it with
+/// The same run with events numbered at insert: the subscriber misses events. Ignored by
+/// default (it flips the process-wide switch and depends on timing); run it with
 /// `cargo test --test event_ordering -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "demonstrates the failure the ordering lock prevents"]
-async fn without_the_ordering_lock_concurrent_writers_open_gaps() {
+#[ignore = "demonstrates the failure the sequencer prevents"]
+async fn numbered_at_insert_concurrent_writers_open_gaps() {
     let _serial = SERIAL.lock().await;
     if !postgres_available().await {
         return;
     }
-    DISABLE_ORDERING_LOCK_FOR_TESTS.store(true, Ordering::Relaxed);
+    SKIP_SEQUENCER_FOR_TESTS.store(true, Ordering::Relaxed);
     let (delivered, logged) = concurrent_writers_and_a_subscriber(300).await;
-    DISABLE_ORDERING_LOCK_FOR_TESTS.store(false, Ordering::Relaxed);
+    SKIP_SEQUENCER_FOR_TESTS.store(false, Ordering::Relaxed);
     let missed = logged.len() - delivered.len();
     eprintln!(
-        "without the lock: {missed} of {} events never delivered",
+        "numbered at insert: {missed} of {} events never delivered",
         logged.len()
     );
     assert!(missed > 0);

@@ -51,6 +51,7 @@ async fn all_events(db: &Db) -> Vec<Event> {
         instance_id: "global".into(),
         include_descendants: true,
     };
+    db.sequence_events().await.unwrap();
     events::read(&mut db.conn().await.unwrap(), &scope, 0, i64::MAX)
         .await
         .unwrap()

@@ -3,16 +3,18 @@
 //!
 //! Sequence order must be commit order, or a reader that has seen sequence N and asks for
 //! "> N" could miss a row with a lower sequence that commits later. SQLite has one writer at a
-//! time, so it holds by construction. On PostgreSQL a sequence value is taken at insert but
-//! becomes visible at commit, so [`append`] first takes a transaction-scoped advisory lock,
-//! held to commit: event-writing transactions insert and commit one after another.
+//! time, so events numbered at insert hold it by construction. On PostgreSQL a number taken at
+//! insert becomes visible only at commit, so writers append to `event_queue` unnumbered and
+//! commit without waiting for one another; [`sequence`] (run by `store::sequencer`, one at a
+//! time across replicas under an advisory lock) moves the committed rows into the log in
+//! insertion order, numbering them as it goes. Readers read only the log.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::NaiveDateTime;
 use diesel::{
     prelude::*,
-    sql_types::{BigInt, Bool, Text},
+    sql_types::{Array, BigInt, Bool, Jsonb, Nullable, Text, Timestamp},
 };
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 
@@ -26,15 +28,20 @@ use super::{
 };
 use crate::domain::EventKind;
 
-/// The PostgreSQL channel that wakes the event streams of every replica.
+/// The PostgreSQL channel on which the sequencer of any replica announces newly numbered
+/// events, waking the event streams of every replica.
 pub const CHANNEL: &str = "hopper_events";
 
-/// Takes the ordering lock and queues the wake-up, both released or sent at commit.
-const PG_BEFORE_APPEND: &str = "SELECT pg_advisory_xact_lock(7243002); NOTIFY hopper_events";
+/// The advisory lock that lets one sequencer at a time number events.
+const SEQUENCER_LOCK: &str = "SELECT pg_advisory_xact_lock(7243002)";
 
-/// Turns the ordering lock off. Only for the test that shows the hole it closes.
+/// How many queued events one [`sequence`] call moves at most.
+pub const SEQUENCE_BATCH: i64 = 10_000;
+
+/// Makes PostgreSQL writers number their events at insert, with no sequencer: the design
+/// before the queue, whose hole `tests/event_ordering.rs` shows. Only for that test.
 #[doc(hidden)]
-pub static DISABLE_ORDERING_LOCK_FOR_TESTS: AtomicBool = AtomicBool::new(false);
+pub static SKIP_SEQUENCER_FOR_TESTS: AtomicBool = AtomicBool::new(false);
 
 /// One entry of the log.
 #[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable)]
@@ -124,17 +131,38 @@ impl Event {
     }
 }
 
-/// Appends events, in order, inside the caller's transaction.
+/// Appends events, in order, inside the caller's transaction: on PostgreSQL to the queue, in
+/// one statement; on SQLite to the log itself.
 pub async fn append(conn: &mut Conn, events: &[NewEvent]) -> QueryResult<()> {
     if events.is_empty() {
         return Ok(());
     }
-    if let Conn::Pg(c) = conn {
-        if AtomicBool::load(&DISABLE_ORDERING_LOCK_FOR_TESTS, Ordering::Relaxed) {
-            c.batch_execute("NOTIFY hopper_events").await?;
-        } else {
-            c.batch_execute(PG_BEFORE_APPEND).await?;
+    if let Conn::Pg(c) = conn
+        && !AtomicBool::load(&SKIP_SEQUENCER_FOR_TESTS, Ordering::Relaxed)
+    {
+        // unnest keeps the array order, so the queue's ids follow the order of `events`.
+        const QUEUE: &str = "
+            INSERT INTO event_queue (kind, occurred_at, task_id, delegation_id,
+                source_instance_id, target_instance_id, caused_by_delegation_id, delegation)
+            SELECT * FROM unnest($1::text[], $2::timestamp[], $3::text[], $4::text[], $5::text[],
+                                 $6::text[], $7::text[], $8::jsonb[])";
+        fn column<'a, T>(events: &'a [NewEvent], f: impl Fn(&'a NewEvent) -> T) -> Vec<T> {
+            events.iter().map(f).collect()
         }
+        return sql(QUEUE)
+            .bind::<Array<Text>, _>(column(events, |e| e.kind))
+            .bind::<Array<Timestamp>, _>(column(events, |e| e.occurred_at))
+            .bind::<Array<Text>, _>(column(events, |e| e.task_id.as_str()))
+            .bind::<Array<Nullable<Text>>, _>(column(events, |e| e.delegation_id.as_deref()))
+            .bind::<Array<Text>, _>(column(events, |e| e.source_instance_id.as_str()))
+            .bind::<Array<Text>, _>(column(events, |e| e.target_instance_id.as_str()))
+            .bind::<Array<Nullable<Text>>, _>(column(events, |e| {
+                e.caused_by_delegation_id.as_deref()
+            }))
+            .bind::<Array<Nullable<Jsonb>>, _>(column(events, |e| e.delegation.as_ref()))
+            .execute(&mut **c)
+            .await
+            .map(drop);
     }
     // One row per statement: diesel-async has no multi-row insert with nullable columns on
     // SQLite, and an operation appends few rows (its delegation, plus one per bubbled hop).
@@ -145,6 +173,50 @@ pub async fn append(conn: &mut Conn, events: &[NewEvent]) -> QueryResult<()> {
             .await)?;
     }
     Ok(())
+}
+
+/// PostgreSQL: moves every committed event of the queue into the log, oldest first, numbering
+/// them in that order, and announces them on [`CHANNEL`]; returns how many it moved (at most
+/// [`SEQUENCE_BATCH`]). Run it in a transaction of its own, which it must commit.
+///
+/// The advisory lock, held to commit, lets one caller at a time number events, and it is taken
+/// before the statement that reads the queue: that statement's snapshot therefore sees every
+/// earlier numbering committed, so each call's numbers are higher than all visible ones and
+/// become visible together, after them. A row whose writer has not committed is not seen and
+/// waits for a later call. `nextval` runs above the ordered subquery, so numbers follow ids.
+/// On SQLite there is no queue: returns 0.
+pub async fn sequence(conn: &mut Conn) -> QueryResult<usize> {
+    const MOVE: &str = "
+        WITH moved AS (
+            DELETE FROM event_queue
+            WHERE id IN (SELECT id FROM event_queue ORDER BY id LIMIT $1)
+            RETURNING *
+        ), numbered AS (
+            INSERT INTO delegation_events (sequence, kind, occurred_at, task_id, delegation_id,
+                source_instance_id, target_instance_id, caused_by_delegation_id, delegation)
+            OVERRIDING SYSTEM VALUE
+            SELECT nextval(pg_get_serial_sequence('delegation_events', 'sequence')), kind,
+                   occurred_at, task_id, delegation_id, source_instance_id, target_instance_id,
+                   caused_by_delegation_id, delegation
+            FROM (SELECT * FROM moved ORDER BY id) oldest_first
+            RETURNING 1
+        )
+        SELECT count(*) AS moved FROM numbered";
+    #[derive(QueryableByName)]
+    struct Moved {
+        #[diesel(sql_type = BigInt)]
+        moved: i64,
+    }
+    let Conn::Pg(c) = conn else { return Ok(0) };
+    sql(SEQUENCER_LOCK).execute(&mut **c).await?;
+    let Moved { moved } = sql(MOVE)
+        .bind::<BigInt, _>(SEQUENCE_BATCH)
+        .get_result(&mut **c)
+        .await?;
+    if moved > 0 {
+        c.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
+    }
+    Ok(usize::try_from(moved).unwrap_or(0))
 }
 
 /// Which events a stream carries.

@@ -12,6 +12,7 @@ pub mod events;
 pub mod idempotency;
 pub mod instances;
 pub mod schema;
+mod sequencer;
 mod sql_types;
 pub mod tasks;
 
@@ -129,16 +130,47 @@ impl DatabaseUrl {
     }
 }
 
-/// A pool of connections to one database, and the signal that a transaction committed.
-/// Cheap to clone.
+/// A pool of connections to one database, and the signals that a transaction committed and
+/// that events became readable. Cheap to clone. On PostgreSQL each `Db` runs a sequencer
+/// (`store::sequencer`) for as long as a clone of it lives.
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
     url: DatabaseUrl,
-    /// Bumped after every commit through this pool, and (on PostgreSQL, by
-    /// [`listen_for_commits`]) after every event appended by another replica. Event streams
-    /// wait on it instead of polling.
-    commits: Arc<watch::Sender<u64>>,
+    signals: Arc<Signals>,
+    /// SQLite: writers take this before `BEGIN IMMEDIATE`, so they queue here in order instead
+    /// of polling SQLite's lock from the busy handler (which sleeps up to 100 ms a try).
+    sqlite_writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A [`Db`] that its background tasks hold: once every `Db` clone is gone, [`WeakDb::upgrade`]
+/// fails and the receivers it handed out end, so the tasks stop.
+struct WeakDb {
+    pool: Pool,
+    url: DatabaseUrl,
+    signals: std::sync::Weak<Signals>,
+    sqlite_writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl WeakDb {
+    fn upgrade(&self) -> Option<Db> {
+        Some(Db {
+            pool: self.pool.clone(),
+            url: self.url.clone(),
+            signals: self.signals.upgrade()?,
+            sqlite_writer: self.sqlite_writer.clone(),
+        })
+    }
+}
+
+/// What the background tasks and the event streams wait on.
+struct Signals {
+    /// Bumped after every commit through this pool; wakes the sequencer.
+    commits: watch::Sender<u64>,
+    /// Bumped whenever events may have become readable: after a commit on SQLite, after the
+    /// sequencer numbered events on PostgreSQL, and on a notification that another replica's
+    /// sequencer did ([`listen_for_events`]). Event streams wait on it instead of polling.
+    appended: watch::Sender<u64>,
 }
 
 #[derive(Clone)]
@@ -372,12 +404,30 @@ impl Db {
                 Pool::Sqlite(pool(manager, max_connections, timeout)?)
             }
         };
-        let commits = Arc::new(watch::channel(0).0);
-        Ok(Self {
+        let signals = Arc::new(Signals {
+            commits: watch::channel(0).0,
+            appended: watch::channel(0).0,
+        });
+        let db = Self {
             pool,
             url: url.clone(),
-            commits,
-        })
+            signals,
+            sqlite_writer: Arc::default(),
+        };
+        if let (Pool::Pg(_), Ok(runtime)) = (&db.pool, tokio::runtime::Handle::try_current()) {
+            runtime.spawn(sequencer::run(db.downgrade()));
+        }
+        Ok(db)
+    }
+
+    /// A handle that does not keep the `Db` alive (for its own background tasks).
+    fn downgrade(&self) -> WeakDb {
+        WeakDb {
+            pool: self.pool.clone(),
+            url: self.url.clone(),
+            signals: Arc::downgrade(&self.signals),
+            sqlite_writer: self.sqlite_writer.clone(),
+        }
     }
 
     /// The URL this pool connects to.
@@ -385,13 +435,44 @@ impl Db {
         &self.url
     }
 
-    /// A receiver that changes whenever a transaction may have appended events.
-    pub fn commits(&self) -> watch::Receiver<u64> {
-        self.commits.subscribe()
+    /// A receiver that changes whenever events may have become readable.
+    pub fn appended(&self) -> watch::Receiver<u64> {
+        self.signals.appended.subscribe()
     }
 
     fn signal_commit(&self) {
-        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+        self.signals.commits.send_modify(|n| *n = n.wrapping_add(1));
+        if matches!(self.pool, Pool::Sqlite(_)) {
+            self.signal_appended();
+        }
+    }
+
+    fn signal_appended(&self) {
+        self.signals
+            .appended
+            .send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// PostgreSQL: numbers the committed events that wait in the queue, now, and returns how
+    /// many; the sequencer does this after every commit. Tests call it before reading the log
+    /// directly. 0 on SQLite.
+    pub async fn sequence_events(&self) -> Result<usize, Error> {
+        if matches!(self.pool, Pool::Sqlite(_)) {
+            return Ok(0);
+        }
+        let mut moved = 0;
+        loop {
+            let mut tx = self.begin_tx(false).await?;
+            let outcome = events::sequence(&mut tx).await.map_err(Error::from);
+            let n = tx.finish(outcome).await?;
+            moved += n;
+            if n > 0 {
+                self.signal_appended();
+            }
+            if i64::try_from(n).unwrap_or(i64::MAX) < events::SEQUENCE_BATCH {
+                return Ok(moved);
+            }
+        }
     }
 
     /// Checks a connection out of the pool; UNAVAILABLE if none can be had in time.
@@ -413,11 +494,21 @@ impl Db {
     /// concurrency instead of waiting for the lock. PostgreSQL runs READ COMMITTED; the
     /// repository serialises the writers of one task family by locking its root row first.
     pub async fn begin(&self) -> Result<Tx, Error> {
+        self.begin_tx(true).await
+    }
+
+    async fn begin_tx(&self, wakes_sequencer: bool) -> Result<Tx, Error> {
+        let writer = match self.pool {
+            Pool::Sqlite(_) => Some(self.sqlite_writer.clone().lock_owned().await),
+            Pool::Pg(_) => None,
+        };
         let mut conn = self.conn().await?;
         conn.begin().await?;
         Ok(Tx {
             conn: Some(conn),
             db: self.clone(),
+            writer,
+            wakes_sequencer,
         })
     }
 }
@@ -430,6 +521,10 @@ pub struct Tx {
     /// `None` only once finished or dropped.
     conn: Option<Conn>,
     db: Db,
+    /// SQLite: this process's writers' turn, held until the transaction ends.
+    writer: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// Whether committing wakes the sequencer (not for the sequencer's own transactions).
+    wakes_sequencer: bool,
 }
 
 impl Tx {
@@ -442,7 +537,9 @@ impl Tx {
         match outcome {
             Ok(value) => match conn.commit().await {
                 Ok(()) => {
-                    self.db.signal_commit();
+                    if self.wakes_sequencer {
+                        self.db.signal_commit();
+                    }
                     Ok(value)
                 }
                 Err(err) => {
@@ -464,7 +561,12 @@ impl Drop for Tx {
         if let Some(conn) = self.conn.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            runtime.spawn(conn.rollback_or_discard());
+            // The SQLite writer's turn ends only once the rollback has released the lock.
+            let writer = self.writer.take();
+            runtime.spawn(async move {
+                conn.rollback_or_discard().await;
+                drop(writer);
+            });
         }
     }
 }
@@ -536,10 +638,10 @@ async fn rollback_transaction<C: AsyncConnection>(conn: &mut C) -> diesel::Query
     C::TransactionManager::rollback_transaction(conn).await
 }
 
-/// Keeps a LISTEN connection to PostgreSQL and signals [`Db::commits`] whenever any replica
-/// appends events, reconnecting after failures. A lost notification only delays a stream: the
-/// streams also re-read the log when idle. Returns at once on SQLite (one process).
-pub async fn listen_for_commits(db: Db) {
+/// Keeps a LISTEN connection to PostgreSQL and signals [`Db::appended`] whenever a sequencer of
+/// any replica numbers events, reconnecting after failures. A lost notification only delays a
+/// stream: the streams also re-read the log when idle. Returns at once on SQLite (one process).
+pub async fn listen_for_events(db: Db) {
     let DatabaseUrl::Postgres(url) = &db.url else {
         return;
     };
@@ -550,11 +652,11 @@ pub async fn listen_for_commits(db: Db) {
                 .await
             {
                 Ok(()) => {
-                    // Whatever was appended while not listening is read now.
-                    db.signal_commit();
+                    // Whatever was numbered while not listening is read now.
+                    db.signal_appended();
                     let mut notifications = std::pin::pin!(conn.notifications_stream());
                     while let Some(Ok(_)) = notifications.next().await {
-                        db.signal_commit();
+                        db.signal_appended();
                     }
                     tracing::warn!("event notification connection lost; reconnecting");
                 }

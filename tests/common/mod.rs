@@ -215,6 +215,9 @@ pub async fn execute(conn: &mut Conn, sql: &str) {
 /// Counts rows per table (and the event log's head) and dumps every task and delegation with
 /// its status and last change, to show that a failed request wrote nothing.
 pub async fn snapshot(db: &Db) -> Vec<String> {
+    // Every committed event numbered first, so that the count cannot move under the snapshot
+    // (on PostgreSQL the sequencer numbers them in the background).
+    db.sequence_events().await.expect("sequence events");
     let mut conn = db.conn().await.expect("conn");
     text_rows(
         &mut conn,
