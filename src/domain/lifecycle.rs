@@ -13,7 +13,10 @@
 //! The store enforces each transition as a compare-and-set on the statuses returned by
 //! [`Transition::from`], so concurrent callers cannot both win.
 
-use super::{DelegationStatus, DelegationType, EventKind, InstanceStatus, TaskStatus};
+use super::{
+    DelegationStatus::{self, Accepted},
+    DelegationType, EventKind, InstanceStatus, TaskStatus,
+};
 use crate::error::Error;
 
 /// A change of a delegation's status requested by a client.
@@ -231,6 +234,68 @@ pub fn bubbling(chain: &[DelegationType]) -> (usize, bool) {
     (reach, task_done)
 }
 
+/// One hop of the chain a completion reads: its id, status and kind.
+pub type Hop<'a> = (&'a str, DelegationStatus, DelegationType);
+
+/// What the completion rules need to know about a delegation, read under its family's lock.
+#[derive(Debug)]
+pub struct Completing<'a> {
+    /// The task of the delegation.
+    pub task_id: &'a str,
+    /// The delegation, then the hops of the same task it continues, nearest first.
+    pub chain: &'a [Hop<'a>],
+    /// An active hop of the same task that continues the delegation: (id, status, target).
+    pub active_child: Option<(&'a str, DelegationStatus, &'a str)>,
+    /// How many subtasks of the task are not finished.
+    pub open_subtasks: usize,
+}
+
+/// How far an allowed completion reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reach {
+    /// How many hops above the delegation complete with it.
+    pub ancestors: usize,
+    /// Whether the task itself is done.
+    pub task_done: bool,
+}
+
+/// Checks every rule for completing the first hop of `completing.chain`: it must be accepted,
+/// the task must not be delegated onward from it, and a completion that finishes the task
+/// needs every subtask finished. Says how far the completion bubbles (see [`bubbling`]).
+pub fn check_completion(completing: &Completing<'_>) -> Result<Reach, Error> {
+    let Some(&(id, status, _)) = completing.chain.first() else {
+        return Err(Error::Internal("no delegation to complete".into()));
+    };
+    Transition::Complete.check(id, status)?;
+    let task = completing.task_id;
+    if let Some((child, child_status, target)) = completing.active_child {
+        return Err(Error::precondition(format!(
+            "task {task} is delegated onward by delegation {child} ({child_status}, to {target}); \
+             delegation {id} completes when that one does"
+        )));
+    }
+    let kinds: Vec<_> = completing.chain.iter().map(|hop| hop.2).collect();
+    let (ancestors, task_done) = bubbling(&kinds);
+    if task_done && completing.open_subtasks > 0 {
+        return Err(Error::precondition(format!(
+            "task {task} has {} open subtasks; it completes when they do",
+            completing.open_subtasks
+        )));
+    }
+    let above = &completing.chain[1..=ancestors];
+    if let Some((stuck, stuck_status, _)) = above.iter().find(|hop| hop.1 != Accepted) {
+        // Every hop above an accepted one was accepted before it could continue, and only
+        // completes with the hops below it: a broken chain is a bug, not a user mistake.
+        return Err(Error::Internal(format!(
+            "delegation {stuck} above {id} is {stuck_status}, not accepted"
+        )));
+    }
+    Ok(Reach {
+        ancestors,
+        task_done,
+    })
+}
+
 /// A parent task's outcome once its subtasks are through, given each subtask's id, status and
 /// result. The parent is done when every subtask that was not cancelled is done, and at least
 /// one is; its result is `{"subtasks": {"<id>": <result or null>, …}}` over the done ones
@@ -411,5 +476,64 @@ mod tests {
         assert_eq!(bubbling(&[Decompose]), (0, true));
         assert_eq!(bubbling(&[Route, Decompose]), (1, true));
         assert_eq!(bubbling(&[Decompose, Route]), (0, false));
+    }
+
+    #[test]
+    fn a_completion_is_refused_while_the_task_is_elsewhere_or_split() {
+        use DelegationType::{Decompose, Route};
+        let chain = [("d2", Accepted, Route), ("d1", Accepted, Route)];
+        let facts = |chain, child, open| Completing {
+            task_id: "t",
+            chain,
+            active_child: child,
+            open_subtasks: open,
+        };
+        let reach = check_completion(&facts(&chain, None, 0)).unwrap();
+        assert_eq!(
+            reach,
+            Reach {
+                ancestors: 1,
+                task_done: true
+            }
+        );
+
+        let pending = [("d2", Pending, Route)];
+        let err = check_completion(&facts(&pending, None, 0)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("d2 is pending; it must be accepted"),
+            "{err}"
+        );
+
+        let onward = Some(("d3", Pending, "orch"));
+        let err = check_completion(&facts(&chain, onward, 0)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("delegated onward by delegation d3"),
+            "{err}"
+        );
+
+        let err = check_completion(&facts(&chain, None, 2)).unwrap_err();
+        assert!(err.to_string().contains("has 2 open subtasks"), "{err}");
+        // A subtask's chain starts with its decompose hop: completing the route below it
+        // bubbles up to it and finishes the subtask.
+        let subtask = [("d3", Accepted, Route), ("d2", Accepted, Decompose)];
+        let reach = check_completion(&facts(&subtask, None, 0)).unwrap();
+        assert_eq!(
+            reach,
+            Reach {
+                ancestors: 1,
+                task_done: true
+            }
+        );
+        let broken = [("d2", Accepted, Route), ("d1", Completed, Route)];
+        assert!(matches!(
+            check_completion(&facts(&broken, None, 0)),
+            Err(Error::Internal(_))
+        ));
+        assert!(matches!(
+            check_completion(&facts(&[], None, 0)),
+            Err(Error::Internal(_))
+        ));
     }
 }

@@ -127,8 +127,12 @@ text_enum! {
 }
 
 impl DelegationStatus {
-    /// Pending and accepted delegations are live: they can still change.
+    /// Pending and accepted delegations are active: they can still change.
     pub const ACTIVE: [Self; 2] = [Self::Pending, Self::Accepted];
+
+    /// The statuses of the hops that make up a task's current chain: rejected and cancelled
+    /// hops drop out of it.
+    pub const IN_CHAIN: [Self; 3] = [Self::Pending, Self::Accepted, Self::Completed];
 
     /// Whether the delegation can still change.
     pub fn is_active(self) -> bool {
@@ -144,8 +148,11 @@ impl InstanceStatus {
 }
 
 impl TaskStatus {
+    /// Finished tasks: nothing changes them any more.
+    pub const FINAL: [Self; 2] = [Self::Done, Self::Cancelled];
+
     /// Whether the task is finished for good.
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Done | Self::Cancelled)
+        Self::FINAL.contains(&self)
     }
 }

@@ -1,8 +1,9 @@
 //! Creating delegations and moving them through their lifecycle, with bubbling and cascade.
 //!
-//! Every write first locks the row of the task concerned ([`tasks::lock`]), so the writers of
-//! one task run one after another and each sees the state its predecessor left; the transition
-//! itself is still a compare-and-set on the status (`UPDATE … WHERE status IN …`).
+//! Every write first locks its task's family ([`tasks::lock_family`]), so the writers of one
+//! family run one after another and each reads, in one statement after the lock, the state
+//! its predecessor left; the rules in `domain::lifecycle` judge that snapshot, and the
+//! transition itself is still a compare-and-set on the status (`UPDATE … WHERE status IN …`).
 
 use std::collections::HashSet;
 
@@ -11,14 +12,14 @@ pub use crate::store::delegations::Listing;
 use crate::{
     domain::{
         DelegationStatus, DelegationType, EventKind,
-        lifecycle::{self, ProposedHop, Relation, Transition},
+        lifecycle::{self, Completing, ProposedHop, Relation, Transition},
     },
     error::Error,
     store::{
-        Conn, Db,
+        Conn, Db, Tx,
         delegations::{self, Change, Delegation},
         events::{self, NewEvent},
-        instances, now,
+        now,
         tasks::{self, Task},
     },
 };
@@ -80,55 +81,51 @@ pub struct Cancellation {
 /// Sends a task from its current instance to another one.
 pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
     let mut tx = db.begin().await?;
-    let conn: &mut Conn = &mut tx;
+    let conn: &mut Tx = &mut tx;
     let outcome = async {
         // Locks in the one order every write takes them: the task family, then the request id.
-        let task = tasks::lock_family(conn, &new.task_id)
-            .await?
-            .ok_or_else(|| Error::not_found("task", &new.task_id))?;
+        if !tasks::lock(conn, &new.task_id).await? {
+            return Err(Error::not_found("task", &new.task_id));
+        }
         let request_id = new.request_id.as_deref();
         if let Some(original) = replay(conn, request_id, "CreateDelegation", &new).await? {
             return Ok(original);
         }
         let source = &new.source_instance_id;
         let target = &new.target_instance_id;
-        let source_lineage = instances::lineage(conn, source).await?;
+        let source_lineage = db.lineages().get(conn, source).await?;
         if source_lineage.is_empty() {
             return Err(Error::not_found("source instance", source));
         }
-        let target_instance = instances::find(conn, target)
+        let target_lineage = db.lineages().get(conn, target).await?;
+        let snapshot = delegations::hop_snapshot(conn, &new.task_id, source, target)
             .await?
+            .ok_or_else(|| Error::not_found("task", &new.task_id))?;
+        let target_status = snapshot
+            .target_status
+            .filter(|_| !target_lineage.is_empty())
             .ok_or_else(|| Error::not_found("target instance", target))?;
-        let target_lineage = instances::lineage(conn, target).await?;
-        let pending = delegations::pending_of_task(conn, &task.id).await?;
-        let arrival = delegations::accepted_into(conn, &task.id, source).await?;
+        let task = &snapshot.task;
         lifecycle::check_new_hop(&ProposedHop {
             task_id: &task.id,
             task_status: task.status,
             task_location: &task.instance_id,
             is_subtask: task.parent_task_id.is_some(),
-            pending_delegation: pending.as_deref(),
-            open_subtasks: open_subtasks(conn, &task.id).await?,
-            arrived_by_delegation: arrival.is_some(),
+            pending_delegation: snapshot.pending_delegation.as_deref(),
+            open_subtasks: usize::try_from(snapshot.open_subtasks).unwrap_or(usize::MAX),
+            arrived_by_delegation: snapshot.arrival.is_some(),
             source,
             target,
-            target_status: target_instance.status,
+            target_status,
             kind: new.delegation_type,
             relation: Relation::between(&source_lineage, &target_lineage),
         })?;
-        // The hop continues the one that brought the task (or its parent task) here.
-        let parent_delegation_id = match (arrival, &task.parent_task_id) {
-            (Some(id), _) => Some(id),
-            (None, Some(parent_task)) => {
-                delegations::accepted_into(conn, parent_task, source).await?
-            }
-            (None, None) => None,
-        };
         let at = now();
         let delegation = Delegation {
             id: new_id(),
             task_id: task.id.clone(),
-            parent_delegation_id,
+            // The hop continues the one that brought the task (or its parent task) here.
+            parent_delegation_id: snapshot.arrival.or(snapshot.parent_arrival),
             source_instance_id: new.source_instance_id.clone(),
             target_instance_id: new.target_instance_id.clone(),
             delegation_type: new.delegation_type,
@@ -147,7 +144,7 @@ pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
         remember(conn, request_id, &delegation).await?;
         let created = NewEvent::of(EventKind::DelegationCreated, &delegation, None);
         events::append(conn, &[created]).await?;
-        tasks::move_to(conn, &task.id, target, at).await?;
+        tasks::move_to(conn, &delegation.task_id, target, at).await?;
         Ok(delegation)
     }
     .await;
@@ -193,9 +190,11 @@ pub async fn list(
             .await?
             .is_none()
             .then_some(("task", id)),
-        Listing::PendingFor(id) => instances::find(&mut conn, id)
+        Listing::PendingFor(id) => db
+            .lineages()
+            .get(&mut conn, id)
             .await?
-            .is_none()
+            .is_empty()
             .then_some(("instance", id)),
     };
     if let Some((entity, id)) = missing {
@@ -228,35 +227,37 @@ pub async fn chain(db: &Db, task_id: &str) -> Result<Chain, Error> {
     })
 }
 
-/// Locks the family of the delegation's task, then reads the delegation as it is under that
-/// lock.
-async fn lock(conn: &mut Conn, id: &str) -> Result<Delegation, Error> {
-    let delegation = find(conn, id).await?;
-    tasks::lock_family(conn, &delegation.task_id).await?;
-    find(conn, id).await
+/// Locks the family of the delegation's task; NOT_FOUND if there is no such delegation.
+async fn lock(conn: &mut Conn, id: &str) -> Result<(), Error> {
+    if tasks::lock_family_of_delegation(conn, id).await? {
+        Ok(())
+    } else {
+        Err(Error::not_found("delegation", id))
+    }
 }
 
-/// Applies `transition` to one delegation as a compare-and-set, records its event (naming
-/// `cause`, the delegation that set it off, if any), and returns the delegation changed.
+/// Applies `transition` to one delegation (under its family's lock) as a compare-and-set,
+/// records its event (naming `cause`, the delegation that set it off, if any), and returns the
+/// delegation changed. If the delegation's status does not allow it, the refusal names the
+/// status, read afresh.
 async fn transition(
-    conn: &mut Conn,
-    delegation: &Delegation,
+    conn: &mut Tx,
+    id: &str,
     transition: Transition,
     change: Change<'_>,
     cause: Option<&str>,
 ) -> Result<Delegation, Error> {
-    let status = transition.check(&delegation.id, delegation.status)?;
     let change = Change {
-        status: Some(status),
+        status: Some(transition.to()),
         ..change
     };
-    let updated = delegations::update(conn, &[&delegation.id], transition.from(), &change).await?;
-    let changed = updated.into_iter().next().ok_or_else(|| {
-        Error::Internal(format!(
-            "delegation {} changed under the family lock",
-            delegation.id
-        ))
-    })?;
+    let updated = delegations::update(conn, &[id], transition.from(), &change).await?;
+    let Some(changed) = updated.into_iter().next() else {
+        transition.check(id, find(conn, id).await?.status)?;
+        return Err(Error::Internal(format!(
+            "delegation {id} changed under the family lock"
+        )));
+    };
     events::append(conn, &[NewEvent::of(transition.event(), &changed, cause)]).await?;
     Ok(changed)
 }
@@ -264,15 +265,15 @@ async fn transition(
 /// The target takes the task on.
 pub async fn accept(db: &Db, id: &str) -> Result<Delegation, Error> {
     let mut tx = db.begin().await?;
-    let conn: &mut Conn = &mut tx;
+    let conn: &mut Tx = &mut tx;
     let outcome = async {
-        let delegation = lock(conn, id).await?;
+        lock(conn, id).await?;
         let at = now();
         let change = Change {
             accepted_at: Some(at),
             ..Change::at(at)
         };
-        transition(conn, &delegation, Transition::Accept, change, None).await
+        transition(conn, id, Transition::Accept, change, None).await
     }
     .await;
     tx.finish(outcome).await
@@ -281,15 +282,15 @@ pub async fn accept(db: &Db, id: &str) -> Result<Delegation, Error> {
 /// The target refuses the task, which goes back to the source.
 pub async fn reject(db: &Db, id: &str, reason: &str) -> Result<Delegation, Error> {
     let mut tx = db.begin().await?;
-    let conn: &mut Conn = &mut tx;
+    let conn: &mut Tx = &mut tx;
     let outcome = async {
-        let delegation = lock(conn, id).await?;
+        lock(conn, id).await?;
         let at = now();
         let change = Change {
             rejection_reason: Some(reason),
             ..Change::at(at)
         };
-        let rejected = transition(conn, &delegation, Transition::Reject, change, None).await?;
+        let rejected = transition(conn, id, Transition::Reject, change, None).await?;
         tasks::move_to(conn, &rejected.task_id, &rejected.source_instance_id, at).await?;
         Ok(rejected)
     }
@@ -307,27 +308,27 @@ pub async fn complete(
     notes: Option<&str>,
 ) -> Result<Completion, Error> {
     let mut tx = db.begin().await?;
-    let conn: &mut Conn = &mut tx;
+    let conn: &mut Tx = &mut tx;
     let outcome = async {
-        let delegation = lock(conn, id).await?;
-        complete_in(conn, &delegation, result, notes).await
+        lock(conn, id).await?;
+        complete_in(conn, id, result, notes).await
     }
     .await;
     tx.finish(outcome).await
 }
 
-/// Completes `delegation` (read under the family lock), bubbles up its task's chain, and then
+/// Completes delegation `id` (under its family's lock), bubbles up its task's chain, and then
 /// keeps going up through parent tasks whose last open subtask this finished: each such parent
 /// completes with the aggregated result, through the delegation that brought it to where it
 /// is (bubbling on from there) or, if it is at its origin, in place.
 pub(super) async fn complete_in(
-    conn: &mut Conn,
-    delegation: &Delegation,
+    conn: &mut Tx,
+    id: &str,
     result: Option<&serde_json::Value>,
     notes: Option<&str>,
 ) -> Result<Completion, Error> {
     let (delegation, mut completed_ancestors, finished) =
-        complete_and_bubble(conn, delegation, result, notes, None).await?;
+        complete_and_bubble(conn, id, result, notes, None).await?;
     let task = match finished {
         Some(task) => task,
         None => tasks::find(conn, &delegation.task_id)
@@ -343,68 +344,71 @@ pub(super) async fn complete_in(
     })
 }
 
-/// Completes one hop and the hops of the same task it bubbles to; returns the hop, the
+/// Completes one hop and the hops of the same task it bubbles to, as the rules in
+/// [`lifecycle::check_completion`] allow them seen from one snapshot; returns the hop, the
 /// bubbled hops nearest first, and the task if the completion reached its origin.
 async fn complete_and_bubble(
-    conn: &mut Conn,
-    delegation: &Delegation,
+    conn: &mut Tx,
+    id: &str,
     result: Option<&serde_json::Value>,
     notes: Option<&str>,
     cause: Option<&str>,
 ) -> Result<(Delegation, Vec<Delegation>, Option<Task>), Error> {
-    let id = delegation.id.as_str();
-    transition_allowed(delegation, Transition::Complete)?;
-    if let Some(child) = delegations::active_child(conn, id, &delegation.task_id).await? {
-        return Err(Error::precondition(format!(
-            "task {} is delegated onward by delegation {} ({}, to {}); \
-             delegation {id} completes when that one does",
-            delegation.task_id, child.id, child.status, child.target_instance_id
-        )));
-    }
-    let lineage = delegations::lineage(conn, id).await?;
-    let kinds: Vec<_> = lineage.iter().map(|d| d.delegation_type).collect();
-    let (reach, task_done) = lifecycle::bubbling(&kinds);
-    if task_done {
-        let open = open_subtasks(conn, &delegation.task_id).await?;
-        if open > 0 {
-            return Err(Error::precondition(format!(
-                "task {} has {open} open subtasks; it completes when they do",
-                delegation.task_id
-            )));
-        }
-    }
-    let ancestors = &lineage[1..=reach];
-    if let Some(stuck) = ancestors
+    let snapshot = delegations::completion_snapshot(conn, id).await?;
+    let Some(first) = snapshot.lineage.first() else {
+        return Err(Error::not_found("delegation", id));
+    };
+    let task_id = first.task_id.clone();
+    let chain: Vec<_> = snapshot
+        .lineage
         .iter()
-        .find(|d| d.status != DelegationStatus::Accepted)
-    {
-        return Err(Error::Internal(format!(
-            "delegation {} above {id} is {}, not accepted",
-            stuck.id, stuck.status
-        )));
-    }
+        .map(|d| (d.id.as_str(), d.status, d.delegation_type))
+        .collect();
+    let reach = lifecycle::check_completion(&Completing {
+        task_id: &task_id,
+        chain: &chain,
+        active_child: snapshot
+            .active_child
+            .as_ref()
+            .map(|(child, status, target)| (child.as_str(), *status, target.as_str())),
+        open_subtasks: snapshot.open_subtasks,
+    })?;
 
     let at = now();
     let completed = Change {
+        status: Some(DelegationStatus::Completed),
         completed_at: Some(at),
         result,
         ..Change::at(at)
     };
-    let notes = Change { notes, ..completed };
-    let delegation = transition(conn, delegation, Transition::Complete, notes, cause).await?;
-    let ids: Vec<&str> = ancestors.iter().map(|d| d.id.as_str()).collect();
-    let completed_ancestors = if ids.is_empty() {
-        Vec::new()
-    } else {
-        let change = Change {
-            status: Some(DelegationStatus::Completed),
-            ..completed
-        };
-        let from = Transition::Complete.from();
-        in_order(delegations::update(conn, &ids, from, &change).await?, &ids)
+    let ids: Vec<&str> = chain[..=reach.ancestors].iter().map(|hop| hop.0).collect();
+    let from = Transition::Complete.from();
+    // One compare-and-set for the whole chain, unless the completed hop also takes notes.
+    let mut changed = match notes {
+        None => delegations::update(conn, &ids, from, &completed).await?,
+        Some(_) => {
+            let own = Change { notes, ..completed };
+            let mut rows = delegations::update(conn, &ids[..1], from, &own).await?;
+            if ids.len() > 1 {
+                rows.extend(delegations::update(conn, &ids[1..], from, &completed).await?);
+            }
+            rows
+        }
     };
-    // One event per bubbled hop, each naming the hop below it that caused it.
-    let mut log = Vec::new();
+    if changed.len() != ids.len() {
+        return Err(Error::Internal(format!(
+            "the chain of delegation {id} changed under the family lock"
+        )));
+    }
+    changed = in_order(changed, &ids);
+    let completed_ancestors = changed.split_off(1);
+    let delegation = changed.remove(0);
+    // One event per completed hop, each bubbled one naming the hop below it that caused it.
+    let mut log = vec![NewEvent::of(
+        EventKind::DelegationCompleted,
+        &delegation,
+        cause,
+    )];
     let mut below = &delegation;
     for ancestor in &completed_ancestors {
         log.push(NewEvent::of(
@@ -414,10 +418,10 @@ async fn complete_and_bubble(
         ));
         below = ancestor;
     }
-    let finished = if task_done {
+    let finished = if reach.task_done {
         log.push(NewEvent::task_completed(below));
         let origin = below.source_instance_id.as_str();
-        Some(tasks::finish(conn, &delegation.task_id, origin, result, at).await?)
+        Some(tasks::finish(conn, &task_id, origin, result, at).await?)
     } else {
         None
     };
@@ -429,7 +433,7 @@ async fn complete_and_bubble(
 /// last open subtask, and so on up the subtask tree. Delegations completed on the way are
 /// added to `completed`; `cause` is the hop whose completion set this off, if any.
 pub(super) async fn complete_parents(
-    conn: &mut Conn,
+    conn: &mut Tx,
     task: &Task,
     cause: Option<&str>,
     completed: &mut Vec<Delegation>,
@@ -452,7 +456,6 @@ pub(super) async fn complete_parents(
         };
         let finished = match delegations::accepted_into(conn, &id, &parent.instance_id).await? {
             Some(hop) => {
-                let hop = find(conn, &hop).await?;
                 let (hop, bubbled, finished) =
                     complete_and_bubble(conn, &hop, Some(&aggregated), None, cause.as_deref())
                         .await?;
@@ -492,7 +495,7 @@ pub(super) async fn return_tasks<'a>(
 
 /// Marks a task that holds no delegation DONE where it is.
 pub(super) async fn finish_in_place(
-    conn: &mut Conn,
+    conn: &mut Tx,
     task: &Task,
     result: Option<&serde_json::Value>,
 ) -> Result<Task, Error> {
@@ -512,9 +515,10 @@ fn transition_allowed(delegation: &Delegation, transition: Transition) -> Result
 /// the source of its topmost cancelled hop.
 pub async fn cancel(db: &Db, id: &str) -> Result<Cancellation, Error> {
     let mut tx = db.begin().await?;
-    let conn: &mut Conn = &mut tx;
+    let conn: &mut Tx = &mut tx;
     let outcome = async {
-        let delegation = lock(conn, id).await?;
+        lock(conn, id).await?;
+        let delegation = find(conn, id).await?;
         cancel_in(conn, &delegation).await
     }
     .await;
@@ -523,13 +527,20 @@ pub async fn cancel(db: &Db, id: &str) -> Result<Cancellation, Error> {
 
 /// [`cancel`] under the family lock.
 pub(super) async fn cancel_in(
-    conn: &mut Conn,
+    conn: &mut Tx,
     delegation: &Delegation,
 ) -> Result<Cancellation, Error> {
     transition_allowed(delegation, Transition::Cancel)?;
     let at = now();
     let below = delegations::active_below(conn, &delegation.id).await?;
-    let delegation = transition(conn, delegation, Transition::Cancel, Change::at(at), None).await?;
+    let delegation = transition(
+        conn,
+        &delegation.id,
+        Transition::Cancel,
+        Change::at(at),
+        None,
+    )
+    .await?;
     let ids: Vec<&str> = below.iter().map(|d| d.id.as_str()).collect();
     let cancelled = Change {
         status: Some(DelegationStatus::Cancelled),

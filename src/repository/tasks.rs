@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 
 use chrono::DateTime;
+use diesel::result::{DatabaseErrorKind, Error::DatabaseError};
 
 use super::{
     Page, PageRequest,
@@ -19,7 +20,7 @@ use crate::{
     domain::{DelegationStatus, TaskStatus},
     error::Error,
     store::{
-        Conn, Db,
+        Conn, Db, Tx,
         delegations::{self, Change, Delegation, Tree},
         events::{self, NewEvent},
         instances, now,
@@ -75,6 +76,25 @@ pub async fn create(db: &Db, new: NewTask) -> Result<Task, Error> {
 /// parent's family is locked before the rule is asked: the parent cannot move away between
 /// the check and the insert.
 pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, Error> {
+    if let (None, None, Some(at)) = (&new.parent_task_id, &new.request_id, &new.instance_id) {
+        // A task at the top of its own family, created once: one INSERT, which the instance's
+        // foreign key checks. Where it is created cannot change, so the rule is asked first.
+        let action = Action::CreateTask {
+            at,
+            subtask_of: None,
+        };
+        access::check(db, caller, action).await?;
+        let task = new_task(&new, at.clone());
+        tasks::insert(&mut db.conn().await?, &task)
+            .await
+            .map_err(|err| match err {
+                DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _) => {
+                    Error::not_found("instance", at)
+                }
+                err => taken("task", &task.id)(err),
+            })?;
+        return Ok(task);
+    }
     let mut tx = db.begin().await?;
     let outcome = async {
         let parent = match &new.parent_task_id {
@@ -123,18 +143,7 @@ pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, E
                 }
             }
         }
-        let at = now();
-        let task = Task {
-            id: new.id.clone().unwrap_or_else(new_id),
-            title: new.title.clone(),
-            description: new.description.clone(),
-            instance_id,
-            parent_task_id: new.parent_task_id.clone(),
-            status: TaskStatus::Pending,
-            result: None,
-            created_at: at,
-            updated_at: at,
-        };
+        let task = new_task(&new, instance_id);
         tasks::insert(&mut tx, &task)
             .await
             .map_err(taken("task", &task.id))?;
@@ -143,6 +152,22 @@ pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, E
     }
     .await;
     tx.finish(outcome).await
+}
+
+/// The task `new` asks for, PENDING at `instance_id`.
+fn new_task(new: &NewTask, instance_id: String) -> Task {
+    let at = now();
+    Task {
+        id: new.id.clone().unwrap_or_else(new_id),
+        title: new.title.clone(),
+        description: new.description.clone(),
+        instance_id,
+        parent_task_id: new.parent_task_id.clone(),
+        status: TaskStatus::Pending,
+        result: None,
+        created_at: at,
+        updated_at: at,
+    }
 }
 
 /// Reads one task.
@@ -197,7 +222,7 @@ pub async fn complete_as(
     result: Option<&serde_json::Value>,
 ) -> Result<TaskCompletion, Error> {
     let mut tx = db.begin().await?;
-    let conn: &mut Conn = &mut tx;
+    let conn: &mut Tx = &mut tx;
     let outcome = async {
         let task = locked(conn, id).await?;
         access::authorize(conn, caller, Action::CompleteTask(&task)).await?;
@@ -211,9 +236,6 @@ pub async fn complete_as(
         }
         match delegations::accepted_into(conn, id, &task.instance_id).await? {
             Some(arrival) => {
-                let arrival = delegations::find(conn, &arrival)
-                    .await?
-                    .ok_or_else(|| Error::not_found("delegation", &arrival))?;
                 let done = complete_in(conn, &arrival, result, None).await?;
                 let mut completed_delegations = vec![done.delegation];
                 completed_delegations.extend(done.completed_ancestors);
@@ -242,7 +264,7 @@ pub async fn complete_as(
 /// parent whose last open subtask this was completes with the others' results.
 pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
     let mut tx = db.begin().await?;
-    let conn: &mut Conn = &mut tx;
+    let conn: &mut Tx = &mut tx;
     let outcome = async {
         unfinished(locked(conn, id).await?)?;
         let chain = delegations::current_chain(conn, id).await?;

@@ -1,11 +1,14 @@
 //! The `task_delegations` table, including the recursive walks along parent links.
 
 use chrono::NaiveDateTime;
-use diesel::{prelude::*, sql_types::Text};
+use diesel::{
+    prelude::*,
+    sql_types::{BigInt, Jsonb, Nullable, Text, Timestamp},
+};
 use diesel_async::RunQueryDsl;
 
-use super::{Bind, Conn, schema::task_delegations as td, sql, with_conn};
-use crate::domain::{DelegationStatus, DelegationType};
+use super::{Bind, Conn, member_of, schema::task_delegations as td, sql, tasks::Task, with_conn};
+use crate::domain::{DelegationStatus, DelegationType, InstanceStatus, TaskStatus};
 
 /// One hop of a task between two instances.
 #[derive(
@@ -56,8 +59,7 @@ pub struct Delegation {
 }
 
 /// The columns a change sets; `None` leaves a column as it is.
-#[derive(Debug, Clone, Copy, AsChangeset)]
-#[diesel(table_name = td)]
+#[derive(Debug, Clone, Copy)]
 pub struct Change<'a> {
     /// New status.
     pub status: Option<DelegationStatus>,
@@ -214,29 +216,205 @@ pub async fn update(
     from: &[DelegationStatus],
     change: &Change<'_>,
 ) -> QueryResult<Vec<Delegation>> {
-    with_conn!(conn, |c| diesel::update(td::table)
-        .filter(td::id.eq_any(ids))
-        .filter(td::status.eq_any(from))
-        .set(change)
-        .returning(Delegation::as_returning())
-        .get_results(c)
+    set(conn, "id", ids, from, change).await
+}
+
+/// Applies `change` to the delegations of `task_ids` whose status is one of `from`; returns
+/// the rows it changed, oldest first.
+pub async fn update_of_tasks(
+    conn: &mut Conn,
+    task_ids: &[&str],
+    from: &[DelegationStatus],
+    change: &Change<'_>,
+) -> QueryResult<Vec<Delegation>> {
+    let mut changed = set(conn, "task_id", task_ids, from, change).await?;
+    changed.sort_by(|a, b| (a.delegated_at, &a.id).cmp(&(b.delegated_at, &b.id)));
+    Ok(changed)
+}
+
+/// The compare-and-set behind [`update`] and [`update_of_tasks`]: one statement text whatever
+/// the number of keys and statuses, so it stays prepared on every connection.
+async fn set(
+    conn: &mut Conn,
+    key: &'static str,
+    keys: &[&str],
+    from: &[DelegationStatus],
+    change: &Change<'_>,
+) -> QueryResult<Vec<Delegation>> {
+    let text = format!(
+        "UPDATE task_delegations SET
+             status = COALESCE($1, status), accepted_at = COALESCE($2, accepted_at),
+             completed_at = COALESCE($3, completed_at), result = COALESCE($4, result),
+             rejection_reason = COALESCE($5, rejection_reason), notes = COALESCE($6, notes),
+             updated_at = $7
+         WHERE {key} IN {} AND status IN {}
+         RETURNING *",
+        member_of(conn, "$8"),
+        member_of(conn, "$9"),
+    );
+    let keys = serde_json::to_string(keys).unwrap_or_default();
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    let from = serde_json::to_string(&from).unwrap_or_default();
+    with_conn!(conn, |c| sql(&text)
+        .bind::<Nullable<Text>, _>(change.status)
+        .bind::<Nullable<Timestamp>, _>(change.accepted_at)
+        .bind::<Nullable<Timestamp>, _>(change.completed_at)
+        .bind::<Nullable<Jsonb>, _>(change.result)
+        .bind::<Nullable<Text>, _>(change.rejection_reason)
+        .bind::<Nullable<Text>, _>(change.notes)
+        .bind::<Timestamp, _>(change.updated_at)
+        .bind::<Text, _>(&keys)
+        .bind::<Text, _>(&from)
+        .load(c)
         .await)
 }
 
+/// What the rules for a new hop read about its task, in one statement, under the family lock.
+#[derive(Debug, QueryableByName)]
+pub struct HopSnapshot {
+    /// The task.
+    #[diesel(embed)]
+    pub task: Task,
+    /// Its pending delegation, if it has one.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub pending_delegation: Option<String>,
+    /// The latest accepted delegation of the task into the source.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub arrival: Option<String>,
+    /// The latest accepted delegation of its parent task into the source.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub parent_arrival: Option<String>,
+    /// How many of its subtasks are not finished.
+    #[diesel(sql_type = BigInt)]
+    pub open_subtasks: i64,
+    /// The target instance's run state; `None` if there is no such instance.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub target_status: Option<InstanceStatus>,
+}
+
+/// Reads a [`HopSnapshot`] for sending `task_id` from `source` to `target`; `None` if there is
+/// no such task.
+pub async fn hop_snapshot(
+    conn: &mut Conn,
+    task_id: &str,
+    source: &str,
+    target: &str,
+) -> QueryResult<Option<HopSnapshot>> {
+    const SNAPSHOT: &str = "
+        SELECT t.*,
+            (SELECT d.id FROM task_delegations d
+             WHERE d.task_id = t.id AND d.status = $4 LIMIT 1) AS pending_delegation,
+            (SELECT d.id FROM task_delegations d
+             WHERE d.task_id = t.id AND d.target_instance_id = $2 AND d.status = $5
+             ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS arrival,
+            (SELECT d.id FROM task_delegations d
+             WHERE d.task_id = t.parent_task_id AND d.target_instance_id = $2 AND d.status = $5
+             ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS parent_arrival,
+            (SELECT COUNT(*) FROM tasks s
+             WHERE s.parent_task_id = t.id AND s.status NOT IN ($6, $7)) AS open_subtasks,
+            (SELECT i.status FROM hopper_instances i WHERE i.id = $3) AS target_status
+        FROM tasks t WHERE t.id = $1";
+    let [done, cancelled] = TaskStatus::FINAL;
+    with_conn!(conn, |c| sql(SNAPSHOT)
+        .bind::<Text, _>(task_id)
+        .bind::<Text, _>(source)
+        .bind::<Text, _>(target)
+        .bind::<Text, _>(DelegationStatus::Pending)
+        .bind::<Text, _>(DelegationStatus::Accepted)
+        .bind::<Text, _>(done)
+        .bind::<Text, _>(cancelled)
+        .get_result(c)
+        .await
+        .optional())
+}
+
+/// What the completion rules read about a delegation, in one statement, under the family lock.
+#[derive(Debug, Clone)]
+pub struct CompletionSnapshot {
+    /// The delegation and the hops of the same task it continues, nearest first.
+    pub lineage: Vec<Delegation>,
+    /// An active hop of the same task that continues the delegation: (id, status, target).
+    pub active_child: Option<(String, DelegationStatus, String)>,
+    /// How many subtasks of the task are not finished.
+    pub open_subtasks: usize,
+}
+
+#[derive(QueryableByName)]
+struct CompletionRow {
+    #[diesel(embed)]
+    delegation: Delegation,
+    #[diesel(sql_type = Nullable<Text>)]
+    child_id: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    child_status: Option<DelegationStatus>,
+    #[diesel(sql_type = Nullable<Text>)]
+    child_target: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    open_subtasks: i64,
+}
+
+/// Reads a [`CompletionSnapshot`]; its lineage is empty if there is no such delegation.
+pub async fn completion_snapshot(conn: &mut Conn, id: &str) -> QueryResult<CompletionSnapshot> {
+    let text = format!(
+        "{}
+        SELECT chain.*, child.id AS child_id, child.status AS child_status,
+               child.target_instance_id AS child_target,
+               (SELECT COUNT(*) FROM tasks s
+                WHERE s.parent_task_id = (SELECT task_id FROM task_delegations WHERE id = $1)
+                  AND s.status NOT IN ($2, $3)) AS open_subtasks
+        FROM chain LEFT JOIN (
+            SELECT c.id, c.status, c.target_instance_id FROM task_delegations c
+            WHERE c.parent_delegation_id = $1 AND c.status IN ($4, $5)
+              AND c.task_id = (SELECT task_id FROM task_delegations WHERE id = $1)
+            LIMIT 1
+        ) child ON 1 = 1
+        ORDER BY depth ASC",
+        CHAIN.replace("{anchor}", "$1")
+    );
+    let [done, cancelled] = TaskStatus::FINAL;
+    let [pending, accepted] = DelegationStatus::ACTIVE;
+    let rows: Vec<CompletionRow> = with_conn!(conn, |c| sql(&text)
+        .bind::<Text, _>(id)
+        .bind::<Text, _>(done)
+        .bind::<Text, _>(cancelled)
+        .bind::<Text, _>(pending)
+        .bind::<Text, _>(accepted)
+        .load(c)
+        .await)?;
+    // `<[_]>::first`: diesel's `RunQueryDsl::first` would shadow the slice's.
+    let (active_child, open_subtasks) = <[_]>::first(&rows).map_or((None, 0), |row| {
+        let child = match (&row.child_id, row.child_status, &row.child_target) {
+            (Some(id), Some(status), Some(target)) => Some((id.clone(), status, target.clone())),
+            _ => None,
+        };
+        (child, usize::try_from(row.open_subtasks).unwrap_or(0))
+    });
+    Ok(CompletionSnapshot {
+        lineage: rows.into_iter().map(|row| row.delegation).collect(),
+        active_child,
+        open_subtasks,
+    })
+}
+
 /// Walks up the parent links from an anchor row within one task. `{anchor}` selects the row.
-const CHAIN_UP: &str = "
+const CHAIN: &str = "
     WITH RECURSIVE chain AS (
         SELECT d.*, 0 AS depth FROM task_delegations d WHERE d.id = ({anchor})
         UNION ALL
         SELECT p.*, c.depth + 1
         FROM task_delegations p JOIN chain c
           ON p.id = c.parent_delegation_id AND p.task_id = c.task_id
-    )
-    SELECT * FROM chain ORDER BY depth {order}";
+    )";
+
+/// [`CHAIN`], read in full; `{order}` is ASC (nearest first) or DESC.
+const CHAIN_UP: &str = "{chain} SELECT * FROM chain ORDER BY depth {order}";
 
 /// The delegation and the hops of the same task it continues, nearest first, in one query.
 pub async fn lineage(conn: &mut Conn, id: &str) -> QueryResult<Vec<Delegation>> {
-    let text = CHAIN_UP.replace("{anchor}", "$1").replace("{order}", "ASC");
+    let text = CHAIN_UP
+        .replace("{chain}", CHAIN)
+        .replace("{anchor}", "$1")
+        .replace("{order}", "ASC");
     with_conn!(conn, |c| sql(&text).bind::<Text, _>(id).load(c).await)
 }
 
@@ -244,12 +422,20 @@ pub async fn lineage(conn: &mut Conn, id: &str) -> QueryResult<Vec<Delegation>> 
 /// accepted or completed) delegation up through the hops it continues.
 pub async fn current_chain(conn: &mut Conn, task_id: &str) -> QueryResult<Vec<Delegation>> {
     let latest = "SELECT l.id FROM task_delegations l
-                  WHERE l.task_id = $1 AND l.status IN ('pending', 'accepted', 'completed')
+                  WHERE l.task_id = $1 AND l.status IN ($2, $3, $4)
                   ORDER BY l.delegated_at DESC, l.id DESC LIMIT 1";
     let text = CHAIN_UP
+        .replace("{chain}", CHAIN)
         .replace("{anchor}", latest)
         .replace("{order}", "DESC");
-    with_conn!(conn, |c| sql(&text).bind::<Text, _>(task_id).load(c).await)
+    let [pending, accepted, completed] = DelegationStatus::IN_CHAIN;
+    with_conn!(conn, |c| sql(&text)
+        .bind::<Text, _>(task_id)
+        .bind::<Text, _>(pending)
+        .bind::<Text, _>(accepted)
+        .bind::<Text, _>(completed)
+        .load(c)
+        .await)
 }
 
 /// Every active delegation below `id` along parent links (into subtasks too), nearest first,
@@ -262,28 +448,15 @@ pub async fn active_below(conn: &mut Conn, id: &str) -> QueryResult<Vec<Delegati
             SELECT d.*, b.depth + 1
             FROM task_delegations d JOIN below b ON d.parent_delegation_id = b.id
         )
-        SELECT * FROM below WHERE status IN ('pending', 'accepted')
+        SELECT * FROM below WHERE status IN ($2, $3)
         ORDER BY depth, delegated_at, id";
-    with_conn!(conn, |c| sql(BELOW).bind::<Text, _>(id).load(c).await)
-}
-
-/// Applies `change` to the delegations of `task_ids` whose status is one of `from`; returns
-/// the rows it changed, oldest first.
-pub async fn update_of_tasks(
-    conn: &mut Conn,
-    task_ids: &[&str],
-    from: &[DelegationStatus],
-    change: &Change<'_>,
-) -> QueryResult<Vec<Delegation>> {
-    let mut changed = with_conn!(conn, |c| diesel::update(td::table)
-        .filter(td::task_id.eq_any(task_ids))
-        .filter(td::status.eq_any(from))
-        .set(change)
-        .returning(Delegation::as_returning())
-        .get_results(c)
-        .await)?;
-    changed.sort_by(|a, b| (a.delegated_at, &a.id).cmp(&(b.delegated_at, &b.id)));
-    Ok(changed)
+    let [pending, accepted] = DelegationStatus::ACTIVE;
+    with_conn!(conn, |c| sql(BELOW)
+        .bind::<Text, _>(id)
+        .bind::<Text, _>(pending)
+        .bind::<Text, _>(accepted)
+        .load(c)
+        .await)
 }
 
 /// One row of [`tree`]: a task of the family, and one of its delegations if it has any.

@@ -19,7 +19,7 @@ use diesel::{
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 
 use super::{
-    Bind, Conn,
+    Bind, Conn, Tx,
     delegations::Delegation,
     schema::{delegation_events as de, event_log_state},
     sql,
@@ -31,12 +31,6 @@ use crate::domain::EventKind;
 /// The PostgreSQL channel on which the sequencer of any replica announces newly numbered
 /// events, waking the event streams of every replica.
 pub const CHANNEL: &str = "hopper_events";
-
-/// The advisory lock that lets one sequencer at a time number events.
-const SEQUENCER_LOCK: &str = "SELECT pg_advisory_xact_lock(7243002)";
-
-/// How many queued events one [`sequence`] call moves at most.
-pub const SEQUENCE_BATCH: i64 = 10_000;
 
 /// Makes PostgreSQL writers number their events at insert, with no sequencer: the design
 /// before the queue, whose hole `tests/event_ordering.rs` shows. Only for that test.
@@ -133,10 +127,12 @@ impl Event {
 
 /// Appends events, in order, inside the caller's transaction: on PostgreSQL to the queue, in
 /// one statement; on SQLite to the log itself.
-pub async fn append(conn: &mut Conn, events: &[NewEvent]) -> QueryResult<()> {
+pub async fn append(tx: &mut Tx, events: &[NewEvent]) -> QueryResult<()> {
     if events.is_empty() {
         return Ok(());
     }
+    tx.appended = true;
+    let conn: &mut Conn = tx;
     if let Conn::Pg(c) = conn
         && !AtomicBool::load(&SKIP_SEQUENCER_FOR_TESTS, Ordering::Relaxed)
     {
@@ -176,21 +172,20 @@ pub async fn append(conn: &mut Conn, events: &[NewEvent]) -> QueryResult<()> {
 }
 
 /// PostgreSQL: moves every committed event of the queue into the log, oldest first, numbering
-/// them in that order, and announces them on [`CHANNEL`]; returns how many it moved (at most
-/// [`SEQUENCE_BATCH`]). Run it in a transaction of its own, which it must commit.
+/// them in that order, and announces them on [`CHANNEL`]. Nothing on SQLite, which has no queue.
 ///
-/// The advisory lock, held to commit, lets one caller at a time number events, and it is taken
-/// before the statement that reads the queue: that statement's snapshot therefore sees every
-/// earlier numbering committed, so each call's numbers are higher than all visible ones and
-/// become visible together, after them. A row whose writer has not committed is not seen and
-/// waits for a later call. `nextval` runs above the ordered subquery, so numbers follow ids.
-/// On SQLite there is no queue: returns 0.
-pub async fn sequence(conn: &mut Conn) -> QueryResult<usize> {
-    const MOVE: &str = "
+/// One round trip: the two statements run as one implicit transaction. The advisory lock, held
+/// to its end, lets one caller at a time number events, and it is taken by the first statement,
+/// before the second takes its snapshot: that snapshot therefore sees every earlier numbering
+/// committed, so this call's numbers are higher than all visible ones and become visible
+/// together, after them. A row whose writer has not committed is not seen and waits for a later
+/// call. `nextval` runs above the ordered subquery, so numbers follow the queue's order. Run it
+/// outside a transaction.
+pub async fn sequence(conn: &mut Conn) -> QueryResult<()> {
+    const SEQUENCE: &str = "
+        SELECT pg_advisory_xact_lock(7243002);
         WITH moved AS (
-            DELETE FROM event_queue
-            WHERE id IN (SELECT id FROM event_queue ORDER BY id LIMIT $1)
-            RETURNING *
+            DELETE FROM event_queue RETURNING *
         ), numbered AS (
             INSERT INTO delegation_events (sequence, kind, occurred_at, task_id, delegation_id,
                 source_instance_id, target_instance_id, caused_by_delegation_id, delegation)
@@ -201,22 +196,11 @@ pub async fn sequence(conn: &mut Conn) -> QueryResult<usize> {
             FROM (SELECT * FROM moved ORDER BY id) oldest_first
             RETURNING 1
         )
-        SELECT count(*) AS moved FROM numbered";
-    #[derive(QueryableByName)]
-    struct Moved {
-        #[diesel(sql_type = BigInt)]
-        moved: i64,
+        SELECT pg_notify('hopper_events', '') WHERE EXISTS (SELECT 1 FROM numbered)";
+    match conn {
+        Conn::Pg(c) => c.batch_execute(SEQUENCE).await,
+        Conn::Sqlite(_) => Ok(()),
     }
-    let Conn::Pg(c) = conn else { return Ok(0) };
-    sql(SEQUENCER_LOCK).execute(&mut **c).await?;
-    let Moved { moved } = sql(MOVE)
-        .bind::<BigInt, _>(SEQUENCE_BATCH)
-        .get_result(&mut **c)
-        .await?;
-    if moved > 0 {
-        c.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
-    }
-    Ok(usize::try_from(moved).unwrap_or(0))
 }
 
 /// Which events a stream carries.

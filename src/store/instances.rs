@@ -1,5 +1,10 @@
 //! The `hopper_instances` table.
 
+use std::{
+    collections::HashMap,
+    sync::{Arc, PoisonError, RwLock},
+};
+
 use chrono::NaiveDateTime;
 use diesel::{
     prelude::*,
@@ -172,4 +177,33 @@ pub async fn involved_in_task(
         .load::<Id>(c)
         .await
         .map(|rows| !rows.is_empty()))
+}
+
+/// The lineages of registered instances, kept for the life of the pool. An instance's parent
+/// never changes once it is registered and instances are never deleted, so an entry never goes
+/// stale; an unknown id is not remembered (it may be registered later, through any replica).
+#[derive(Debug, Default)]
+pub struct Lineages(RwLock<HashMap<String, Arc<[String]>>>);
+
+impl Lineages {
+    /// [`lineage`], from memory after the first time; empty if the instance is unknown.
+    pub async fn get(&self, conn: &mut Conn, id: &str) -> QueryResult<Arc<[String]>> {
+        let known = self
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned();
+        if let Some(lineage) = known {
+            return Ok(lineage);
+        }
+        let lineage: Arc<[String]> = lineage(conn, id).await?.into();
+        if !lineage.is_empty() {
+            self.0
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id.to_owned(), lineage.clone());
+        }
+        Ok(lineage)
+    }
 }

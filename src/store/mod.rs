@@ -141,6 +141,8 @@ pub struct Db {
     /// SQLite: writers take this before `BEGIN IMMEDIATE`, so they queue here in order instead
     /// of polling SQLite's lock from the busy handler (which sleeps up to 100 ms a try).
     sqlite_writer: Arc<tokio::sync::Mutex<()>>,
+    /// Instance lineages, which never change.
+    lineages: Arc<instances::Lineages>,
 }
 
 /// A [`Db`] that its background tasks hold: once every `Db` clone is gone, [`WeakDb::upgrade`]
@@ -150,6 +152,7 @@ struct WeakDb {
     url: DatabaseUrl,
     signals: std::sync::Weak<Signals>,
     sqlite_writer: Arc<tokio::sync::Mutex<()>>,
+    lineages: Arc<instances::Lineages>,
 }
 
 impl WeakDb {
@@ -159,13 +162,14 @@ impl WeakDb {
             url: self.url.clone(),
             signals: self.signals.upgrade()?,
             sqlite_writer: self.sqlite_writer.clone(),
+            lineages: self.lineages.clone(),
         })
     }
 }
 
 /// What the background tasks and the event streams wait on.
 struct Signals {
-    /// Bumped after every commit through this pool; wakes the sequencer.
+    /// Bumped after every commit through this pool that appended events; wakes the sequencer.
     commits: watch::Sender<u64>,
     /// Bumped whenever events may have become readable: after a commit on SQLite, after the
     /// sequencer numbered events on PostgreSQL, and on a notification that another replica's
@@ -370,6 +374,16 @@ where
     }
 }
 
+/// `(…)` selecting the text values of a JSON array bound as the parameter `param` (`$N`), for
+/// `x IN (…)`: one statement text whatever the number of values, so it stays prepared on each
+/// connection (diesel prepares an `eq_any` query afresh on every call).
+pub(crate) fn member_of(conn: &Conn, param: &str) -> String {
+    match conn {
+        Conn::Pg(_) => format!("(SELECT jsonb_array_elements_text(CAST({param} AS jsonb)))"),
+        Conn::Sqlite(_) => format!("(SELECT value FROM json_each({param}))"),
+    }
+}
+
 /// The current time as stored: UTC, truncated to microseconds, which both backends keep exactly.
 pub fn now() -> NaiveDateTime {
     Utc::now().naive_utc().trunc_subsecs(6)
@@ -413,6 +427,7 @@ impl Db {
             url: url.clone(),
             signals,
             sqlite_writer: Arc::default(),
+            lineages: Arc::default(),
         };
         if let (Pool::Pg(_), Ok(runtime)) = (&db.pool, tokio::runtime::Handle::try_current()) {
             runtime.spawn(sequencer::run(db.downgrade()));
@@ -427,7 +442,13 @@ impl Db {
             url: self.url.clone(),
             signals: Arc::downgrade(&self.signals),
             sqlite_writer: self.sqlite_writer.clone(),
+            lineages: self.lineages.clone(),
         }
+    }
+
+    /// Instance lineages, read once per instance and kept.
+    pub fn lineages(&self) -> &instances::Lineages {
+        &self.lineages
     }
 
     /// The URL this pool connects to.
@@ -453,26 +474,16 @@ impl Db {
             .send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// PostgreSQL: numbers the committed events that wait in the queue, now, and returns how
-    /// many; the sequencer does this after every commit. Tests call it before reading the log
-    /// directly. 0 on SQLite.
-    pub async fn sequence_events(&self) -> Result<usize, Error> {
+    /// PostgreSQL: numbers the committed events that wait in the queue, now; the sequencer does
+    /// this after every commit that appended events. Tests call it before reading the log
+    /// directly. Nothing on SQLite.
+    pub async fn sequence_events(&self) -> Result<(), Error> {
         if matches!(self.pool, Pool::Sqlite(_)) {
-            return Ok(0);
+            return Ok(());
         }
-        let mut moved = 0;
-        loop {
-            let mut tx = self.begin_tx(false).await?;
-            let outcome = events::sequence(&mut tx).await.map_err(Error::from);
-            let n = tx.finish(outcome).await?;
-            moved += n;
-            if n > 0 {
-                self.signal_appended();
-            }
-            if i64::try_from(n).unwrap_or(i64::MAX) < events::SEQUENCE_BATCH {
-                return Ok(moved);
-            }
-        }
+        events::sequence(&mut self.conn().await?).await?;
+        self.signal_appended();
+        Ok(())
     }
 
     /// Checks a connection out of the pool; UNAVAILABLE if none can be had in time.
@@ -494,10 +505,6 @@ impl Db {
     /// concurrency instead of waiting for the lock. PostgreSQL runs READ COMMITTED; the
     /// repository serialises the writers of one task family by locking its root row first.
     pub async fn begin(&self) -> Result<Tx, Error> {
-        self.begin_tx(true).await
-    }
-
-    async fn begin_tx(&self, wakes_sequencer: bool) -> Result<Tx, Error> {
         let writer = match self.pool {
             Pool::Sqlite(_) => Some(self.sqlite_writer.clone().lock_owned().await),
             Pool::Pg(_) => None,
@@ -508,7 +515,7 @@ impl Db {
             conn: Some(conn),
             db: self.clone(),
             writer,
-            wakes_sequencer,
+            appended: false,
         })
     }
 }
@@ -523,8 +530,8 @@ pub struct Tx {
     db: Db,
     /// SQLite: this process's writers' turn, held until the transaction ends.
     writer: Option<tokio::sync::OwnedMutexGuard<()>>,
-    /// Whether committing wakes the sequencer (not for the sequencer's own transactions).
-    wakes_sequencer: bool,
+    /// Whether events were appended, so that committing must wake the sequencer.
+    appended: bool,
 }
 
 impl Tx {
@@ -537,7 +544,7 @@ impl Tx {
         match outcome {
             Ok(value) => match conn.commit().await {
                 Ok(()) => {
-                    if self.wakes_sequencer {
+                    if self.appended {
                         self.db.signal_commit();
                     }
                     Ok(value)

@@ -69,23 +69,39 @@ pub async fn find(conn: &mut Conn, id: &str) -> QueryResult<Option<Task>> {
 /// `BEGIN IMMEDIATE` already holds the write lock) and, with one lock per family, cannot
 /// deadlock. `None` if there is no such task.
 pub async fn lock_family(conn: &mut Conn, id: &str) -> QueryResult<Option<Task>> {
+    if !lock(conn, id).await? {
+        return Ok(None);
+    }
+    find(conn, id).await
+}
+
+/// [`lock_family`] without reading the task; `false` if there is no such task.
+pub async fn lock(conn: &mut Conn, id: &str) -> QueryResult<bool> {
+    lock_root(conn, "$1", id).await
+}
+
+/// [`lock_family`] of the delegation's task, in one statement; `false` if there is no such
+/// delegation. A delegation's task never changes, so it is safe to look it up in the same
+/// statement; anything that can change is read afterwards, under the lock.
+pub async fn lock_family_of_delegation(conn: &mut Conn, delegation_id: &str) -> QueryResult<bool> {
+    const TASK_OF: &str = "(SELECT task_id FROM task_delegations WHERE id = $1)";
+    lock_root(conn, TASK_OF, delegation_id).await
+}
+
+/// Locks the root of the family of the task `start` selects (with `$1` bound to `key`).
+async fn lock_root(conn: &mut Conn, start: &'static str, key: &str) -> QueryResult<bool> {
     // A no-op UPDATE rather than `SELECT … FOR UPDATE`, which SQLite does not have.
     const LOCK_ROOT: &str = "
         WITH RECURSIVE up (id, parent_task_id) AS (
-            SELECT id, parent_task_id FROM tasks WHERE id = $1
+            SELECT id, parent_task_id FROM tasks WHERE id = {start}
             UNION ALL
             SELECT t.id, t.parent_task_id FROM tasks t JOIN up ON t.id = up.parent_task_id
         )
         UPDATE tasks SET updated_at = updated_at
         WHERE id IN (SELECT id FROM up WHERE parent_task_id IS NULL)";
-    let locked = with_conn!(conn, |c| sql(LOCK_ROOT)
-        .bind::<Text, _>(id)
-        .execute(c)
-        .await)?;
-    if locked == 0 {
-        return Ok(None);
-    }
-    find(conn, id).await
+    let text = LOCK_ROOT.replace("{start}", start);
+    let locked = with_conn!(conn, |c| sql(&text).bind::<Text, _>(key).execute(c).await)?;
+    Ok(locked > 0)
 }
 
 /// The direct subtasks of a task, oldest first, after `after`, at most `limit`.
@@ -129,13 +145,17 @@ pub async fn cancel_below(
             UNION ALL
             SELECT t.id FROM tasks t JOIN below b ON t.parent_task_id = b.id
         )
-        UPDATE tasks SET status = 'cancelled', updated_at = $3
-        WHERE id IN (SELECT id FROM below) AND status NOT IN ('done', 'cancelled')
+        UPDATE tasks SET status = $4, updated_at = $3
+        WHERE id IN (SELECT id FROM below) AND status NOT IN ($5, $6)
         RETURNING *";
+    let [done, cancelled] = TaskStatus::FINAL;
     with_conn!(conn, |c| sql(CANCEL_BELOW)
         .bind::<Text, _>(root)
         .bind::<Timestamp, _>(since)
         .bind::<Timestamp, _>(now)
+        .bind::<Text, _>(TaskStatus::Cancelled)
+        .bind::<Text, _>(done)
+        .bind::<Text, _>(cancelled)
         .load(c)
         .await)
 }
