@@ -104,15 +104,49 @@ fn count(counter: &AtomicU64) -> u64 {
 /// statements as it has), and prints it while [`SHOW`] is on.
 struct Counter;
 
+/// Scans a query's text as diesel renders it, counting statements, and stops at the bind
+/// values, which would cost more to render than the statement does to run.
+#[derive(Default)]
+struct Scan {
+    statements: u64,
+    in_statement: bool,
+    text: Option<String>,
+}
+
+impl std::fmt::Write for Scan {
+    fn write_str(&mut self, part: &str) -> std::fmt::Result {
+        let (part, done) = match part.find("-- binds:") {
+            Some(end) => (&part[..end], true),
+            None => (part, false),
+        };
+        for piece in part.split_inclusive(';') {
+            if !piece.trim_end_matches(';').trim().is_empty() && !self.in_statement {
+                self.statements += 1;
+                self.in_statement = true;
+            }
+            if piece.ends_with(';') {
+                self.in_statement = false;
+            }
+        }
+        if let Some(text) = &mut self.text {
+            text.push_str(part);
+        }
+        if done { Err(std::fmt::Error) } else { Ok(()) }
+    }
+}
+
 impl Instrumentation for Counter {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         if let InstrumentationEvent::StartQuery { query, .. } = event {
-            let text = query.to_string();
-            let text = text.split(" -- binds:").next().unwrap_or_default();
-            let statements = text.split(';').filter(|s| !s.trim().is_empty()).count();
+            let show = AtomicBool::load(&SHOW, Ordering::Relaxed);
+            let mut scan = Scan {
+                text: show.then(String::new),
+                ..Scan::default()
+            };
+            let _ = write!(scan, "{query}"); // stopped at the binds on purpose
             ROUND_TRIPS.fetch_add(1, Ordering::Relaxed);
-            STATEMENTS.fetch_add(statements.max(1) as u64, Ordering::Relaxed);
-            if AtomicBool::load(&SHOW, Ordering::Relaxed) {
+            STATEMENTS.fetch_add(scan.statements.max(1), Ordering::Relaxed);
+            if let Some(text) = scan.text {
                 println!(
                     "  {}",
                     text.split_whitespace().collect::<Vec<_>>().join(" ")

@@ -85,7 +85,8 @@ pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, E
         };
         access::check(db, caller, action).await?;
         let task = new_task(&new, at.clone());
-        tasks::insert(&mut db.conn().await?, &task)
+        let (mut conn, _turn) = db.conn_for_write().await?;
+        tasks::insert(&mut conn, &task)
             .await
             .map_err(|err| match err {
                 DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _) => {

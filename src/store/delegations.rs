@@ -7,7 +7,11 @@ use diesel::{
 };
 use diesel_async::RunQueryDsl;
 
-use super::{Bind, Conn, member_of, schema::task_delegations as td, sql, tasks::Task, with_conn};
+use std::sync::LazyLock;
+
+use super::{
+    Bind, Conn, is_member, literals, schema::task_delegations as td, sql, tasks::Task, with_conn,
+};
 use crate::domain::{DelegationStatus, DelegationType, InstanceStatus, TaskStatus};
 
 /// One hop of a task between two instances.
@@ -104,6 +108,15 @@ pub enum Listing<'a> {
     PendingFor(&'a str),
 }
 
+/// `task_delegations.status = '<status>'`, with the status as a literal (see
+/// [`super::literals`] for why not a parameter).
+fn status_is(status: DelegationStatus) -> diesel::expression::SqlLiteral<diesel::sql_types::Bool> {
+    diesel::dsl::sql(&format!(
+        "task_delegations.status = {}",
+        literals(&[status.as_str()])
+    ))
+}
+
 /// Inserts a new delegation.
 pub async fn insert(conn: &mut Conn, delegation: &Delegation) -> QueryResult<()> {
     with_conn!(conn, |c| diesel::insert_into(td::table)
@@ -136,7 +149,7 @@ pub async fn list(
             Listing::OfTask(task_id) => query.filter(td::task_id.eq(task_id)),
             Listing::PendingFor(instance_id) => query
                 .filter(td::target_instance_id.eq(instance_id))
-                .filter(td::status.eq(DelegationStatus::Pending)),
+                .filter(status_is(DelegationStatus::Pending)),
         };
         if let Some((at, id)) = after {
             query = query.filter(
@@ -157,7 +170,7 @@ pub async fn list(
 pub async fn pending_of_task(conn: &mut Conn, task_id: &str) -> QueryResult<Option<String>> {
     with_conn!(conn, |c| td::table
         .filter(td::task_id.eq(task_id))
-        .filter(td::status.eq(DelegationStatus::Pending))
+        .filter(status_is(DelegationStatus::Pending))
         .select(td::id)
         .first(c)
         .await
@@ -184,25 +197,9 @@ pub async fn accepted_into(
     with_conn!(conn, |c| td::table
         .filter(td::task_id.eq(task_id))
         .filter(td::target_instance_id.eq(instance_id))
-        .filter(td::status.eq(DelegationStatus::Accepted))
+        .filter(status_is(DelegationStatus::Accepted))
         .order((td::delegated_at.desc(), td::id.desc()))
         .select(td::id)
-        .first(c)
-        .await
-        .optional())
-}
-
-/// An active (pending or accepted) hop of the same task that continues `parent_id`, if any.
-pub async fn active_child(
-    conn: &mut Conn,
-    parent_id: &str,
-    task_id: &str,
-) -> QueryResult<Option<Delegation>> {
-    with_conn!(conn, |c| td::table
-        .filter(td::parent_delegation_id.eq(parent_id))
-        .filter(td::task_id.eq(task_id))
-        .filter(td::status.eq_any(DelegationStatus::ACTIVE))
-        .select(Delegation::as_select())
         .first(c)
         .await
         .optional())
@@ -241,20 +238,19 @@ async fn set(
     from: &[DelegationStatus],
     change: &Change<'_>,
 ) -> QueryResult<Vec<Delegation>> {
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
     let text = format!(
         "UPDATE task_delegations SET
              status = COALESCE($1, status), accepted_at = COALESCE($2, accepted_at),
              completed_at = COALESCE($3, completed_at), result = COALESCE($4, result),
              rejection_reason = COALESCE($5, rejection_reason), notes = COALESCE($6, notes),
              updated_at = $7
-         WHERE {key} IN {} AND status IN {}
+         WHERE {} AND status IN ({})
          RETURNING *",
-        member_of(conn, "$8"),
-        member_of(conn, "$9"),
+        is_member(conn, key, "$8"),
+        literals(&from),
     );
     let keys = serde_json::to_string(keys).unwrap_or_default();
-    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-    let from = serde_json::to_string(&from).unwrap_or_default();
     with_conn!(conn, |c| sql(&text)
         .bind::<Nullable<Text>, _>(change.status)
         .bind::<Nullable<Timestamp>, _>(change.accepted_at)
@@ -264,7 +260,6 @@ async fn set(
         .bind::<Nullable<Text>, _>(change.notes)
         .bind::<Timestamp, _>(change.updated_at)
         .bind::<Text, _>(&keys)
-        .bind::<Text, _>(&from)
         .load(c)
         .await)
 }
@@ -300,29 +295,31 @@ pub async fn hop_snapshot(
     source: &str,
     target: &str,
 ) -> QueryResult<Option<HopSnapshot>> {
-    const SNAPSHOT: &str = "
-        SELECT t.*,
-            (SELECT d.id FROM task_delegations d
-             WHERE d.task_id = t.id AND d.status = $4 LIMIT 1) AS pending_delegation,
-            (SELECT d.id FROM task_delegations d
-             WHERE d.task_id = t.id AND d.target_instance_id = $2 AND d.status = $5
-             ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS arrival,
-            (SELECT d.id FROM task_delegations d
-             WHERE d.task_id = t.parent_task_id AND d.target_instance_id = $2 AND d.status = $5
-             ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS parent_arrival,
-            (SELECT COUNT(*) FROM tasks s
-             WHERE s.parent_task_id = t.id AND s.status NOT IN ($6, $7)) AS open_subtasks,
-            (SELECT i.status FROM hopper_instances i WHERE i.id = $3) AS target_status
-        FROM tasks t WHERE t.id = $1";
-    let [done, cancelled] = TaskStatus::FINAL;
-    with_conn!(conn, |c| sql(SNAPSHOT)
+    static SNAPSHOT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT t.*,
+                (SELECT d.id FROM task_delegations d
+                 WHERE d.task_id = t.id AND d.status = {pending} LIMIT 1) AS pending_delegation,
+                (SELECT d.id FROM task_delegations d
+                 WHERE d.task_id = t.id AND d.target_instance_id = $2 AND d.status = {accepted}
+                 ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS arrival,
+                (SELECT d.id FROM task_delegations d
+                 WHERE d.task_id = t.parent_task_id AND d.target_instance_id = $2
+                   AND d.status = {accepted}
+                 ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS parent_arrival,
+                (SELECT COUNT(*) FROM tasks s
+                 WHERE s.parent_task_id = t.id AND s.status NOT IN ({finished})) AS open_subtasks,
+                (SELECT i.status FROM hopper_instances i WHERE i.id = $3) AS target_status
+            FROM tasks t WHERE t.id = $1",
+            pending = literals(&[DelegationStatus::Pending.as_str()]),
+            accepted = literals(&[DelegationStatus::Accepted.as_str()]),
+            finished = literals(&TaskStatus::FINAL.map(TaskStatus::as_str)),
+        )
+    });
+    with_conn!(conn, |c| sql(&SNAPSHOT)
         .bind::<Text, _>(task_id)
         .bind::<Text, _>(source)
         .bind::<Text, _>(target)
-        .bind::<Text, _>(DelegationStatus::Pending)
-        .bind::<Text, _>(DelegationStatus::Accepted)
-        .bind::<Text, _>(done)
-        .bind::<Text, _>(cancelled)
         .get_result(c)
         .await
         .optional())
@@ -355,32 +352,28 @@ struct CompletionRow {
 
 /// Reads a [`CompletionSnapshot`]; its lineage is empty if there is no such delegation.
 pub async fn completion_snapshot(conn: &mut Conn, id: &str) -> QueryResult<CompletionSnapshot> {
-    let text = format!(
-        "{}
-        SELECT chain.*, child.id AS child_id, child.status AS child_status,
-               child.target_instance_id AS child_target,
-               (SELECT COUNT(*) FROM tasks s
-                WHERE s.parent_task_id = (SELECT task_id FROM task_delegations WHERE id = $1)
-                  AND s.status NOT IN ($2, $3)) AS open_subtasks
-        FROM chain LEFT JOIN (
-            SELECT c.id, c.status, c.target_instance_id FROM task_delegations c
-            WHERE c.parent_delegation_id = $1 AND c.status IN ($4, $5)
-              AND c.task_id = (SELECT task_id FROM task_delegations WHERE id = $1)
-            LIMIT 1
-        ) child ON 1 = 1
-        ORDER BY depth ASC",
-        CHAIN.replace("{anchor}", "$1")
-    );
-    let [done, cancelled] = TaskStatus::FINAL;
-    let [pending, accepted] = DelegationStatus::ACTIVE;
-    let rows: Vec<CompletionRow> = with_conn!(conn, |c| sql(&text)
-        .bind::<Text, _>(id)
-        .bind::<Text, _>(done)
-        .bind::<Text, _>(cancelled)
-        .bind::<Text, _>(pending)
-        .bind::<Text, _>(accepted)
-        .load(c)
-        .await)?;
+    static TEXT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "{chain}
+            SELECT chain.*, child.id AS child_id, child.status AS child_status,
+                   child.target_instance_id AS child_target,
+                   (SELECT COUNT(*) FROM tasks s
+                    WHERE s.parent_task_id = (SELECT task_id FROM task_delegations WHERE id = $1)
+                      AND s.status NOT IN ({finished})) AS open_subtasks
+            FROM chain LEFT JOIN (
+                SELECT c.id, c.status, c.target_instance_id FROM task_delegations c
+                WHERE c.parent_delegation_id = $1 AND c.status IN ({active})
+                  AND c.task_id = (SELECT task_id FROM task_delegations WHERE id = $1)
+                LIMIT 1
+            ) child ON 1 = 1
+            ORDER BY depth ASC",
+            chain = CHAIN.replace("{anchor}", "$1"),
+            finished = literals(&TaskStatus::FINAL.map(TaskStatus::as_str)),
+            active = literals(&DelegationStatus::ACTIVE.map(DelegationStatus::as_str)),
+        )
+    });
+    let rows: Vec<CompletionRow> =
+        with_conn!(conn, |c| sql(&TEXT).bind::<Text, _>(id).load(c).await)?;
     // `<[_]>::first`: diesel's `RunQueryDsl::first` would shadow the slice's.
     let (active_child, open_subtasks) = <[_]>::first(&rows).map_or((None, 0), |row| {
         let child = match (&row.child_id, row.child_status, &row.child_target) {
@@ -421,42 +414,38 @@ pub async fn lineage(conn: &mut Conn, id: &str) -> QueryResult<Vec<Delegation>> 
 /// The task's current chain, origin first, in one query: from its latest live (pending,
 /// accepted or completed) delegation up through the hops it continues.
 pub async fn current_chain(conn: &mut Conn, task_id: &str) -> QueryResult<Vec<Delegation>> {
-    let latest = "SELECT l.id FROM task_delegations l
-                  WHERE l.task_id = $1 AND l.status IN ($2, $3, $4)
-                  ORDER BY l.delegated_at DESC, l.id DESC LIMIT 1";
-    let text = CHAIN_UP
-        .replace("{chain}", CHAIN)
-        .replace("{anchor}", latest)
-        .replace("{order}", "DESC");
-    let [pending, accepted, completed] = DelegationStatus::IN_CHAIN;
-    with_conn!(conn, |c| sql(&text)
-        .bind::<Text, _>(task_id)
-        .bind::<Text, _>(pending)
-        .bind::<Text, _>(accepted)
-        .bind::<Text, _>(completed)
-        .load(c)
-        .await)
+    static TEXT: LazyLock<String> = LazyLock::new(|| {
+        let latest = format!(
+            "SELECT l.id FROM task_delegations l
+             WHERE l.task_id = $1 AND l.status IN ({})
+             ORDER BY l.delegated_at DESC, l.id DESC LIMIT 1",
+            literals(&DelegationStatus::IN_CHAIN.map(DelegationStatus::as_str))
+        );
+        CHAIN_UP
+            .replace("{chain}", CHAIN)
+            .replace("{anchor}", &latest)
+            .replace("{order}", "DESC")
+    });
+    with_conn!(conn, |c| sql(&TEXT).bind::<Text, _>(task_id).load(c).await)
 }
 
 /// Every active delegation below `id` along parent links (into subtasks too), nearest first,
 /// in one query.
 pub async fn active_below(conn: &mut Conn, id: &str) -> QueryResult<Vec<Delegation>> {
-    const BELOW: &str = "
-        WITH RECURSIVE below AS (
-            SELECT d.*, 1 AS depth FROM task_delegations d WHERE d.parent_delegation_id = $1
-            UNION ALL
-            SELECT d.*, b.depth + 1
-            FROM task_delegations d JOIN below b ON d.parent_delegation_id = b.id
+    static BELOW: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH RECURSIVE below AS (
+                SELECT d.*, 1 AS depth FROM task_delegations d WHERE d.parent_delegation_id = $1
+                UNION ALL
+                SELECT d.*, b.depth + 1
+                FROM task_delegations d JOIN below b ON d.parent_delegation_id = b.id
+            )
+            SELECT * FROM below WHERE status IN ({})
+            ORDER BY depth, delegated_at, id",
+            literals(&DelegationStatus::ACTIVE.map(DelegationStatus::as_str))
         )
-        SELECT * FROM below WHERE status IN ($2, $3)
-        ORDER BY depth, delegated_at, id";
-    let [pending, accepted] = DelegationStatus::ACTIVE;
-    with_conn!(conn, |c| sql(BELOW)
-        .bind::<Text, _>(id)
-        .bind::<Text, _>(pending)
-        .bind::<Text, _>(accepted)
-        .load(c)
-        .await)
+    });
+    with_conn!(conn, |c| sql(&BELOW).bind::<Text, _>(id).load(c).await)
 }
 
 /// One row of [`tree`]: a task of the family, and one of its delegations if it has any.

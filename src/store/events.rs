@@ -179,13 +179,17 @@ pub async fn append(tx: &mut Tx, events: &[NewEvent]) -> QueryResult<()> {
 /// before the second takes its snapshot: that snapshot therefore sees every earlier numbering
 /// committed, so this call's numbers are higher than all visible ones and become visible
 /// together, after them. A row whose writer has not committed is not seen and waits for a later
-/// call. `nextval` runs above the ordered subquery, so numbers follow the queue's order. Run it
-/// outside a transaction.
+/// call. `nextval` runs above the ordered subquery, so numbers follow the queue's order. Up to
+/// 10,000 events a call, found through the queue's primary key (a queue table is mostly dead
+/// rows between vacuums; its index skips them, a sequential scan would read them all); more
+/// wait for the next call, at the next commit or within a second. Run it outside a transaction.
 pub async fn sequence(conn: &mut Conn) -> QueryResult<()> {
     const SEQUENCE: &str = "
         SELECT pg_advisory_xact_lock(7243002);
         WITH moved AS (
-            DELETE FROM event_queue RETURNING *
+            DELETE FROM event_queue
+            WHERE id IN (SELECT id FROM event_queue ORDER BY id LIMIT 10000)
+            RETURNING *
         ), numbered AS (
             INSERT INTO delegation_events (sequence, kind, occurred_at, task_id, delegation_id,
                 source_instance_id, target_instance_id, caused_by_delegation_id, delegation)

@@ -167,6 +167,9 @@ impl WeakDb {
     }
 }
 
+/// On SQLite, this process's turn to write (`None` on PostgreSQL, whose writers need none).
+pub type WriterTurn = Option<tokio::sync::OwnedMutexGuard<()>>;
+
 /// What the background tasks and the event streams wait on.
 struct Signals {
     /// Bumped after every commit through this pool that appended events; wakes the sequencer.
@@ -374,14 +377,27 @@ where
     }
 }
 
-/// `(…)` selecting the text values of a JSON array bound as the parameter `param` (`$N`), for
-/// `x IN (…)`: one statement text whatever the number of values, so it stays prepared on each
-/// connection (diesel prepares an `eq_any` query afresh on every call).
-pub(crate) fn member_of(conn: &Conn, param: &str) -> String {
+/// `column` is one of the text values of the JSON array bound as `param` (`$N`): one statement
+/// text whatever the number of values, so it stays prepared on each connection (diesel
+/// prepares an `eq_any` query afresh on every call). On PostgreSQL the array is unpacked once
+/// (`ARRAY(…)`) and compared with `= ANY`, which the planner answers from the column's index.
+pub(crate) fn is_member(conn: &Conn, column: &str, param: &str) -> String {
     match conn {
-        Conn::Pg(_) => format!("(SELECT jsonb_array_elements_text(CAST({param} AS jsonb)))"),
-        Conn::Sqlite(_) => format!("(SELECT value FROM json_each({param}))"),
+        Conn::Pg(_) => format!(
+            "{column} = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST({param} AS jsonb))))"
+        ),
+        Conn::Sqlite(_) => format!("{column} IN (SELECT value FROM json_each({param}))"),
     }
+}
+
+/// Enum values as a list of SQL literals (`'pending', 'accepted'`), for statement texts built
+/// from the domain's constants. Literals rather than parameters: SQLite re-prepares a
+/// statement every time a parameter compared with the column of a partial index
+/// (`task_delegations.status`) is bound, and a literal lets either planner use that index.
+/// The values are the enums' own fixed words, never input.
+pub(crate) fn literals(values: &[&'static str]) -> String {
+    let quoted: Vec<String> = values.iter().map(|v| format!("'{v}'")).collect();
+    quoted.join(", ")
 }
 
 /// The current time as stored: UTC, truncated to microseconds, which both backends keep exactly.
@@ -498,6 +514,20 @@ impl Db {
         })
     }
 
+    /// A pooled connection for one writing statement outside a transaction, with this
+    /// process's SQLite writer turn held for as long as the pair lives (see [`Db::begin`]).
+    pub async fn conn_for_write(&self) -> Result<(Conn, WriterTurn), Error> {
+        let turn = self.writer_turn().await;
+        Ok((self.conn().await?, turn))
+    }
+
+    async fn writer_turn(&self) -> WriterTurn {
+        match self.pool {
+            Pool::Sqlite(_) => Some(self.sqlite_writer.clone().lock_owned().await),
+            Pool::Pg(_) => None,
+        }
+    }
+
     /// Starts a transaction on a pooled connection; end it with [`Tx::finish`].
     ///
     /// SQLite transactions start with `BEGIN IMMEDIATE`, taking the write lock up front: a
@@ -505,10 +535,7 @@ impl Db {
     /// concurrency instead of waiting for the lock. PostgreSQL runs READ COMMITTED; the
     /// repository serialises the writers of one task family by locking its root row first.
     pub async fn begin(&self) -> Result<Tx, Error> {
-        let writer = match self.pool {
-            Pool::Sqlite(_) => Some(self.sqlite_writer.clone().lock_owned().await),
-            Pool::Pg(_) => None,
-        };
+        let writer = self.writer_turn().await;
         let mut conn = self.conn().await?;
         conn.begin().await?;
         Ok(Tx {
@@ -529,7 +556,7 @@ pub struct Tx {
     conn: Option<Conn>,
     db: Db,
     /// SQLite: this process's writers' turn, held until the transaction ends.
-    writer: Option<tokio::sync::OwnedMutexGuard<()>>,
+    writer: WriterTurn,
     /// Whether events were appended, so that committing must wake the sequencer.
     appended: bool,
 }

@@ -7,7 +7,9 @@ use diesel::{
 };
 use diesel_async::RunQueryDsl;
 
-use super::{Bind, Conn, delegations::Cursor, schema::tasks, sql, with_conn};
+use std::sync::LazyLock;
+
+use super::{Bind, Conn, delegations::Cursor, literals, schema::tasks, sql, with_conn};
 use crate::domain::TaskStatus;
 
 /// One task.
@@ -139,23 +141,24 @@ pub async fn cancel_below(
     since: NaiveDateTime,
     now: NaiveDateTime,
 ) -> QueryResult<Vec<Task>> {
-    const CANCEL_BELOW: &str = "
-        WITH RECURSIVE below (id) AS (
-            SELECT id FROM tasks WHERE parent_task_id = $1 AND created_at >= $2
-            UNION ALL
-            SELECT t.id FROM tasks t JOIN below b ON t.parent_task_id = b.id
+    static CANCEL_BELOW: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH RECURSIVE below (id) AS (
+                SELECT id FROM tasks WHERE parent_task_id = $1 AND created_at >= $2
+                UNION ALL
+                SELECT t.id FROM tasks t JOIN below b ON t.parent_task_id = b.id
+            )
+            UPDATE tasks SET status = {cancelled}, updated_at = $3
+            WHERE id IN (SELECT id FROM below) AND status NOT IN ({finished})
+            RETURNING *",
+            cancelled = literals(&[TaskStatus::Cancelled.as_str()]),
+            finished = literals(&TaskStatus::FINAL.map(TaskStatus::as_str)),
         )
-        UPDATE tasks SET status = $4, updated_at = $3
-        WHERE id IN (SELECT id FROM below) AND status NOT IN ($5, $6)
-        RETURNING *";
-    let [done, cancelled] = TaskStatus::FINAL;
-    with_conn!(conn, |c| sql(CANCEL_BELOW)
+    });
+    with_conn!(conn, |c| sql(&CANCEL_BELOW)
         .bind::<Text, _>(root)
         .bind::<Timestamp, _>(since)
         .bind::<Timestamp, _>(now)
-        .bind::<Text, _>(TaskStatus::Cancelled)
-        .bind::<Text, _>(done)
-        .bind::<Text, _>(cancelled)
         .load(c)
         .await)
 }
