@@ -84,6 +84,9 @@ struct Args {
     /// Where the tables and JSON go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Worker threads of the server's runtime (default: one per core, as `serve` runs).
+    #[arg(long)]
+    server_threads: Option<usize>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -219,6 +222,8 @@ const RPCS: [&str; 8] = [
 struct Tally {
     lifecycles: u64,
     latencies: Vec<Vec<Duration>>,
+    /// When each task's CompleteDelegation answered (service side only).
+    completed: Vec<(String, Instant)>,
 }
 
 impl Tally {
@@ -226,11 +231,13 @@ impl Tally {
         Self {
             lifecycles: 0,
             latencies: vec![Vec::new(); RPCS.len()],
+            completed: Vec::new(),
         }
     }
 
     fn merge(&mut self, other: Tally) {
         self.lifecycles += other.lifecycles;
+        self.completed.extend(other.completed);
         for (mine, theirs) in self.latencies.iter_mut().zip(other.latencies) {
             mine.extend(theirs);
         }
@@ -325,6 +332,7 @@ async fn service_lifecycle(c: &mut Clients, tally: &mut Tally) {
     let done = step(tally, 5, c.delegations.complete_delegation(complete))
         .await
         .into_inner();
+    tally.completed.push((task.id.clone(), Instant::now()));
     assert_eq!(done.completed_ancestors.len(), 1);
     let chain = pb::GetDelegationChainRequest { task_id: task.id };
     let chain = step(tally, 6, c.delegations.get_delegation_chain(chain))
@@ -719,6 +727,9 @@ struct Run {
     postgres_cpu_us_per_lifecycle: f64,
     /// Per RPC: (p50, p99) in milliseconds.
     latency_ms: BTreeMap<String, (f64, f64)>,
+    /// When each task's completion was answered.
+    #[serde(skip)]
+    completed: Vec<(String, Instant)>,
 }
 
 struct Target {
@@ -776,7 +787,8 @@ async fn run(target: &Target, side: Side, concurrency: usize, seconds: f64) -> R
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let tally = std::mem::take(&mut *tally.lock().unwrap());
+    let mut tally = std::mem::take(&mut *tally.lock().unwrap());
+    let completed = std::mem::take(&mut tally.completed);
     let n = tally.lifecycles.max(1) as f64;
     let per = |total: u64, before: u64| (total - before) as f64 / n;
     let latency_ms = RPCS
@@ -807,6 +819,78 @@ async fn run(target: &Target, side: Side, concurrency: usize, seconds: f64) -> R
             0.0
         },
         latency_ms,
+        completed,
+    }
+}
+
+/// What a subscriber saw during a run.
+#[derive(Debug, Clone, Serialize)]
+struct Delivery {
+    concurrency: usize,
+    completions: usize,
+    /// Completions whose task_completed event never reached the subscriber.
+    missing: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Runs the service at `concurrency` with one subscriber watching Global and its descendants
+/// for task_completed events, and measures from each CompleteDelegation's answer to the
+/// subscriber's receipt of that task's event (on PostgreSQL this includes the sequencer).
+async fn delivery(target: &Target, concurrency: usize, seconds: f64) -> Delivery {
+    let channel = Channel::from_shared(format!("http://{}", target.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = pb::WatchEventsRequest {
+        instance_id: "global".into(),
+        include_descendants: true,
+        after_sequence: None,
+        kinds: vec![pb::EventKind::TaskCompleted.into()],
+    };
+    let mut stream = DelegationServiceClient::new(channel)
+        .watch_events(request)
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap(); // the first progress mark: subscribed
+    let seen = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let reader = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = stream.message().await {
+                if let Some(pb::watch_events_response::Payload::Event(event)) = message.payload {
+                    seen.lock().unwrap().insert(event.task_id, Instant::now());
+                }
+            }
+        })
+    };
+    let measured = run(target, Side::Service, concurrency, seconds).await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // the last events on their way
+    reader.abort();
+    let seen = seen.lock().unwrap();
+    let mut latencies: Vec<f64> = measured
+        .completed
+        .iter()
+        .filter_map(|(task, answered)| {
+            let received = seen.get(task)?;
+            Some(received.saturating_duration_since(*answered).as_secs_f64() * 1e3)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Delivery {
+        concurrency,
+        completions: measured.completed.len(),
+        missing: measured.completed.len() - latencies.len(),
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
     }
 }
 
@@ -821,8 +905,12 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// Starts the server on a runtime of its own, so its threads' CPU time can be told apart, with
 /// its pool (and on PostgreSQL its sequencer) on that runtime too.
-fn start_server(url: DatabaseUrl) -> (SocketAddr, tokio::runtime::Runtime) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn start_server(url: DatabaseUrl, threads: Option<usize>) -> (SocketAddr, tokio::runtime::Runtime) {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = builder
         .thread_name("hopper-server")
         .thread_keep_alive(Duration::from_secs(3600))
         .enable_all()
@@ -899,7 +987,7 @@ async fn show_statements(target: &Target) {
 async fn bench_backend(backend: Backend, args: &Args) -> anyhow::Result<()> {
     let test_db = TestDb::migrated(backend).await;
     let max = args.concurrency.iter().copied().max().unwrap_or(1);
-    let (addr, server_runtime) = start_server(test_db.url.clone());
+    let (addr, server_runtime) = start_server(test_db.url.clone(), args.server_threads);
     register_hierarchy(addr).await;
     let target = Target {
         backend,
@@ -939,11 +1027,20 @@ async fn bench_backend(backend: Backend, args: &Args) -> anyhow::Result<()> {
             }
         }
     }
+    let mut deliveries = Vec::new();
+    for &concurrency in &args.concurrency {
+        deliveries.push(delivery(&target, concurrency, args.seconds).await);
+    }
     server_runtime.shutdown_background();
-    report(backend, args, &runs)
+    report(backend, args, &runs, &deliveries)
 }
 
-fn report(backend: Backend, args: &Args, runs: &[Run]) -> anyhow::Result<()> {
+fn report(
+    backend: Backend,
+    args: &Args,
+    runs: &[Run],
+    deliveries: &[Delivery],
+) -> anyhow::Result<()> {
     let name = format!("{backend:?}").to_lowercase();
     let mut md = String::new();
     let pick = |side: Side, c: usize| {
@@ -1041,12 +1138,25 @@ fn report(backend: Backend, args: &Args, runs: &[Run]) -> anyhow::Result<()> {
         }
         let _ = writeln!(md, "{row}");
     }
+    let _ = writeln!(
+        md,
+        "\n### {name}: delivery, CompleteDelegation answered → task_completed at a subscriber of \
+         Global (one run each)\n\n| concurrency | completions | missing | p50 ms | p99 ms |\n\
+         | --- | --- | --- | --- | --- |"
+    );
+    for d in deliveries {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.2} | {:.2} |",
+            d.concurrency, d.completions, d.missing, d.p50_ms, d.p99_ms
+        );
+    }
     println!("{md}");
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(args.out.join(format!("lifecycle-{name}.md")), &md)?;
     std::fs::write(
         args.out.join(format!("lifecycle-{name}.json")),
-        serde_json::to_string_pretty(runs)?,
+        serde_json::to_string_pretty(&serde_json::json!({ "runs": runs, "delivery": deliveries }))?,
     )?;
     Ok(())
 }

@@ -143,6 +143,8 @@ pub struct Db {
     sqlite_writer: Arc<tokio::sync::Mutex<()>>,
     /// Instance lineages, which never change.
     lineages: Arc<instances::Lineages>,
+    /// PostgreSQL: the sequencer's connection, apart from the pool requests share.
+    sequencer: Option<deadpool::Pool<AsyncPgConnection>>,
 }
 
 /// A [`Db`] that its background tasks hold: once every `Db` clone is gone, [`WeakDb::upgrade`]
@@ -153,6 +155,7 @@ struct WeakDb {
     signals: std::sync::Weak<Signals>,
     sqlite_writer: Arc<tokio::sync::Mutex<()>>,
     lineages: Arc<instances::Lineages>,
+    sequencer: Option<deadpool::Pool<AsyncPgConnection>>,
 }
 
 impl WeakDb {
@@ -163,6 +166,7 @@ impl WeakDb {
             signals: self.signals.upgrade()?,
             sqlite_writer: self.sqlite_writer.clone(),
             lineages: self.lineages.clone(),
+            sequencer: self.sequencer.clone(),
         })
     }
 }
@@ -434,6 +438,16 @@ impl Db {
                 Pool::Sqlite(pool(manager, max_connections, timeout)?)
             }
         };
+        // The sequencer's own connection: numbering must not queue behind requests for the
+        // shared pool, or every event would wait for a busy pool to reach subscribers.
+        let sequencer = match url {
+            DatabaseUrl::Postgres(url) => Some(self::pool(
+                AsyncDieselConnectionManager::new_with_config(url.clone(), fast_recycling()),
+                1,
+                timeout,
+            )?),
+            DatabaseUrl::Sqlite(_) => None,
+        };
         let signals = Arc::new(Signals {
             commits: watch::channel(0).0,
             appended: watch::channel(0).0,
@@ -444,6 +458,7 @@ impl Db {
             signals,
             sqlite_writer: Arc::default(),
             lineages: Arc::default(),
+            sequencer,
         };
         if let (Pool::Pg(_), Ok(runtime)) = (&db.pool, tokio::runtime::Handle::try_current()) {
             runtime.spawn(sequencer::run(db.downgrade()));
@@ -459,6 +474,7 @@ impl Db {
             signals: Arc::downgrade(&self.signals),
             sqlite_writer: self.sqlite_writer.clone(),
             lineages: self.lineages.clone(),
+            sequencer: self.sequencer.clone(),
         }
     }
 
@@ -494,20 +510,17 @@ impl Db {
     /// this after every commit that appended events. Tests call it before reading the log
     /// directly. Nothing on SQLite.
     pub async fn sequence_events(&self) -> Result<(), Error> {
-        if matches!(self.pool, Pool::Sqlite(_)) {
+        let Some(sequencer) = &self.sequencer else {
             return Ok(());
-        }
-        events::sequence(&mut self.conn().await?).await?;
+        };
+        let conn = sequencer.get().await.map_err(unavailable)?;
+        events::sequence(&mut Conn::Pg(conn)).await?;
         self.signal_appended();
         Ok(())
     }
 
     /// Checks a connection out of the pool; UNAVAILABLE if none can be had in time.
     pub async fn conn(&self) -> Result<Conn, Error> {
-        let unavailable = |err: deadpool::PoolError| {
-            tracing::warn!(error = %err, "no database connection");
-            Error::Unavailable("no database connection could be had in time; retry later".into())
-        };
         Ok(match &self.pool {
             Pool::Pg(pool) => Conn::Pg(pool.get().await.map_err(unavailable)?),
             Pool::Sqlite(pool) => Conn::Sqlite(pool.get().await.map_err(unavailable)?),
@@ -700,6 +713,12 @@ pub async fn listen_for_events(db: Db) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// UNAVAILABLE for a connection the pool could not hand out in time; the reason is logged.
+fn unavailable(err: deadpool::PoolError) -> Error {
+    tracing::warn!(error = %err, "no database connection");
+    Error::Unavailable("no database connection could be had in time; retry later".into())
 }
 
 /// Hands out pooled connections without the `SELECT 1` round trip diesel-async makes on
