@@ -16,7 +16,7 @@ use diesel::{
     prelude::*,
     sql_types::{Array, BigInt, Bool, Jsonb, Nullable, Text, Timestamp},
 };
-use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use diesel_async::RunQueryDsl;
 
 use super::{
     Bind, Conn, Tx,
@@ -171,40 +171,30 @@ pub async fn append(tx: &mut Tx, events: &[NewEvent]) -> QueryResult<()> {
     Ok(())
 }
 
-/// PostgreSQL: moves every committed event of the queue into the log, oldest first, numbering
-/// them in that order, and announces them on [`CHANNEL`]. Nothing on SQLite, which has no queue.
+/// How many queued events one [`sequence`] call moves at most (`hopper_number_events`).
+pub const SEQUENCE_BATCH: usize = 10_000;
+
+/// PostgreSQL: moves up to [`SEQUENCE_BATCH`] committed events of the queue into the log,
+/// oldest first, numbering them in that order, announces them on [`CHANNEL`], and returns how
+/// many it moved; 0 on SQLite, which has no queue. Run it outside a transaction: it is one
+/// statement, its own transaction, calling `hopper_number_events()` (migration 5), whose
+/// advisory lock lets one caller at a time number events and is held to the commit.
 ///
-/// One round trip: the two statements run as one implicit transaction. The advisory lock, held
-/// to its end, lets one caller at a time number events, and it is taken by the first statement,
-/// before the second takes its snapshot: that snapshot therefore sees every earlier numbering
-/// committed, so this call's numbers are higher than all visible ones and become visible
-/// together, after them. A row whose writer has not committed is not seen and waits for a later
-/// call. `nextval` runs above the ordered subquery, so numbers follow the queue's order. Up to
-/// 10,000 events a call, found through the queue's primary key (a queue table is mostly dead
-/// rows between vacuums; its index skips them, a sequential scan would read them all); more
-/// wait for the next call, at the next commit or within a second. Run it outside a transaction.
-pub async fn sequence(conn: &mut Conn) -> QueryResult<()> {
-    const SEQUENCE: &str = "
-        SELECT pg_advisory_xact_lock(7243002);
-        WITH moved AS (
-            DELETE FROM event_queue
-            WHERE id IN (SELECT id FROM event_queue ORDER BY id LIMIT 10000)
-            RETURNING *
-        ), numbered AS (
-            INSERT INTO delegation_events (sequence, kind, occurred_at, task_id, delegation_id,
-                source_instance_id, target_instance_id, caused_by_delegation_id, delegation)
-            OVERRIDING SYSTEM VALUE
-            SELECT nextval(pg_get_serial_sequence('delegation_events', 'sequence')), kind,
-                   occurred_at, task_id, delegation_id, source_instance_id, target_instance_id,
-                   caused_by_delegation_id, delegation
-            FROM (SELECT * FROM moved ORDER BY id) oldest_first
-            RETURNING 1
-        )
-        SELECT pg_notify('hopper_events', '') WHERE EXISTS (SELECT 1 FROM numbered)";
-    match conn {
-        Conn::Pg(c) => c.batch_execute(SEQUENCE).await,
-        Conn::Sqlite(_) => Ok(()),
+/// Why this keeps sequence order = commit order: each call takes its numbers (`nextval`, above
+/// an ordered subquery) after the previous call has committed, so they are higher than every
+/// number visible; they all become visible at once, when the call commits. A queued row whose
+/// writer has not committed is not seen and waits for a later call.
+pub async fn sequence(conn: &mut Conn) -> QueryResult<usize> {
+    #[derive(QueryableByName)]
+    struct Moved {
+        #[diesel(sql_type = BigInt)]
+        moved: i64,
     }
+    let Conn::Pg(c) = conn else { return Ok(0) };
+    let Moved { moved } = sql("SELECT hopper_number_events() AS moved")
+        .get_result(&mut **c)
+        .await?;
+    Ok(usize::try_from(moved).unwrap_or(0))
 }
 
 /// Which events a stream carries.

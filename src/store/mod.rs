@@ -506,17 +506,23 @@ impl Db {
             .send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// PostgreSQL: numbers the committed events that wait in the queue, now; the sequencer does
-    /// this after every commit that appended events. Tests call it before reading the log
+    /// PostgreSQL: numbers every committed event that waits in the queue, now; the sequencer
+    /// does this after every commit that appended events. Tests call it before reading the log
     /// directly. Nothing on SQLite.
     pub async fn sequence_events(&self) -> Result<(), Error> {
         let Some(sequencer) = &self.sequencer else {
             return Ok(());
         };
-        let conn = sequencer.get().await.map_err(unavailable)?;
-        events::sequence(&mut Conn::Pg(conn)).await?;
-        self.signal_appended();
-        Ok(())
+        let mut conn = Conn::Pg(sequencer.get().await.map_err(unavailable)?);
+        loop {
+            let moved = events::sequence(&mut conn).await?;
+            if moved > 0 {
+                self.signal_appended();
+            }
+            if moved < events::SEQUENCE_BATCH {
+                return Ok(());
+            }
+        }
     }
 
     /// Checks a connection out of the pool; UNAVAILABLE if none can be had in time.
