@@ -277,10 +277,7 @@ pub fn check_completion(completing: &Completing<'_>) -> Result<Reach, Error> {
     let kinds: Vec<_> = completing.chain.iter().map(|hop| hop.2).collect();
     let (ancestors, task_done) = bubbling(&kinds);
     if task_done && completing.open_subtasks > 0 {
-        return Err(Error::precondition(format!(
-            "task {task} has {} open subtasks; it completes when they do",
-            completing.open_subtasks
-        )));
+        return Err(still_open(task, completing.open_subtasks));
     }
     let above = &completing.chain[1..=ancestors];
     if let Some((stuck, stuck_status, _)) = above.iter().find(|hop| hop.1 != Accepted) {
@@ -294,6 +291,52 @@ pub fn check_completion(completing: &Completing<'_>) -> Result<Reach, Error> {
         ancestors,
         task_done,
     })
+}
+
+/// What the rules for completing a task where it is (CompleteTask) read, under its family's
+/// lock.
+#[derive(Debug)]
+pub struct LocalCompletion<'a> {
+    /// The task.
+    pub task_id: &'a str,
+    /// Its status.
+    pub status: TaskStatus,
+    /// Its pending delegation, if it has one.
+    pub pending_delegation: Option<&'a str>,
+    /// How many of its subtasks are not finished.
+    pub open_subtasks: usize,
+}
+
+/// Checks the rules for completing a task where it is: it is unfinished, not on its way
+/// elsewhere (no pending delegation), and has no open subtasks (it completes when they do).
+pub fn check_local_completion(task: &LocalCompletion<'_>) -> Result<(), Error> {
+    let id = task.task_id;
+    check_unfinished(id, task.status)?;
+    if let Some(pending) = task.pending_delegation {
+        return Err(Error::precondition(format!(
+            "task {id} is on its way: delegation {pending} is pending"
+        )));
+    }
+    if task.open_subtasks > 0 {
+        return Err(still_open(id, task.open_subtasks));
+    }
+    Ok(())
+}
+
+/// Checks that a task is not finished (done or cancelled): nothing completes or cancels it
+/// again.
+pub fn check_unfinished(task_id: &str, status: TaskStatus) -> Result<(), Error> {
+    if status.is_final() {
+        return Err(Error::precondition(format!("task {task_id} is {status}")));
+    }
+    Ok(())
+}
+
+/// The refusal of a completion while subtasks are open.
+fn still_open(task: &str, open: usize) -> Error {
+    Error::precondition(format!(
+        "task {task} has {open} open subtasks; it completes when they do"
+    ))
 }
 
 /// A parent task's outcome once its subtasks are through, given each subtask's id, status and
@@ -535,5 +578,26 @@ mod tests {
             check_completion(&facts(&[], None, 0)),
             Err(Error::Internal(_))
         ));
+    }
+
+    #[test]
+    fn a_task_completes_where_it_is_only_when_nothing_else_is_open() {
+        let facts = |status, pending, open| LocalCompletion {
+            task_id: "t",
+            status,
+            pending_delegation: pending,
+            open_subtasks: open,
+        };
+        assert!(check_local_completion(&facts(TaskStatus::Pending, None, 0)).is_ok());
+        let refusal = |f| check_local_completion(&f).unwrap_err().to_string();
+        assert_eq!(refusal(facts(TaskStatus::Done, None, 0)), "task t is done");
+        assert_eq!(
+            refusal(facts(TaskStatus::Pending, Some("d1"), 0)),
+            "task t is on its way: delegation d1 is pending"
+        );
+        assert_eq!(
+            refusal(facts(TaskStatus::InProgress, None, 3)),
+            "task t has 3 open subtasks; it completes when they do"
+        );
     }
 }

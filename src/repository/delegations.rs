@@ -471,12 +471,6 @@ pub(super) async fn complete_parents(
     Ok(())
 }
 
-/// How many subtasks of a task are not finished.
-pub(super) async fn open_subtasks(conn: &mut Conn, task_id: &str) -> Result<usize, Error> {
-    let children = tasks::children(conn, task_id, None, i64::MAX).await?;
-    Ok(children.iter().filter(|t| !t.status.is_final()).count())
-}
-
 /// Sends each task of `hops` (cancelled, in cascade order) back to the source of its topmost
 /// cancelled hop, except the tasks in `skip`.
 pub(super) async fn return_tasks<'a>(

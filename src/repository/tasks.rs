@@ -10,14 +10,16 @@ use super::{
     access::{self, Action},
     decode_cursor,
     delegations::{
-        Cancellation, cancel_in, complete_in, complete_parents, finish_in_place, open_subtasks,
-        return_tasks,
+        Cancellation, cancel_in, complete_in, complete_parents, finish_in_place, return_tasks,
     },
     encode_cursor, new_id, remember, replay, taken,
 };
 use crate::{
     auth::Caller,
-    domain::{DelegationStatus, TaskStatus},
+    domain::{
+        DelegationStatus, TaskStatus,
+        lifecycle::{self, LocalCompletion},
+    },
     error::Error,
     store::{
         Conn, Db, Tx,
@@ -225,17 +227,21 @@ pub async fn complete_as(
     let mut tx = db.begin().await?;
     let conn: &mut Tx = &mut tx;
     let outcome = async {
-        let task = locked(conn, id).await?;
-        access::authorize(conn, caller, Action::CompleteTask(&task)).await?;
-        let task = unfinished(task)?;
-        in_place(conn, id).await?;
-        let open = open_subtasks(conn, id).await?;
-        if open > 0 {
-            return Err(Error::precondition(format!(
-                "task {id} has {open} open subtasks; it completes when they do"
-            )));
+        if !tasks::lock(conn, id).await? {
+            return Err(Error::not_found("task", id));
         }
-        match delegations::accepted_into(conn, id, &task.instance_id).await? {
+        let snapshot = tasks::snapshot(conn, id)
+            .await?
+            .ok_or_else(|| Error::not_found("task", id))?;
+        let task = snapshot.task;
+        access::authorize(conn, caller, Action::CompleteTask(&task)).await?;
+        lifecycle::check_local_completion(&LocalCompletion {
+            task_id: id,
+            status: task.status,
+            pending_delegation: snapshot.pending_delegation.as_deref(),
+            open_subtasks: usize::try_from(snapshot.open_subtasks).unwrap_or(usize::MAX),
+        })?;
+        match snapshot.arrival {
             Some(arrival) => {
                 let done = complete_in(conn, &arrival, result, None).await?;
                 let mut completed_delegations = vec![done.delegation];
@@ -267,7 +273,8 @@ pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
     let mut tx = db.begin().await?;
     let conn: &mut Tx = &mut tx;
     let outcome = async {
-        unfinished(locked(conn, id).await?)?;
+        let task = locked(conn, id).await?;
+        lifecycle::check_unfinished(id, task.status)?;
         let chain = delegations::current_chain(conn, id).await?;
         let mut cancelled_delegations = Vec::new();
         let mut cancelled_subtasks = Vec::new();
@@ -327,17 +334,6 @@ async fn locked(conn: &mut Conn, id: &str) -> Result<Task, Error> {
     tasks::lock_family(conn, id)
         .await?
         .ok_or_else(|| Error::not_found("task", id))
-}
-
-/// FAILED_PRECONDITION if the task is finished.
-fn unfinished(task: Task) -> Result<Task, Error> {
-    if task.status.is_final() {
-        return Err(Error::precondition(format!(
-            "task {} is {}",
-            task.id, task.status
-        )));
-    }
-    Ok(task)
 }
 
 /// FAILED_PRECONDITION if the task is on its way somewhere (a pending delegation).

@@ -3,14 +3,14 @@
 use chrono::NaiveDateTime;
 use diesel::{
     prelude::*,
-    sql_types::{Text, Timestamp},
+    sql_types::{BigInt, Nullable, Text, Timestamp},
 };
 use diesel_async::RunQueryDsl;
 
 use std::sync::LazyLock;
 
 use super::{Bind, Conn, delegations::Cursor, literals, schema::tasks, sql, with_conn};
-use crate::domain::TaskStatus;
+use crate::domain::{DelegationStatus, TaskStatus};
 
 /// One task.
 #[derive(
@@ -104,6 +104,49 @@ async fn lock_root(conn: &mut Conn, start: &'static str, key: &str) -> QueryResu
     let text = LOCK_ROOT.replace("{start}", start);
     let locked = with_conn!(conn, |c| sql(&text).bind::<Text, _>(key).execute(c).await)?;
     Ok(locked > 0)
+}
+
+/// What CompleteTask's rules read about a task, in one statement, under the family lock.
+#[derive(Debug, QueryableByName)]
+pub struct TaskSnapshot {
+    /// The task.
+    #[diesel(embed)]
+    pub task: Task,
+    /// Its pending delegation, if it has one.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub pending_delegation: Option<String>,
+    /// The latest accepted delegation that brought it to where it is.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub arrival: Option<String>,
+    /// How many of its subtasks are not finished.
+    #[diesel(sql_type = BigInt)]
+    pub open_subtasks: i64,
+}
+
+/// Reads a [`TaskSnapshot`]; `None` if there is no such task.
+pub async fn snapshot(conn: &mut Conn, id: &str) -> QueryResult<Option<TaskSnapshot>> {
+    static SNAPSHOT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT t.*,
+                (SELECT d.id FROM task_delegations d
+                 WHERE d.task_id = t.id AND d.status = {pending} LIMIT 1) AS pending_delegation,
+                (SELECT d.id FROM task_delegations d
+                 WHERE d.task_id = t.id AND d.target_instance_id = t.instance_id
+                   AND d.status = {accepted}
+                 ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS arrival,
+                (SELECT COUNT(*) FROM tasks s
+                 WHERE s.parent_task_id = t.id AND s.status NOT IN ({finished})) AS open_subtasks
+            FROM tasks t WHERE t.id = $1",
+            pending = literals(&[DelegationStatus::Pending.as_str()]),
+            accepted = literals(&[DelegationStatus::Accepted.as_str()]),
+            finished = literals(&TaskStatus::FINAL.map(TaskStatus::as_str)),
+        )
+    });
+    with_conn!(conn, |c| sql(&SNAPSHOT)
+        .bind::<Text, _>(id)
+        .get_result(c)
+        .await
+        .optional())
 }
 
 /// The direct subtasks of a task, oldest first, after `after`, at most `limit`.
