@@ -84,23 +84,24 @@ pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
     let conn: &mut Tx = &mut tx;
     let outcome = async {
         // Locks in the one order every write takes them: the task family, then the request id.
+        let not_found = || Error::not_found("task", &new.task_id);
         if !tasks::lock(conn, &new.task_id).await? {
-            return Err(Error::not_found("task", &new.task_id));
+            return Err(not_found());
         }
+        let source = &new.source_instance_id;
+        let target = &new.target_instance_id;
+        let snapshot = delegations::hop_snapshot(conn, &new.task_id, source, target)
+            .await?
+            .ok_or_else(not_found)?;
         let request_id = new.request_id.as_deref();
         if let Some(original) = replay(conn, request_id, "CreateDelegation", &new).await? {
             return Ok(original);
         }
-        let source = &new.source_instance_id;
-        let target = &new.target_instance_id;
         let source_lineage = db.lineages().get(conn, source).await?;
         if source_lineage.is_empty() {
             return Err(Error::not_found("source instance", source));
         }
         let target_lineage = db.lineages().get(conn, target).await?;
-        let snapshot = delegations::hop_snapshot(conn, &new.task_id, source, target)
-            .await?
-            .ok_or_else(|| Error::not_found("task", &new.task_id))?;
         let target_status = snapshot
             .target_status
             .filter(|_| !target_lineage.is_empty())

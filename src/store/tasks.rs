@@ -67,9 +67,12 @@ pub async fn find(conn: &mut Conn, id: &str) -> QueryResult<Option<Task>> {
 
 /// Locks the task's family — the root of its subtask tree — until the transaction ends, then
 /// reads the task. Every change to a task, its subtasks or their delegations takes this lock
-/// first, so the writers of one family run one after another (PostgreSQL row lock; SQLite's
-/// `BEGIN IMMEDIATE` already holds the write lock) and, with one lock per family, cannot
-/// deadlock. `None` if there is no such task.
+/// first, so the writers of one family run one after another and, with one lock per family,
+/// cannot deadlock. `None` if there is no such task.
+///
+/// On PostgreSQL that is a row lock on the root. A SQLite transaction holds the database's
+/// write lock from its `BEGIN IMMEDIATE`, which serialises every writer already, so nothing is
+/// sent for the lock there.
 pub async fn lock_family(conn: &mut Conn, id: &str) -> QueryResult<Option<Task>> {
     if !lock(conn, id).await? {
         return Ok(None);
@@ -77,14 +80,16 @@ pub async fn lock_family(conn: &mut Conn, id: &str) -> QueryResult<Option<Task>>
     find(conn, id).await
 }
 
-/// [`lock_family`] without reading the task; `false` if there is no such task.
+/// [`lock_family`] without reading the task. `false` if there is certainly no such task; on
+/// SQLite always `true` (nothing is sent), so the reads that follow must find the task.
 pub async fn lock(conn: &mut Conn, id: &str) -> QueryResult<bool> {
     lock_root(conn, "$1", id).await
 }
 
-/// [`lock_family`] of the delegation's task, in one statement; `false` if there is no such
-/// delegation. A delegation's task never changes, so it is safe to look it up in the same
-/// statement; anything that can change is read afterwards, under the lock.
+/// [`lock`] of the delegation's task, in one statement. A delegation's task never changes, so
+/// it is safe to look it up in the same statement; anything that can change is read
+/// afterwards, under the lock. `false` if there is certainly no such delegation; on SQLite
+/// always `true`.
 pub async fn lock_family_of_delegation(conn: &mut Conn, delegation_id: &str) -> QueryResult<bool> {
     const TASK_OF: &str = "(SELECT task_id FROM task_delegations WHERE id = $1)";
     lock_root(conn, TASK_OF, delegation_id).await
@@ -92,7 +97,11 @@ pub async fn lock_family_of_delegation(conn: &mut Conn, delegation_id: &str) -> 
 
 /// Locks the root of the family of the task `start` selects (with `$1` bound to `key`).
 async fn lock_root(conn: &mut Conn, start: &'static str, key: &str) -> QueryResult<bool> {
-    // A no-op UPDATE rather than `SELECT … FOR UPDATE`, which SQLite does not have.
+    if matches!(conn, Conn::Sqlite(_)) {
+        return Ok(true); // BEGIN IMMEDIATE holds the write lock
+    }
+    // A no-op UPDATE rather than `SELECT … FOR UPDATE`, so that the statement reads the same as
+    // the other writes (and would run on SQLite too).
     const LOCK_ROOT: &str = "
         WITH RECURSIVE up (id, parent_task_id) AS (
             SELECT id, parent_task_id FROM tasks WHERE id = {start}
