@@ -90,7 +90,7 @@ pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
         }
         let source = &new.source_instance_id;
         let target = &new.target_instance_id;
-        let snapshot = delegations::hop_snapshot(conn, &new.task_id, source, target)
+        let snapshot = tasks::snapshot(conn, &new.task_id, Some(source), Some(target))
             .await?
             .ok_or_else(not_found)?;
         let request_id = new.request_id.as_deref();

@@ -230,7 +230,7 @@ pub async fn complete_as(
         if !tasks::lock(conn, id).await? {
             return Err(Error::not_found("task", id));
         }
-        let snapshot = tasks::snapshot(conn, id)
+        let snapshot = tasks::snapshot(conn, id, None, None)
             .await?
             .ok_or_else(|| Error::not_found("task", id))?;
         let task = snapshot.task;

@@ -9,10 +9,8 @@ use diesel_async::RunQueryDsl;
 
 use std::sync::LazyLock;
 
-use super::{
-    Bind, Conn, is_member, literals, schema::task_delegations as td, sql, tasks::Task, with_conn,
-};
-use crate::domain::{DelegationStatus, DelegationType, InstanceStatus, TaskStatus};
+use super::{Bind, Conn, is_member, literals, schema::task_delegations as td, sql, with_conn};
+use crate::domain::{DelegationStatus, DelegationType, TaskStatus};
 
 /// One hop of a task between two instances.
 #[derive(
@@ -262,67 +260,6 @@ async fn set(
         .bind::<Text, _>(&keys)
         .load(c)
         .await)
-}
-
-/// What the rules for a new hop read about its task, in one statement, under the family lock.
-#[derive(Debug, QueryableByName)]
-pub struct HopSnapshot {
-    /// The task.
-    #[diesel(embed)]
-    pub task: Task,
-    /// Its pending delegation, if it has one.
-    #[diesel(sql_type = Nullable<Text>)]
-    pub pending_delegation: Option<String>,
-    /// The latest accepted delegation of the task into the source.
-    #[diesel(sql_type = Nullable<Text>)]
-    pub arrival: Option<String>,
-    /// The latest accepted delegation of its parent task into the source.
-    #[diesel(sql_type = Nullable<Text>)]
-    pub parent_arrival: Option<String>,
-    /// How many of its subtasks are not finished.
-    #[diesel(sql_type = BigInt)]
-    pub open_subtasks: i64,
-    /// The target instance's run state; `None` if there is no such instance.
-    #[diesel(sql_type = Nullable<Text>)]
-    pub target_status: Option<InstanceStatus>,
-}
-
-/// Reads a [`HopSnapshot`] for sending `task_id` from `source` to `target`; `None` if there is
-/// no such task.
-pub async fn hop_snapshot(
-    conn: &mut Conn,
-    task_id: &str,
-    source: &str,
-    target: &str,
-) -> QueryResult<Option<HopSnapshot>> {
-    static SNAPSHOT: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "SELECT t.*,
-                (SELECT d.id FROM task_delegations d
-                 WHERE d.task_id = t.id AND d.status = {pending} LIMIT 1) AS pending_delegation,
-                (SELECT d.id FROM task_delegations d
-                 WHERE d.task_id = t.id AND d.target_instance_id = $2 AND d.status = {accepted}
-                 ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS arrival,
-                (SELECT d.id FROM task_delegations d
-                 WHERE d.task_id = t.parent_task_id AND d.target_instance_id = $2
-                   AND d.status = {accepted}
-                 ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS parent_arrival,
-                (SELECT COUNT(*) FROM tasks s
-                 WHERE s.parent_task_id = t.id AND s.status NOT IN ({finished})) AS open_subtasks,
-                (SELECT i.status FROM hopper_instances i WHERE i.id = $3) AS target_status
-            FROM tasks t WHERE t.id = $1",
-            pending = literals(&[DelegationStatus::Pending.as_str()]),
-            accepted = literals(&[DelegationStatus::Accepted.as_str()]),
-            finished = literals(&TaskStatus::FINAL.map(TaskStatus::as_str)),
-        )
-    });
-    with_conn!(conn, |c| sql(&SNAPSHOT)
-        .bind::<Text, _>(task_id)
-        .bind::<Text, _>(source)
-        .bind::<Text, _>(target)
-        .get_result(c)
-        .await
-        .optional())
 }
 
 /// What the completion rules read about a delegation, in one statement, under the family lock.

@@ -10,7 +10,7 @@ use diesel_async::RunQueryDsl;
 use std::sync::LazyLock;
 
 use super::{Bind, Conn, delegations::Cursor, literals, schema::tasks, sql, with_conn};
-use crate::domain::{DelegationStatus, TaskStatus};
+use crate::domain::{DelegationStatus, InstanceStatus, TaskStatus};
 
 /// One task.
 #[derive(
@@ -115,7 +115,9 @@ async fn lock_root(conn: &mut Conn, start: &'static str, key: &str) -> QueryResu
     Ok(locked > 0)
 }
 
-/// What CompleteTask's rules read about a task, in one statement, under the family lock.
+/// What the rules read about a task before changing it, in one statement, under the family
+/// lock: for a new hop (`domain::lifecycle::check_new_hop`) or a completion where it is
+/// (`check_local_completion`).
 #[derive(Debug, QueryableByName)]
 pub struct TaskSnapshot {
     /// The task.
@@ -124,27 +126,47 @@ pub struct TaskSnapshot {
     /// Its pending delegation, if it has one.
     #[diesel(sql_type = Nullable<Text>)]
     pub pending_delegation: Option<String>,
-    /// The latest accepted delegation that brought it to where it is.
+    /// The latest accepted delegation of the task into the instance asked about (by default
+    /// where it is): the hop that brought it there.
     #[diesel(sql_type = Nullable<Text>)]
     pub arrival: Option<String>,
+    /// The same for its parent task, if it is a subtask.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub parent_arrival: Option<String>,
     /// How many of its subtasks are not finished.
     #[diesel(sql_type = BigInt)]
     pub open_subtasks: i64,
+    /// The run state of the target instance asked about; `None` if none was, or if there is no
+    /// such instance.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub target_status: Option<InstanceStatus>,
 }
 
-/// Reads a [`TaskSnapshot`]; `None` if there is no such task.
-pub async fn snapshot(conn: &mut Conn, id: &str) -> QueryResult<Option<TaskSnapshot>> {
+/// Reads a [`TaskSnapshot`]: arrivals into `at` (`None`: where the task is), and the status of
+/// `target`, if given. `None` if there is no such task.
+pub async fn snapshot(
+    conn: &mut Conn,
+    id: &str,
+    at: Option<&str>,
+    target: Option<&str>,
+) -> QueryResult<Option<TaskSnapshot>> {
     static SNAPSHOT: LazyLock<String> = LazyLock::new(|| {
         format!(
             "SELECT t.*,
                 (SELECT d.id FROM task_delegations d
                  WHERE d.task_id = t.id AND d.status = {pending} LIMIT 1) AS pending_delegation,
                 (SELECT d.id FROM task_delegations d
-                 WHERE d.task_id = t.id AND d.target_instance_id = t.instance_id
+                 WHERE d.task_id = t.id AND d.target_instance_id = COALESCE($2, t.instance_id)
                    AND d.status = {accepted}
                  ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS arrival,
+                (SELECT d.id FROM task_delegations d
+                 WHERE d.task_id = t.parent_task_id
+                   AND d.target_instance_id = COALESCE($2, t.instance_id)
+                   AND d.status = {accepted}
+                 ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS parent_arrival,
                 (SELECT COUNT(*) FROM tasks s
-                 WHERE s.parent_task_id = t.id AND s.status NOT IN ({finished})) AS open_subtasks
+                 WHERE s.parent_task_id = t.id AND s.status NOT IN ({finished})) AS open_subtasks,
+                (SELECT i.status FROM hopper_instances i WHERE i.id = $3) AS target_status
             FROM tasks t WHERE t.id = $1",
             pending = literals(&[DelegationStatus::Pending.as_str()]),
             accepted = literals(&[DelegationStatus::Accepted.as_str()]),
@@ -153,6 +175,8 @@ pub async fn snapshot(conn: &mut Conn, id: &str) -> QueryResult<Option<TaskSnaps
     });
     with_conn!(conn, |c| sql(&SNAPSHOT)
         .bind::<Text, _>(id)
+        .bind::<Nullable<Text>, _>(at)
+        .bind::<Nullable<Text>, _>(target)
         .get_result(c)
         .await
         .optional())
