@@ -268,3 +268,29 @@ async fn an_event_written_through_one_replica_reaches_a_subscriber_of_another() 
     replica_b.stop().await;
     replica_a.stop().await;
 }
+
+/// The family lock and the sequencer rely on each statement taking a fresh snapshot after the
+/// locks before it: the service's connections run READ COMMITTED whatever the database's
+/// default isolation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_run_read_committed_whatever_the_database_default() {
+    if !postgres_available().await {
+        return;
+    }
+    let test_db = TestDb::migrated(Backend::Postgres).await;
+    let hopper_delegation::store::DatabaseUrl::Postgres(url) = &test_db.url else {
+        unreachable!()
+    };
+    let name = url.rsplit('/').next().unwrap();
+    let alter =
+        format!("ALTER DATABASE {name} SET default_transaction_isolation = 'repeatable read'");
+    common::execute(&mut test_db.pool().conn().await.unwrap(), &alter).await;
+    let db = test_db.pool();
+    let isolation = "SELECT current_setting('transaction_isolation') AS line";
+    let mut tx = db.begin().await.unwrap();
+    assert_eq!(
+        common::text_rows(&mut tx, isolation).await,
+        ["read committed"]
+    );
+    tx.finish(Ok(())).await.unwrap();
+}

@@ -169,7 +169,7 @@ pub async fn update_notes(db: &Db, id: &str, notes: &str) -> Result<Delegation, 
         notes: Some(notes),
         ..Change::at(now())
     };
-    let mut conn = db.conn().await?;
+    let (mut conn, _turn) = db.conn_for_write().await?;
     let updated = delegations::update(&mut conn, &[id], DelegationStatus::ALL, &change).await?;
     updated
         .into_iter()

@@ -83,7 +83,7 @@ pub async fn list(db: &Db, filter: &Filter, page: &PageRequest) -> Result<Page<I
 
 /// Sets an instance's run state.
 pub async fn set_status(db: &Db, id: &str, status: InstanceStatus) -> Result<Instance, Error> {
-    let mut conn = db.conn().await?;
+    let (mut conn, _turn) = db.conn_for_write().await?;
     instances::set_status(&mut conn, id, status, now())
         .await?
         .ok_or_else(|| Error::not_found("instance", id))

@@ -145,6 +145,8 @@ pub struct Db {
     lineages: Arc<instances::Lineages>,
     /// PostgreSQL: the sequencer's connection, apart from the pool requests share.
     sequencer: Option<deadpool::Pool<AsyncPgConnection>>,
+    /// How long a request waits for a connection, or on SQLite for its writer turn.
+    timeout: Duration,
 }
 
 /// A [`Db`] that its background tasks hold: once every `Db` clone is gone, [`WeakDb::upgrade`]
@@ -156,6 +158,7 @@ struct WeakDb {
     sqlite_writer: Arc<tokio::sync::Mutex<()>>,
     lineages: Arc<instances::Lineages>,
     sequencer: Option<deadpool::Pool<AsyncPgConnection>>,
+    timeout: Duration,
 }
 
 impl WeakDb {
@@ -167,6 +170,7 @@ impl WeakDb {
             sqlite_writer: self.sqlite_writer.clone(),
             lineages: self.lineages.clone(),
             sequencer: self.sequencer.clone(),
+            timeout: self.timeout,
         })
     }
 }
@@ -423,11 +427,7 @@ impl Db {
         timeout: Duration,
     ) -> Result<Self, Error> {
         let pool = match url {
-            DatabaseUrl::Postgres(url) => Pool::Pg(pool(
-                AsyncDieselConnectionManager::new_with_config(url.clone(), fast_recycling()),
-                max_connections,
-                timeout,
-            )?),
+            DatabaseUrl::Postgres(url) => Pool::Pg(postgres_pool(url, max_connections, timeout)?),
             DatabaseUrl::Sqlite(path) => {
                 let mut config = fast_recycling::<SqliteConn>();
                 config.custom_setup = Box::new(|url| setup_sqlite(url).boxed());
@@ -441,11 +441,7 @@ impl Db {
         // The sequencer's own connection: numbering must not queue behind requests for the
         // shared pool, or every event would wait for a busy pool to reach subscribers.
         let sequencer = match url {
-            DatabaseUrl::Postgres(url) => Some(self::pool(
-                AsyncDieselConnectionManager::new_with_config(url.clone(), fast_recycling()),
-                1,
-                timeout,
-            )?),
+            DatabaseUrl::Postgres(url) => Some(postgres_pool(url, 1, timeout)?),
             DatabaseUrl::Sqlite(_) => None,
         };
         let signals = Arc::new(Signals {
@@ -459,6 +455,7 @@ impl Db {
             sqlite_writer: Arc::default(),
             lineages: Arc::default(),
             sequencer,
+            timeout,
         };
         if let (Pool::Pg(_), Ok(runtime)) = (&db.pool, tokio::runtime::Handle::try_current()) {
             runtime.spawn(sequencer::run(db.downgrade()));
@@ -475,6 +472,7 @@ impl Db {
             sqlite_writer: self.sqlite_writer.clone(),
             lineages: self.lineages.clone(),
             sequencer: self.sequencer.clone(),
+            timeout: self.timeout,
         }
     }
 
@@ -536,14 +534,25 @@ impl Db {
     /// A pooled connection for one writing statement outside a transaction, with this
     /// process's SQLite writer turn held for as long as the pair lives (see [`Db::begin`]).
     pub async fn conn_for_write(&self) -> Result<(Conn, WriterTurn), Error> {
-        let turn = self.writer_turn().await;
+        let turn = self.writer_turn().await?;
         Ok((self.conn().await?, turn))
     }
 
-    async fn writer_turn(&self) -> WriterTurn {
-        match self.pool {
-            Pool::Sqlite(_) => Some(self.sqlite_writer.clone().lock_owned().await),
-            Pool::Pg(_) => None,
+    /// On SQLite, waits for this process's turn to write, at most the connection timeout
+    /// (UNAVAILABLE after it, as for a connection): writers queue here, in order.
+    async fn writer_turn(&self) -> Result<WriterTurn, Error> {
+        let Pool::Sqlite(_) = self.pool else {
+            return Ok(None);
+        };
+        let turn = self.sqlite_writer.clone().lock_owned();
+        match tokio::time::timeout(self.timeout, turn).await {
+            Ok(turn) => Ok(Some(turn)),
+            Err(_) => {
+                tracing::warn!(timeout = ?self.timeout, "no turn to write to SQLite in time");
+                Err(Error::Unavailable(
+                    "the database is busy; retry later".into(),
+                ))
+            }
         }
     }
 
@@ -554,7 +563,7 @@ impl Db {
     /// concurrency instead of waiting for the lock. PostgreSQL runs READ COMMITTED; the
     /// repository serialises the writers of one task family by locking its root row first.
     pub async fn begin(&self) -> Result<Tx, Error> {
-        let writer = self.writer_turn().await;
+        let writer = self.writer_turn().await?;
         let mut conn = self.conn().await?;
         conn.begin().await?;
         Ok(Tx {
@@ -725,6 +734,32 @@ pub async fn listen_for_events(db: Db) {
 fn unavailable(err: deadpool::PoolError) -> Error {
     tracing::warn!(error = %err, "no database connection");
     Error::Unavailable("no database connection could be had in time; retry later".into())
+}
+
+/// PostgreSQL connections as the service needs them: READ COMMITTED whatever the database's or
+/// role's default, because the family lock and the sequencer rely on each statement taking a
+/// fresh snapshot after the locks before it (see docs/ARCHITECTURE.md).
+async fn setup_postgres(url: &str) -> diesel::ConnectionResult<AsyncPgConnection> {
+    let mut conn = AsyncPgConnection::establish(url).await?;
+    conn.batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .await
+        .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+    Ok(conn)
+}
+
+/// A PostgreSQL pool of `max_size` connections set up by [`setup_postgres`].
+fn postgres_pool(
+    url: &str,
+    max_size: usize,
+    timeout: Duration,
+) -> Result<deadpool::Pool<AsyncPgConnection>, Error> {
+    let mut config = fast_recycling::<AsyncPgConnection>();
+    config.custom_setup = Box::new(|url| setup_postgres(url).boxed());
+    pool(
+        AsyncDieselConnectionManager::new_with_config(url, config),
+        max_size,
+        timeout,
+    )
 }
 
 /// Hands out pooled connections without the `SELECT 1` round trip diesel-async makes on

@@ -25,7 +25,8 @@ pub(super) async fn run(db: WeakDb) {
         commits.borrow_and_update();
         let Some(db) = db.upgrade() else { return };
         if let Err(err) = db.sequence_events().await {
-            tracing::warn!(error = %err, "could not number events; retrying");
+            // Writers still commit, but their events reach no subscriber until this succeeds.
+            tracing::error!(error = %err, "could not number events; subscribers wait; retrying");
         }
         drop(db);
         tokio::select! {

@@ -6,7 +6,11 @@
 -- sequence N no row below N can appear later (see docs/ARCHITECTURE.md).
 CREATE TABLE event_queue (
     id                       BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    kind                     TEXT NOT NULL,
+    -- The log's own check, so that a row the log would refuse fails its writer's transaction
+    -- instead of every sequencer round after it.
+    kind                     TEXT NOT NULL CHECK (kind IN ('delegation_created', 'delegation_accepted',
+                                 'delegation_rejected', 'delegation_completed', 'delegation_cancelled',
+                                 'task_completed')),
     occurred_at              TIMESTAMP NOT NULL,
     task_id                  TEXT NOT NULL,
     delegation_id            TEXT,
