@@ -5,8 +5,9 @@
 //! CompleteDelegation (bubbling two levels, the task DONE at Global); GetDelegationChain;
 //! ListPendingDelegations. Clients run lifecycles back to back, each over its own connection.
 //!
-//! **The limit** is the same outcome written directly in SQL on the service's own schema, on
-//! one connection per client, through the same driver: the rows, compare-and-set transitions
+//! **The limit** is the same outcome written directly in SQL on the service's own schema,
+//! through the same driver, on a connection per client on PostgreSQL and on one connection all
+//! clients share on SQLite (its single writer): the rows, compare-and-set transitions
 //! (`UPDATE … WHERE status = … RETURNING`), one event row per change, one wake-up per writing
 //! transaction (PostgreSQL `pg_notify`), the chain and pending reads — no gRPC, no service
 //! logic, no ordering of events. On PostgreSQL a third side, **limit+lock**, adds the global
@@ -17,7 +18,9 @@
 //! machine swings tenfold between runs; figures are medians over the runs and ratios are taken
 //! within one invocation. Statements and round trips are counted on every connection of this
 //! process through diesel's instrumentation; the server's CPU time is read from its own
-//! threads (`hopper-server`), PostgreSQL's from its processes.
+//! threads (`hopper-server`), PostgreSQL's from its processes. Last, one service run per
+//! concurrency with a subscriber of Global times each completion's event from the
+//! CompleteDelegation answer to the subscriber, and counts any never delivered.
 //!
 //! ```sh
 //! cargo bench --bench lifecycle                          # both backends, concurrency 1, 16, 64
