@@ -336,18 +336,6 @@ const CHAIN: &str = "
           ON p.id = c.parent_delegation_id AND p.task_id = c.task_id
     )";
 
-/// [`CHAIN`], read in full; `{order}` is ASC (nearest first) or DESC.
-const CHAIN_UP: &str = "{chain} SELECT * FROM chain ORDER BY depth {order}";
-
-/// The delegation and the hops of the same task it continues, nearest first, in one query.
-pub async fn lineage(conn: &mut Conn, id: &str) -> QueryResult<Vec<Delegation>> {
-    let text = CHAIN_UP
-        .replace("{chain}", CHAIN)
-        .replace("{anchor}", "$1")
-        .replace("{order}", "ASC");
-    with_conn!(conn, |c| sql(&text).bind::<Text, _>(id).load(c).await)
-}
-
 /// The task's current chain, origin first, in one query: from its latest live (pending,
 /// accepted or completed) delegation up through the hops it continues.
 pub async fn current_chain(conn: &mut Conn, task_id: &str) -> QueryResult<Vec<Delegation>> {
@@ -358,10 +346,8 @@ pub async fn current_chain(conn: &mut Conn, task_id: &str) -> QueryResult<Vec<De
              ORDER BY l.delegated_at DESC, l.id DESC LIMIT 1",
             literals(&DelegationStatus::IN_CHAIN.map(DelegationStatus::as_str))
         );
-        CHAIN_UP
-            .replace("{chain}", CHAIN)
-            .replace("{anchor}", &latest)
-            .replace("{order}", "DESC")
+        let chain = CHAIN.replace("{anchor}", &latest);
+        format!("{chain} SELECT * FROM chain ORDER BY depth DESC")
     });
     with_conn!(conn, |c| sql(&TEXT).bind::<Text, _>(task_id).load(c).await)
 }

@@ -171,30 +171,32 @@ pub async fn append(tx: &mut Tx, events: &[NewEvent]) -> QueryResult<()> {
     Ok(())
 }
 
-/// How many queued events one [`sequence`] call moves at most (`hopper_number_events`).
-pub const SEQUENCE_BATCH: usize = 10_000;
+/// How many queued events one [`sequence`] call moves at most.
+pub const SEQUENCE_BATCH: i64 = 10_000;
 
 /// PostgreSQL: moves up to [`SEQUENCE_BATCH`] committed events of the queue into the log,
 /// oldest first, numbering them in that order, announces them on [`CHANNEL`], and returns how
 /// many it moved; 0 on SQLite, which has no queue. Run it outside a transaction: it is one
-/// statement, its own transaction, calling `hopper_number_events()` (migration 5), whose
+/// statement, its own transaction, calling `hopper_number_events` (migration 5), whose
 /// advisory lock lets one caller at a time number events and is held to the commit.
 ///
 /// Why this keeps sequence order = commit order: each call takes its numbers (`nextval`, above
 /// an ordered subquery) after the previous call has committed, so they are higher than every
 /// number visible; they all become visible at once, when the call commits. A queued row whose
 /// writer has not committed is not seen and waits for a later call.
-pub async fn sequence(conn: &mut Conn) -> QueryResult<usize> {
+pub async fn sequence(conn: &mut Conn) -> QueryResult<i64> {
     #[derive(QueryableByName)]
     struct Moved {
         #[diesel(sql_type = BigInt)]
         moved: i64,
     }
     let Conn::Pg(c) = conn else { return Ok(0) };
-    let Moved { moved } = sql("SELECT hopper_number_events() AS moved")
+    let Moved { moved } = sql("SELECT hopper_number_events($1, $2) AS moved")
+        .bind::<BigInt, _>(SEQUENCE_BATCH)
+        .bind::<Text, _>(CHANNEL)
         .get_result(&mut **c)
         .await?;
-    Ok(usize::try_from(moved).unwrap_or(0))
+    Ok(moved)
 }
 
 /// Which events a stream carries.

@@ -180,7 +180,8 @@ pub type WriterTurn = Option<tokio::sync::OwnedMutexGuard<()>>;
 
 /// What the background tasks and the event streams wait on.
 struct Signals {
-    /// Bumped after every commit through this pool that appended events; wakes the sequencer.
+    /// PostgreSQL: bumped after every commit through this pool that appended events; wakes the
+    /// sequencer.
     commits: watch::Sender<u64>,
     /// Bumped whenever events may have become readable: after a commit on SQLite, after the
     /// sequencer numbered events on PostgreSQL, and on a notification that another replica's
@@ -491,10 +492,12 @@ impl Db {
         self.signals.appended.subscribe()
     }
 
+    /// After a commit that appended events: on PostgreSQL they wait for the sequencer, on
+    /// SQLite (numbered at insert) they are readable now.
     fn signal_commit(&self) {
-        self.signals.commits.send_modify(|n| *n = n.wrapping_add(1));
-        if matches!(self.pool, Pool::Sqlite(_)) {
-            self.signal_appended();
+        match self.pool {
+            Pool::Pg(_) => self.signals.commits.send_modify(|n| *n = n.wrapping_add(1)),
+            Pool::Sqlite(_) => self.signal_appended(),
         }
     }
 

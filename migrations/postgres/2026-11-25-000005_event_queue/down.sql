@@ -6,5 +6,5 @@ INSERT INTO delegation_events (kind, occurred_at, task_id, delegation_id, source
 SELECT kind, occurred_at, task_id, delegation_id, source_instance_id, target_instance_id,
        caused_by_delegation_id, delegation
 FROM (SELECT * FROM event_queue ORDER BY id) queued;
-DROP FUNCTION hopper_number_events();
+DROP FUNCTION hopper_number_events(BIGINT, TEXT);
 DROP TABLE event_queue;

@@ -24,23 +24,23 @@ CREATE TABLE event_queue (
 WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
       autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 1000);
 
--- One round of the sequencer: moves up to 10,000 committed rows of the queue into the log,
--- oldest first, numbering them in that order; notifies hopper_events if it moved any; returns
--- how many. Call it in a transaction of its own (the advisory lock is held to its end).
+-- One round of the sequencer: moves up to `batch` committed rows of the queue into the log,
+-- oldest first, numbering them in that order; notifies `channel` if it moved any; returns how
+-- many. The caller (store::events::sequence) passes both, so each is written down once. Call it in a transaction of its own (the advisory lock is held to its end).
 --
 -- The lock elects one caller at a time, so the numbers a call takes with nextval (after the
 -- lock, above the ordered subquery) are higher than every number taken before, and they become
 -- visible together when the call commits, after every earlier call's. A row whose writer has
 -- not committed is not seen and waits for a later call. A function, so that its statements'
 -- plans are kept for the session instead of being planned on every round.
-CREATE FUNCTION hopper_number_events() RETURNS BIGINT LANGUAGE plpgsql AS $$
+CREATE FUNCTION hopper_number_events(batch BIGINT, channel TEXT) RETURNS BIGINT LANGUAGE plpgsql AS $$
 DECLARE
     moved BIGINT;
 BEGIN
     PERFORM pg_advisory_xact_lock(7243002);
     WITH queued AS (
         DELETE FROM event_queue
-        WHERE id IN (SELECT id FROM event_queue ORDER BY id LIMIT 10000)
+        WHERE id IN (SELECT id FROM event_queue ORDER BY id LIMIT batch)
         RETURNING *
     ), numbered AS (
         INSERT INTO delegation_events (sequence, kind, occurred_at, task_id, delegation_id,
@@ -54,7 +54,7 @@ BEGIN
     )
     SELECT count(*) INTO moved FROM numbered;
     IF moved > 0 THEN
-        PERFORM pg_notify('hopper_events', '');
+        PERFORM pg_notify(channel, '');
     END IF;
     RETURN moved;
 END
