@@ -1,5 +1,9 @@
 //! Compiles the protos with protox (pure Rust, so no protoc is needed on any machine), generates
 //! the tonic code, and writes the descriptor set that server reflection serves.
+//!
+//! The code is generated twice: the messages and clients (`proto`), then the servers alone
+//! (`proto::server`), with every message taken from `proto` except `WatchEventsResponse`, which
+//! the server sends already encoded: an event is encoded once for all its subscribers.
 
 use std::{env, fs, path::PathBuf};
 
@@ -19,6 +23,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("hopper_descriptor.bin"),
         protox::prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(descriptors.clone())?;
+    let servers = out_dir.join("server");
+    fs::create_dir_all(&servers)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(servers)
+        .extern_path(".hopper.delegation.v1", "crate::proto")
+        .extern_path(
+            ".hopper.delegation.v1.WatchEventsResponse",
+            "crate::rpc::Encoded",
+        )
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -35,6 +35,11 @@ pub mod store;
 pub mod proto {
     tonic::include_proto!("hopper.delegation.v1");
 
+    /// The generated servers, sending `WatchEventsResponse` pre-encoded ([`crate::rpc::Encoded`]).
+    pub mod server {
+        include!(concat!(env!("OUT_DIR"), "/server/hopper.delegation.v1.rs"));
+    }
+
     /// The descriptors of every Hopper proto, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("hopper_descriptor");
 }

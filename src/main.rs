@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hopper_delegation::{
     auth::{Authenticator, Tokens},
-    events::Hub,
+    events::{Hub, Limits},
     server,
     store::{self, DatabaseUrl, Db, Migrate},
 };
@@ -52,6 +52,16 @@ struct ServeArgs {
     /// A silent WatchEvents stream gets a progress message this often.
     #[arg(long, env = "HOPPER_PROGRESS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     progress_interval: Duration,
+    /// Events the live tail keeps in memory for streams that join or fall behind.
+    #[arg(long, env = "HOPPER_WATCH_WINDOW_EVENTS", default_value_t = Limits::default().window_events)]
+    watch_window_events: usize,
+    /// Bytes (approximate) the live tail keeps in memory at most.
+    #[arg(long, env = "HOPPER_WATCH_WINDOW_BYTES", default_value_t = Limits::default().window_bytes)]
+    watch_window_bytes: usize,
+    /// Events waiting for one WatchEvents client before its stream is detached from the live
+    /// tail and catches up from the log on its own.
+    #[arg(long, env = "HOPPER_WATCH_BUFFER", default_value_t = Limits::default().buffer)]
+    watch_buffer: usize,
     /// Events older than this are pruned from the event log.
     #[arg(long, env = "HOPPER_EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     event_retention: Duration,
@@ -123,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             let (auth, tls) = args.security.load(args.listen)?;
+            raise_open_file_limit();
             let shutdown = shutdown_signal()?;
             let url = &args.database.database_url;
             let _owner = store::SqliteOwner::acquire(url)?;
@@ -137,17 +148,31 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(address = %listener.local_addr()?, "serving gRPC");
             let config = server::Config {
                 progress_interval: args.progress_interval,
+                watch: Limits {
+                    window_events: args.watch_window_events,
+                    window_bytes: args.watch_window_bytes,
+                    buffer: args.watch_buffer,
+                },
                 event_retention: args.event_retention,
                 prune_interval: args.prune_interval,
                 drain_timeout: args.drain_timeout,
                 auth,
                 tls,
             };
-            let hub = Hub::new(db, config.progress_interval);
+            let hub = Hub::with_limits(db, config.progress_interval, config.watch);
             server::run(listener, hub, config, shutdown).await?;
         }
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: every WatchEvents subscriber on its
+/// own connection holds a socket, and the usual soft limit of 1,024 would refuse the rest.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(err) => tracing::warn!(error = %err, "could not raise the open-file limit"),
+    }
 }
 
 /// Installs the SIGTERM and SIGINT handlers now, so that a signal that comes before the server

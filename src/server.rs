@@ -25,10 +25,13 @@ use tower::util::MapResponseLayer;
 
 use crate::{
     auth::Authenticator,
-    events::Hub,
+    events::{Hub, Limits},
     proto::{
-        self, delegation_service_server::DelegationServiceServer,
-        instance_service_server::InstanceServiceServer, task_service_server::TaskServiceServer,
+        self,
+        server::{
+            delegation_service_server::DelegationServiceServer,
+            instance_service_server::InstanceServiceServer, task_service_server::TaskServiceServer,
+        },
     },
     rpc::{DelegationApi, InstanceApi, TaskApi},
     store::{self, Db, events, now},
@@ -39,6 +42,8 @@ use crate::{
 pub struct Config {
     /// A silent event stream gets a progress mark this often.
     pub progress_interval: Duration,
+    /// The live tail's window and each subscriber's buffer.
+    pub watch: Limits,
     /// Events older than this are deleted.
     pub event_retention: Duration,
     /// How often retention runs.
@@ -55,6 +60,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             progress_interval: Duration::from_secs(5),
+            watch: Limits::default(),
             event_retention: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),

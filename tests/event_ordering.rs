@@ -52,13 +52,13 @@ async fn two_writers_and_a_tailing_reader(db: &Db, event: &NewEvent) -> usize {
     writer_b.finish(Ok(())).await.unwrap();
     db.sequence_events().await.unwrap();
     let mut conn = db.conn().await.unwrap();
-    let early = events::read(&mut conn, &everything(), head, 100)
+    let early = events::read(&mut conn, Some(&everything()), head, 100)
         .await
         .unwrap();
     let cursor = early.last().map_or(head, |e| e.sequence);
     writer_a.finish(Ok(())).await.unwrap();
     db.sequence_events().await.unwrap();
-    let late = events::read(&mut conn, &everything(), cursor, 100)
+    let late = events::read(&mut conn, Some(&everything()), cursor, 100)
         .await
         .unwrap();
     early.len() + late.len()
@@ -157,7 +157,7 @@ async fn concurrent_writers_and_a_subscriber(rounds: usize) -> (Vec<u64>, Vec<u6
         }
     }
     let mut conn = db.conn().await.unwrap();
-    let logged = events::read(&mut conn, &everything(), 0, i64::MAX)
+    let logged = events::read(&mut conn, Some(&everything()), 0, i64::MAX)
         .await
         .unwrap();
     let logged = logged

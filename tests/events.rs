@@ -1,14 +1,23 @@
 //! WatchEvents through real tonic clients, on both backends: the story as parents see it,
-//! resume, filters, retention, slow consumers, clients that leave, and shutdown.
+//! resume, filters, retention, slow consumers, clients that leave, and shutdown; the live
+//! tail's hand-off from the log, detached slow consumers, and replicas.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{TestDb, TestServer};
+use common::{Backend, TestDb, TestServer};
+use futures::StreamExt;
 use hopper_delegation::{
-    proto::{self as pb, EventKind, Scope, watch_events_response::Payload},
+    domain::EventKind as DomainKind,
+    events::Limits,
+    proto::{
+        self as pb, EventKind, Scope, delegation_service_client::DelegationServiceClient,
+        watch_events_response::Payload,
+    },
+    repository::delegations::NewDelegation,
     server::Config,
+    store::{Db, events},
 };
 use tonic::{Code, Streaming};
 
@@ -261,6 +270,9 @@ on_both_backends! {
         complete(&mut server, &d1).await;
         task(&mut server, "t2").await;
         create(&mut server, "t2", "global", "project").await;
+        // On PostgreSQL the sequencer numbers committed events a moment later; the replay
+        // below is to end at the head with all five.
+        log_head(&server.db.pool()).await;
 
         let mut stream = watch(&mut server, "global", true, Some(0), &[EventKind::TaskCompleted]).await.unwrap();
         let done = next_event(&mut stream).await;
@@ -370,4 +382,273 @@ on_both_backends! {
         tokio::time::timeout(WAIT, stopping).await.expect("the server stops").unwrap();
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     }
+}
+
+/// Writes `rounds` hops of each kind of pair (Global → Project, Project → Orchestration), each
+/// created (with `notes` bytes of notes) then rejected: four events a round.
+async fn write_hops(db: Db, rounds: usize, notes: usize) {
+    use hopper_delegation::{domain::DelegationType::Route, repository::delegations};
+    for round in 0..rounds {
+        for (task, source, target) in [("t", "global", "project"), ("p", "project", "orch")] {
+            let hop = NewDelegation {
+                notes: Some("n".repeat(notes)).filter(|n| !n.is_empty()),
+                ..common::hop(task, source, target, Route)
+            };
+            let d = delegations::create(&db, hop).await.unwrap();
+            delegations::reject(&db, &d.id, &format!("round {round}"))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// The log's head, once every event written is numbered.
+async fn log_head(db: &Db) -> i64 {
+    db.sequence_events().await.unwrap();
+    events::bounds(&mut db.conn().await.unwrap())
+        .await
+        .unwrap()
+        .head
+}
+
+/// Waits until the live tail has read the log up to `head`.
+async fn tail_reaches(server: &TestServer, head: i64) {
+    let reached = tokio::time::timeout(WAIT, async {
+        while server.hub.window().1 < head {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    reached.await.expect("the tail reads the log");
+}
+
+/// The sequences a stream delivers until a progress mark reaches `head`, checking the order.
+async fn sequences_until(stream: &mut Streaming<pb::WatchEventsResponse>, head: i64) -> Vec<i64> {
+    let mut seen: Vec<i64> = Vec::new();
+    loop {
+        match next(stream).await {
+            Payload::Event(event) => {
+                let sequence = i64::try_from(event.sequence).unwrap();
+                assert!(seen.last() < Some(&sequence), "{sequence} after {seen:?}");
+                seen.push(sequence);
+            }
+            Payload::Progress(progress) if i64::try_from(progress.sequence).unwrap() >= head => {
+                return seen;
+            }
+            Payload::Progress(_) => {}
+        }
+    }
+}
+
+/// The sequences of the log's events of `scope` and `kinds` after `after`, up to `head`.
+async fn logged(
+    db: &Db,
+    instance: &str,
+    descendants: bool,
+    kinds: &[EventKind],
+    after: i64,
+    head: i64,
+) -> Vec<i64> {
+    let scope = events::Scope {
+        instance_id: instance.into(),
+        include_descendants: descendants,
+    };
+    let wanted = |kind: DomainKind| {
+        kinds.is_empty() || kinds.iter().any(|k| *k == pb::EventKind::from(kind))
+    };
+    events::read(&mut db.conn().await.unwrap(), Some(&scope), after, i64::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|event| event.sequence <= head && wanted(event.kind))
+        .map(|event| event.sequence)
+        .collect()
+}
+
+/// A server whose window holds 40 events and whose subscribers may fall 8 events behind.
+async fn small_window(backend: Backend) -> TestServer {
+    let config = Config {
+        progress_interval: Duration::from_millis(200),
+        watch: Limits {
+            window_events: 40,
+            window_bytes: usize::MAX,
+            buffer: 8,
+        },
+        ..Config::default()
+    };
+    let mut server = TestServer::start_with(TestDb::migrated(backend).await, config).await;
+    setup(&mut server).await;
+    common::task(&server.db.pool(), "p", "project").await;
+    server
+}
+
+on_both_backends! {
+    async fn streams_opened_before_inside_and_at_the_edge_of_the_window_get_exactly_the_log(backend: Backend) {
+        let mut server = small_window(backend).await;
+        let db = server.db.pool();
+        // The first stream starts the tail; 200 events later the window has moved on.
+        let mut first = watch(&mut server, "global", true, None, &[]).await.unwrap();
+        next_progress(&mut first).await;
+        write_hops(db.clone(), 50, 0).await;
+        tail_reaches(&server, log_head(&db).await).await;
+        let (floor, head) = server.hub.window();
+        assert_eq!(head - floor, 40, "the window holds its 40 events");
+
+        // Writers keep going while streams open with every kind of cursor and filter.
+        let writing = tokio::spawn(write_hops(db.clone(), 25, 0));
+        let filters = [
+            ("global", true, vec![]),
+            ("project", false, vec![]),
+            ("orch", true, vec![EventKind::DelegationRejected]),
+        ];
+        let mut streams = Vec::new();
+        for after in [0, floor - 1, floor, floor + 1, (floor + head) / 2, head] {
+            for (instance, descendants, kinds) in &filters {
+                let stream = watch(&mut server, instance, *descendants, Some(u64::try_from(after).unwrap()), kinds).await.unwrap();
+                streams.push((after, *instance, *descendants, kinds.clone(), stream));
+            }
+        }
+        writing.await.unwrap();
+        let head = log_head(&db).await;
+        for (after, instance, descendants, kinds, mut stream) in streams {
+            let expected = logged(&db, instance, descendants, &kinds, after, head).await;
+            assert!(!expected.is_empty());
+            assert_eq!(sequences_until(&mut stream, head).await, expected, "{instance} after {after}");
+        }
+        assert_eq!(sequences_until(&mut first, head).await, logged(&db, "global", true, &[], floor - 160, head).await);
+        server.stop().await;
+    }
+
+    async fn a_slow_consumer_is_detached_then_rejoins_with_nothing_lost(backend: Backend) {
+        let mut server = small_window(backend).await;
+        let db = server.db.pool();
+        // Its own connection, with HTTP/2's smallest windows: the server can send it only
+        // 64 KiB it has not read.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await
+            .unwrap();
+        let request = pb::WatchEventsRequest { instance_id: "global".into(), include_descendants: true, ..Default::default() };
+        let mut slow = DelegationServiceClient::new(channel).watch_events(request).await.unwrap().into_inner();
+        let start = i64::try_from(next_progress(&mut slow).await).unwrap();
+        let mut prompt = watch(&mut server, "orch", false, None, &[]).await.unwrap();
+        next_progress(&mut prompt).await;
+        assert_eq!(server.hub.live_subscribers(), 2);
+
+        // The slow one reads nothing while 2,000 events of over 1 KiB are written: once the
+        // connection and its 8 buffered events are full, it is detached. The prompt one keeps
+        // up, live.
+        let writing = tokio::spawn(write_hops(db.clone(), 500, 1024));
+        let mut received = Vec::new();
+        while !writing.is_finished() {
+            if let Payload::Event(event) = next(&mut prompt).await {
+                received.push(i64::try_from(event.sequence).unwrap());
+            }
+        }
+        writing.await.unwrap();
+        let head = log_head(&db).await;
+        received.extend(sequences_until(&mut prompt, head).await);
+        assert_eq!(received, logged(&db, "orch", false, &[], start, head).await);
+        assert_eq!(server.hub.live_subscribers(), 1, "the slow consumer is detached");
+
+        // Now it reads: everything, in order, then it is live again.
+        let all = sequences_until(&mut slow, head).await;
+        assert_eq!(all, (start + 1..=head).collect::<Vec<_>>());
+        assert_eq!(server.hub.live_subscribers(), 2, "the slow consumer rejoined");
+        write_hops(db.clone(), 1, 0).await;
+        assert_eq!(next_event(&mut slow).await.sequence, u64::try_from(head).unwrap() + 1);
+        server.stop().await;
+    }
+
+    async fn ten_thousand_open_and_close_cycles_leave_nothing_behind(backend: Backend) {
+        let mut server = TestServer::start(backend).await;
+        setup(&mut server).await;
+        let cycles = |n: usize| {
+            let client = server.delegations.clone();
+            async move {
+                let streams = (0..n).map(|i| {
+                    let mut client = client.clone();
+                    async move {
+                        let request = pb::WatchEventsRequest {
+                            instance_id: ["global", "project", "orch"][i % 3].into(),
+                            include_descendants: i % 2 == 0,
+                            ..Default::default()
+                        };
+                        let mut stream = client.watch_events(request).await.unwrap().into_inner();
+                        next_progress(&mut stream).await;
+                    }
+                });
+                futures::stream::iter(streams).buffer_unordered(64).collect::<Vec<()>>().await;
+            }
+        };
+        let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        cycles(1_000).await; // warm-up: pools, allocator
+        let (tasks_before, memory_before) = (tasks(), resident_bytes());
+        cycles(10_000).await;
+        let freed = tokio::time::timeout(WAIT, async {
+            while server.hub.active_streams() > 0 || tasks() > tasks_before {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        assert!(freed.await.is_ok(), "{} streams, {} tasks (from {tasks_before})", server.hub.active_streams(), tasks());
+        assert_eq!(server.hub.live_subscribers(), 0);
+        let grown = resident_bytes().saturating_sub(memory_before);
+        // A subscriber's state is over 1 KiB: 10,000 leaked would be over 10 MiB.
+        assert!(grown < 8 << 20, "resident memory grew by {grown} bytes");
+        server.stop().await;
+    }
+}
+
+/// This process's resident memory.
+fn resident_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: usize = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// A subtree subscriber on replica B sees the events of an instance registered through
+/// replica A after the stream opened: B's tail loads the new instance's ancestors on first
+/// sight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subtree_subscriber_sees_an_instance_registered_through_another_replica() {
+    if !common::postgres_available().await {
+        return;
+    }
+    let mut replica_a = TestServer::start(Backend::Postgres).await;
+    setup(&mut replica_a).await;
+    let config = Config {
+        progress_interval: Duration::from_millis(200),
+        ..Config::default()
+    };
+    let mut replica_b = TestServer::start_with(TestDb::borrowed(&replica_a.db), config).await;
+    let mut stream = watch(&mut replica_b, "project", true, None, &[])
+        .await
+        .unwrap();
+    next_progress(&mut stream).await;
+
+    register(&mut replica_a, "late", Scope::Orchestration, "orch").await;
+    common::task(&replica_a.db.pool(), "l", "orch").await;
+    let mut client = replica_a.delegations.clone();
+    let request = pb::CreateDelegationRequest {
+        task_id: "l".into(),
+        source_instance_id: "orch".into(),
+        target_instance_id: "late".into(),
+        delegation_type: pb::DelegationType::Route.into(),
+        ..Default::default()
+    };
+    let created = client
+        .create_delegation(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let event = next_event(&mut stream).await;
+    assert_eq!(event.delegation.unwrap().id, created.id);
+    replica_b.stop().await;
+    replica_a.stop().await;
 }

@@ -13,8 +13,11 @@ use hopper_delegation::{
     auth::Caller,
     events::Hub,
     proto::{
-        self as pb, delegation_service_server::DelegationService,
-        instance_service_server::InstanceService, task_service_server::TaskService,
+        self as pb,
+        server::{
+            delegation_service_server::DelegationService, instance_service_server::InstanceService,
+            task_service_server::TaskService,
+        },
     },
     rpc::{DelegationApi, InstanceApi, TaskApi},
 };

@@ -96,7 +96,7 @@ on_both_backends! {
             let task = tasks::get(&db, &task_id).await.unwrap();
             let scope = events::Scope { instance_id: "global".into(), include_descendants: true };
             db.sequence_events().await.unwrap(); // whatever the killed server left queued
-            let log = events::read(&mut db.conn().await.unwrap(), &scope, 0, i64::MAX).await.unwrap();
+            let log = events::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX).await.unwrap();
             let done_events = log
                 .iter()
                 .filter(|e| e.task_id == task_id)

@@ -264,7 +264,7 @@ async fn the_service_rides_out_a_postgres_restart() {
         include_descendants: true,
     };
     db.sequence_events().await.unwrap();
-    let logged: Vec<u64> = events::read(&mut db.conn().await.unwrap(), &scope, 0, i64::MAX)
+    let logged: Vec<u64> = events::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
         .await
         .unwrap()
         .iter()

@@ -44,7 +44,7 @@ on_both_backends! {
         }
         let scope = events::Scope { instance_id: "global".into(), include_descendants: true };
         db.sequence_events().await.unwrap();
-        let log = events::read(&mut db.conn().await.unwrap(), &scope, 0, i64::MAX).await.unwrap();
+        let log = events::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX).await.unwrap();
         for (id, kind) in &winners {
             let recorded: Vec<_> = log
                 .iter()

@@ -52,7 +52,7 @@ async fn all_events(db: &Db) -> Vec<Event> {
         include_descendants: true,
     };
     db.sequence_events().await.unwrap();
-    events::read(&mut db.conn().await.unwrap(), &scope, 0, i64::MAX)
+    events::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
         .await
         .unwrap()
 }

@@ -4,16 +4,19 @@ use tonic::{Request, Response, Status};
 
 use std::pin::Pin;
 
-use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio_stream::{Stream, StreamExt};
 
-use super::{FromProto, all, id, optional_text, page, parse_result, text, timestamp};
+use prost::Message;
+
+use super::{Encoded, FromProto, all, id, optional_text, page, parse_result, text, timestamp};
 use crate::{
     auth::Caller,
     domain::{DelegationType, EventKind, limits},
     error::Error,
     events::{Hub, Item, Subscription},
     proto::{
-        self as pb, delegation_service_server::DelegationService, watch_events_response::Payload,
+        self as pb, server::delegation_service_server::DelegationService,
+        watch_events_response::Payload,
     },
     repository::{
         access::{self, Action},
@@ -43,8 +46,8 @@ impl DelegationApi {
     }
 }
 
-/// The response stream of WatchEvents.
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
+/// The response stream of WatchEvents, its messages encoded.
+type EventStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl DelegationService for DelegationApi {
@@ -77,15 +80,17 @@ impl DelegationService for DelegationApi {
         let watched = Action::ManageInstance(&subscription.scope.instance_id);
         access::check(&self.db, &caller, watched).await?;
         let items = self.hub.watch(subscription).await?;
-        let stream = ReceiverStream::new(items).map(|item| match item? {
-            Item::Event(event) => Ok(pb::WatchEventsResponse {
-                payload: Some(Payload::Event(event_to_proto(event)?)),
-            }),
-            Item::Progress(sequence) => Ok(pb::WatchEventsResponse {
-                payload: Some(Payload::Progress(pb::Progress {
+        let stream = items.map(|item| {
+            let payload = match item? {
+                Item::Event(event) => return Ok(Encoded(event.encoded(encode_event)?)),
+                Item::Progress(sequence) => Payload::Progress(pb::Progress {
                     sequence: unsigned(sequence),
-                })),
-            }),
+                }),
+            };
+            let response = pb::WatchEventsResponse {
+                payload: Some(payload),
+            };
+            Ok(Encoded(response.encode_to_vec().into()))
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -276,16 +281,21 @@ fn unsigned(sequence: i64) -> u64 {
     u64::try_from(sequence).unwrap_or_default()
 }
 
-fn event_to_proto(event: Event) -> Result<pb::DelegationEvent, Status> {
+/// The WatchEventsResponse carrying `event`, encoded.
+fn encode_event(event: &Event) -> Result<bytes::Bytes, Error> {
     let delegation = event
         .delegation()
         .map_err(|e| Error::Internal(format!("event {}: {e}", event.sequence)))?;
-    Ok(pb::DelegationEvent {
+    let event = pb::DelegationEvent {
         sequence: unsigned(event.sequence),
         kind: pb::EventKind::from(event.kind).into(),
         occurred_at: Some(timestamp(event.occurred_at)),
         delegation: delegation.map(Into::into),
-        task_id: event.task_id,
-        caused_by_delegation_id: event.caused_by_delegation_id.unwrap_or_default(),
-    })
+        task_id: event.task_id.clone(),
+        caused_by_delegation_id: event.caused_by_delegation_id.clone().unwrap_or_default(),
+    };
+    let response = pb::WatchEventsResponse {
+        payload: Some(Payload::Event(event)),
+    };
+    Ok(response.encode_to_vec().into())
 }

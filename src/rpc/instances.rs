@@ -6,7 +6,7 @@ use super::{FromProto, all, id, json, page, text};
 use crate::{
     auth::Caller,
     domain::{InstanceStatus, Scope, limits},
-    proto::{self as pb, instance_service_server::InstanceService},
+    proto::{self as pb, server::instance_service_server::InstanceService},
     repository::{
         access::{self, Action},
         instances::{self, NewInstance},

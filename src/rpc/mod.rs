@@ -11,6 +11,36 @@ pub use delegations::DelegationApi;
 pub use instances::InstanceApi;
 pub use tasks::TaskApi;
 
+/// A `WatchEventsResponse` already encoded, sent as is: the generated servers
+/// (`proto::server`) carry this type in its place, so that an event is encoded once for all
+/// its subscribers. Only ever encoded; clients decode the generated type.
+#[derive(Debug, Clone, Default)]
+pub struct Encoded(bytes::Bytes);
+
+impl prost::Message for Encoded {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 use chrono::NaiveDateTime;
 use prost_types::Timestamp;
 

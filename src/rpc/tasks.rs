@@ -7,7 +7,7 @@ use crate::{
     auth::Caller,
     domain::limits,
     error::Error,
-    proto::{self as pb, task_service_server::TaskService},
+    proto::{self as pb, server::task_service_server::TaskService},
     repository::{
         access::{self, Action},
         tasks::{self, NewTask},

@@ -208,14 +208,15 @@ pub struct Scope {
     pub include_descendants: bool,
 }
 
-/// Events of `scope` with a sequence above `after`, oldest first, at most `limit`.
+/// Events of `scope` (every event for `None`) with a sequence above `after`, oldest first, at
+/// most `limit`.
 pub async fn read(
     conn: &mut Conn,
-    scope: &Scope,
+    scope: Option<&Scope>,
     after: i64,
     limit: i64,
 ) -> QueryResult<Vec<Event>> {
-    const READ: &str = "
+    const READ_SCOPE: &str = "
         WITH RECURSIVE scope (id) AS (
             SELECT id FROM hopper_instances WHERE id = $1
             UNION
@@ -227,13 +228,68 @@ pub async fn read(
                OR e.target_instance_id IN (SELECT id FROM scope))
         ORDER BY e.sequence
         LIMIT $4";
-    with_conn!(conn, |c| sql(READ)
+    let Some(scope) = scope else {
+        return with_conn!(conn, |c| de::table
+            .filter(de::sequence.gt(after))
+            .order(de::sequence)
+            .limit(limit)
+            .select(Event::as_select())
+            .load(c)
+            .await);
+    };
+    with_conn!(conn, |c| sql(READ_SCOPE)
         .bind::<Text, _>(&scope.instance_id)
         .bind::<Bool, _>(scope.include_descendants)
         .bind::<BigInt, _>(after)
         .bind::<BigInt, _>(limit)
         .load(c)
         .await)
+}
+
+/// A page of the log after a cursor.
+#[derive(Debug)]
+pub struct Page {
+    /// The matching events, oldest first.
+    pub events: Vec<Event>,
+    /// Every event up to here has been looked at: the last event's sequence for a full page,
+    /// the log's head for a short one. A cursor may move here once `events` are delivered.
+    pub through: i64,
+    /// The page is full: more events may follow.
+    pub full: bool,
+}
+
+/// Reads up to `limit` events of `scope` after `after`, in three statements: the bounds, the
+/// events, the pruning watermark again. `Err` with the bounds if retention has deleted, or
+/// may have deleted while reading, events after `after`: the page could have a hole.
+///
+/// The head is read before the events, and sequence order is commit order, so after a short
+/// page nothing up to that head remains unseen.
+pub async fn page(
+    conn: &mut Conn,
+    scope: Option<&Scope>,
+    after: i64,
+    limit: i64,
+) -> QueryResult<Result<Page, Bounds>> {
+    let before = bounds(conn).await?;
+    if after < before.pruned_through {
+        return Ok(Err(before));
+    }
+    let events = read(conn, scope, after, limit).await?;
+    let pruned_through = bounds(conn).await?.pruned_through;
+    if after < pruned_through {
+        return Ok(Err(Bounds {
+            pruned_through,
+            ..before
+        }));
+    }
+    let full = i64::try_from(events.len()).unwrap_or(i64::MAX) >= limit;
+    let last = events.last().map_or(after, |e| e.sequence);
+    let through = if full { last } else { last.max(before.head) };
+    Ok(Ok(Page {
+        events,
+        through,
+        full,
+    }))
 }
 
 /// Where the log stands.

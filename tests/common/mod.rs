@@ -361,7 +361,7 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (shutdown, stop) = oneshot::channel::<()>();
-        let hub = Hub::new(db.pool(), config.progress_interval);
+        let hub = Hub::with_limits(db.pool(), config.progress_interval, config.watch);
         let handle = tokio::spawn(server::run(listener, hub.clone(), config, async {
             let _ = stop.await;
         }));
