@@ -34,6 +34,11 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "lifecycle/fanout.rs"]
+mod fanout;
+
+#[global_allocator]
+static ALLOCATOR: fanout::Counting = fanout::Counting;
 
 use std::{
     collections::BTreeMap,
@@ -87,6 +92,12 @@ struct Args {
     /// Where the tables and JSON go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Run the fan-out benchmark instead (see `lifecycle/fanout.rs`).
+    #[arg(long)]
+    fanout: bool,
+    /// Concurrent lifecycle clients of the fan-out benchmark.
+    #[arg(long, default_value_t = 16)]
+    fanout_clients: usize,
     /// Worker threads of the server's runtime (default: one per core, as `serve` runs).
     #[arg(long)]
     server_threads: Option<usize>,
@@ -262,10 +273,15 @@ async fn step<T, E: std::fmt::Debug>(
 struct Clients {
     tasks: TaskServiceClient<Channel>,
     delegations: DelegationServiceClient<Channel>,
+    /// The Orchestration instances lifecycles go to, in turn.
+    leaves: Arc<[String]>,
 }
 
+/// Which leaf the next lifecycle of any client goes to.
+static NEXT_LEAF: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Clients {
-    async fn connect(addr: SocketAddr) -> Self {
+    async fn connect(addr: SocketAddr, leaves: Arc<[String]>) -> Self {
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -274,6 +290,7 @@ impl Clients {
         Self {
             tasks: TaskServiceClient::new(channel.clone()),
             delegations: DelegationServiceClient::new(channel),
+            leaves,
         }
     }
 }
@@ -291,6 +308,7 @@ fn route(task: &str, from: &str, to: &str) -> pb::CreateDelegationRequest {
 
 /// One lifecycle through the gRPC API.
 async fn service_lifecycle(c: &mut Clients, tally: &mut Tally) {
+    let leaf = c.leaves[NEXT_LEAF.fetch_add(1, Ordering::Relaxed) % c.leaves.len()].clone();
     let create = pb::CreateTaskRequest {
         title: "bench".into(),
         instance_id: "global".into(),
@@ -318,7 +336,7 @@ async fn service_lifecycle(c: &mut Clients, tally: &mut Tally) {
         tally,
         3,
         c.delegations
-            .create_delegation(route(&task.id, "project", "orch")),
+            .create_delegation(route(&task.id, "project", &leaf)),
     )
     .await
     .into_inner();
@@ -343,7 +361,7 @@ async fn service_lifecycle(c: &mut Clients, tally: &mut Tally) {
         .into_inner();
     assert_eq!(chain.delegations.len(), 2);
     let pending = pb::ListPendingDelegationsRequest {
-        instance_id: "orch".into(),
+        instance_id: leaf,
         ..Default::default()
     };
     step(tally, 7, c.delegations.list_pending_delegations(pending)).await;
@@ -740,6 +758,8 @@ struct Target {
     addr: SocketAddr,
     /// The limit's connections, opened once for the highest concurrency.
     links: tokio::sync::Mutex<Vec<Link>>,
+    /// The Orchestration instances the service's lifecycles go to.
+    leaves: Arc<[String]>,
 }
 
 /// What one client drives: the service through its own gRPC connection, or the limit.
@@ -756,7 +776,9 @@ async fn run(target: &Target, side: Side, concurrency: usize, seconds: f64) -> R
         let mut links = target.links.lock().await;
         for _ in 0..concurrency {
             drivers.push(match side {
-                Side::Service => Driver::Service(Box::new(Clients::connect(target.addr).await)),
+                Side::Service => Driver::Service(Box::new(
+                    Clients::connect(target.addr, target.leaves.clone()).await,
+                )),
                 Side::Limit => Driver::Limit(links.pop().unwrap(), EventOrder::None),
                 Side::LimitWithLock => Driver::Limit(links.pop().unwrap(), EventOrder::Lock),
             });
@@ -915,6 +937,7 @@ fn start_server(url: DatabaseUrl, threads: Option<usize>) -> (SocketAddr, tokio:
     }
     let runtime = builder
         .thread_name("hopper-server")
+        .on_thread_start(fanout::mark_server_thread)
         .thread_keep_alive(Duration::from_secs(3600))
         .enable_all()
         .build()
@@ -958,7 +981,7 @@ async fn register_hierarchy(addr: SocketAddr) {
 
 async fn show_statements(target: &Target) {
     let mut tally = Tally::new();
-    let mut clients = Clients::connect(target.addr).await;
+    let mut clients = Clients::connect(target.addr, target.leaves.clone()).await;
     service_lifecycle(&mut clients, &mut tally).await; // warm the caches
     let count = |f: &str| {
         println!(
@@ -996,6 +1019,7 @@ async fn bench_backend(backend: Backend, args: &Args) -> anyhow::Result<()> {
         backend,
         addr,
         links: tokio::sync::Mutex::new(open_links(&test_db.url, max).await),
+        leaves: Arc::from(["orch".to_owned()]),
     };
     if args.show_statements {
         show_statements(&target).await;
@@ -1178,7 +1202,11 @@ async fn main() -> anyhow::Result<()> {
         if backend == Backend::Postgres && !postgres_available().await {
             continue;
         }
-        bench_backend(backend, &args).await?;
+        if args.fanout {
+            fanout::bench(backend, &args).await?;
+        } else {
+            bench_backend(backend, &args).await?;
+        }
     }
     Ok(())
 }
