@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 
 use super::{Inner, Limits, SharedEvent, Subscription};
 use crate::{
@@ -25,6 +25,10 @@ use crate::{
 
 /// How often the tail looks at the log when nothing woke it.
 const IDLE: Duration = Duration::from_secs(1);
+/// The least time between two reads: under load, the events of several commits are read,
+/// and reach each connection, together (one write for several events), for at most this much
+/// delay. An idle tail reads at once.
+const GATHER: Duration = Duration::from_millis(5);
 /// Events read from the log per query.
 const PAGE: i64 = 1_000;
 
@@ -266,6 +270,17 @@ impl Tail {
         }
     }
 
+    /// With no member to offer them to, skips the events up to `head`: an empty window there.
+    fn skip_to(&self, head: i64) {
+        let mut state = self.state();
+        if state.members.is_empty() && head > state.head {
+            state.window.clear();
+            state.bytes = 0;
+            state.head = head;
+            state.floor = head;
+        }
+    }
+
     /// Detaches every member and empties the window at `head`: the tail has lost events.
     fn reset(&self, head: i64) {
         let mut state = self.state();
@@ -351,7 +366,12 @@ pub(super) async fn run(hub: Weak<Inner>) {
     else {
         return;
     };
+    let mut last_read = Instant::now()
+        .checked_sub(GATHER)
+        .unwrap_or_else(Instant::now);
     loop {
+        tokio::time::sleep_until(last_read + GATHER).await;
+        last_read = Instant::now();
         // Marked seen before reading: events appended during the read wake the next round.
         appended.borrow_and_update();
         let Some(inner) = hub.upgrade() else { return };
@@ -373,7 +393,13 @@ async fn read_new(inner: &Inner) -> Result<(), Error> {
     loop {
         let after = inner.tail.head();
         let mut conn = inner.db.conn().await?;
-        let page = match events::page(&mut conn, None, after, PAGE).await? {
+        if inner.tail.subscribers() == 0 {
+            // Nobody to offer events to: move to the head with an empty window.
+            let head = events::bounds(&mut conn).await?.head;
+            inner.tail.skip_to(head);
+            return Ok(());
+        }
+        let page = match events::tail(&mut conn, after, PAGE).await? {
             Ok(page) => page,
             Err(bounds) => {
                 tracing::warn!(

@@ -292,6 +292,62 @@ pub async fn page(
     }))
 }
 
+/// Up to `limit` events after `after`, with the log's bounds, in one statement, so that both
+/// come from one snapshot: for the live tail, which reads every event. `Err` with the bounds
+/// if retention deleted events after `after`. An empty page moves nothing (`through` is
+/// `after`): its bounds are not read.
+pub async fn tail(conn: &mut Conn, after: i64, limit: i64) -> QueryResult<Result<Page, Bounds>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(embed)]
+        event: Event,
+        #[diesel(sql_type = BigInt)]
+        head: i64,
+        #[diesel(sql_type = BigInt)]
+        pruned_through: i64,
+    }
+    const TAIL: &str = "
+        SELECT e.*, b.head, b.pruned_through
+        FROM delegation_events e
+        CROSS JOIN (SELECT COALESCE((SELECT max(sequence) FROM delegation_events), 0) AS head,
+                           pruned_through
+                    FROM event_log_state) b
+        WHERE e.sequence > $1
+        ORDER BY e.sequence
+        LIMIT $2";
+    let rows: Vec<Row> = with_conn!(conn, |c| sql(TAIL)
+        .bind::<BigInt, _>(after)
+        .bind::<BigInt, _>(limit)
+        .load(c)
+        .await)?;
+    let Some(&Row {
+        head,
+        pruned_through,
+        ..
+    }) = <[Row]>::first(&rows)
+    else {
+        return Ok(Ok(Page {
+            events: Vec::new(),
+            through: after,
+            full: false,
+        }));
+    };
+    if after < pruned_through {
+        return Ok(Err(Bounds {
+            head,
+            pruned_through,
+        }));
+    }
+    let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
+    let events: Vec<Event> = rows.into_iter().map(|row| row.event).collect();
+    let last = events.last().map_or(after, |e| e.sequence);
+    Ok(Ok(Page {
+        through: if full { last } else { last.max(head) },
+        events,
+        full,
+    }))
+}
+
 /// Where the log stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
