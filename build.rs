@@ -3,7 +3,8 @@
 //!
 //! The code is generated twice: the messages and clients (`proto`), then the servers alone
 //! (`proto::server`), with every message taken from `proto` except `WatchEventsResponse`, which
-//! the server sends already encoded: an event is encoded once for all its subscribers.
+//! the server sends already encoded (an event is encoded once for all its subscribers), and
+//! with the servers' own codec, whose response buffers start small (`rpc::Codec`).
 
 use std::{env, fs, path::PathBuf};
 
@@ -31,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(false)
         .out_dir(servers)
+        .codec_path("crate::rpc::Codec")
         .extern_path(".hopper.delegation.v1", "crate::proto")
         .extern_path(
             ".hopper.delegation.v1.WatchEventsResponse",

@@ -26,6 +26,7 @@
 //! cargo bench --bench lifecycle                          # both backends, concurrency 1, 16, 64
 //! cargo bench --bench lifecycle -- --backend postgres --concurrency 16 --seconds 10 --runs 3
 //! cargo bench --bench lifecycle -- --show-statements     # the statements of one lifecycle
+//! cargo bench --bench lifecycle -- --fanout              # WatchEvents fan-out (lifecycle/fanout.rs)
 //! ```
 //!
 //! It prints a markdown table per backend and writes it, with the raw figures as JSON, to

@@ -3,7 +3,10 @@
 //!
 //! - **leaves**: 10,000 subscribers, ten per leaf, each watching its leaf, plus 10 watching
 //!   Global with its descendants;
-//! - **every event**: 1,000 subscribers watching Global with its descendants.
+//! - **every event**: 1,000 subscribers watching Global with its descendants;
+//! - **leaves + stalled**: the leaves' subscribers plus 100 on Global that read nothing during
+//!   the run (they are read afterwards, and must have everything): what slow consumers cost
+//!   writers and the other subscribers.
 //!
 //! Each subscriber has its own connection where the open-file limit allows. For each
 //! run with subscribers it reports the throughput against the runs without, the delivery
@@ -88,7 +91,13 @@ fn resident_bytes() -> f64 {
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
         .unwrap_or(0.0)
         * 1024.0
 }
@@ -115,6 +124,8 @@ enum Scenario {
     Leaves,
     /// Every subscriber on Global with descendants.
     EveryEvent,
+    /// `Leaves`, plus 100 on Global that read nothing until the run is over.
+    LeavesAndStalled,
 }
 
 impl Scenario {
@@ -122,17 +133,20 @@ impl Scenario {
         match self {
             Scenario::Leaves => "10,000 on 1,000 leaves + 10 on Global",
             Scenario::EveryEvent => "1,000 receiving every event",
+            Scenario::LeavesAndStalled => "the same + 100 on Global not reading",
         }
     }
 
-    /// Each subscriber's instance and whether it watches the subtree.
-    fn subscribers(self) -> Vec<(String, bool)> {
+    /// Each subscriber's instance, whether it watches the subtree, and whether it stalls.
+    fn subscribers(self) -> Vec<(String, bool, bool)> {
+        let global = |stalled| ("global".to_owned(), true, stalled);
+        let leaves = (0..LEAVES * 10)
+            .map(|i| (leaf(i % LEAVES), false, false))
+            .chain((0..10).map(|_| global(false)));
         match self {
-            Scenario::Leaves => (0..LEAVES * 10)
-                .map(|i| (leaf(i % LEAVES), false))
-                .chain((0..10).map(|_| ("global".to_owned(), true)))
-                .collect(),
-            Scenario::EveryEvent => (0..1_000).map(|_| ("global".to_owned(), true)).collect(),
+            Scenario::Leaves => leaves.collect(),
+            Scenario::EveryEvent => (0..1_000).map(|_| global(false)).collect(),
+            Scenario::LeavesAndStalled => leaves.chain((0..100).map(|_| global(true))).collect(),
         }
     }
 }
@@ -163,16 +177,19 @@ async fn register_leaves(addr: SocketAddr) {
     };
     register("global".into(), pb::Scope::Global, "").await;
     register("project".into(), pb::Scope::Project, "global").await;
-    futures::stream::iter((0..LEAVES).map(|i| register(leaf(i), pb::Scope::Orchestration, "project")))
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
+    futures::stream::iter(
+        (0..LEAVES).map(|i| register(leaf(i), pb::Scope::Orchestration, "project")),
+    )
+    .buffer_unordered(16)
+    .collect::<Vec<_>>()
+    .await;
 }
 
 /// One open subscriber: its filter and what it received.
 struct Subscriber {
     instance: String,
     descendants: bool,
+    stalled: bool,
     /// (sequence, when received) of every event.
     received: Arc<Mutex<Vec<(i64, Instant)>>>,
     /// The highest sequence it has been told about (event or progress).
@@ -181,21 +198,33 @@ struct Subscriber {
 }
 
 /// Opens the scenario's subscribers, `per_connection` to a connection, each waiting for its
-/// first progress mark.
-async fn open(addr: SocketAddr, scenario: Scenario, per_connection: usize) -> Vec<Subscriber> {
+/// first progress mark; stalled ones read nothing more until `go` is sent.
+async fn open(
+    addr: SocketAddr,
+    scenario: Scenario,
+    per_connection: usize,
+    go: &tokio::sync::watch::Sender<bool>,
+) -> Vec<Subscriber> {
     let filters = scenario.subscribers();
-    let chunks: Vec<Vec<(String, bool)>> = filters
+    let chunks: Vec<Vec<(String, bool, bool)>> = filters
         .chunks(per_connection.max(1))
         .map(<[_]>::to_vec)
         .collect();
     let opened = futures::stream::iter(chunks.into_iter().map(|chunk| async move {
+        let go = go.subscribe();
+        // A stalled client's windows: HTTP/2's initial 64 KiB, as most clients start with
+        // (tonic's own are 2 and 5 MiB), so that the server soon has nowhere to put more.
+        let stalled = chunk.iter().any(|(_, _, stalled)| *stalled);
+        let window = stalled.then_some(65_535);
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(window)
             .connect()
             .await
             .expect("connect a subscriber");
         let mut subscribers = Vec::new();
-        for (instance, descendants) in chunk {
+        for (instance, descendants, stalled) in chunk {
             let request = pb::WatchEventsRequest {
                 instance_id: instance.clone(),
                 include_descendants: descendants,
@@ -207,15 +236,18 @@ async fn open(addr: SocketAddr, scenario: Scenario, per_connection: usize) -> Ve
                 .expect("watch")
                 .into_inner();
             let first = stream.message().await.unwrap().unwrap();
-            let Some(pb::watch_events_response::Payload::Progress(progress)) = first.payload
-            else {
+            let Some(pb::watch_events_response::Payload::Progress(progress)) = first.payload else {
                 panic!("the first message is a progress mark")
             };
             let received = Arc::new(Mutex::new(Vec::new()));
             let reached = Arc::new(AtomicU64::new(progress.sequence));
             let reader = tokio::spawn({
                 let (received, reached) = (received.clone(), reached.clone());
+                let mut go = go.clone();
                 async move {
+                    if stalled {
+                        let _ = go.wait_for(|go| *go).await;
+                    }
                     while let Ok(Some(message)) = stream.message().await {
                         use pb::watch_events_response::Payload;
                         match message.payload {
@@ -235,6 +267,7 @@ async fn open(addr: SocketAddr, scenario: Scenario, per_connection: usize) -> Ve
             subscribers.push(Subscriber {
                 instance,
                 descendants,
+                stalled,
                 received,
                 reached,
                 reader,
@@ -303,10 +336,14 @@ async fn with_subscribers(
     seconds: f64,
 ) -> FanoutRun {
     db.sequence_events().await.unwrap();
-    let start = events::bounds(&mut db.conn().await.unwrap()).await.unwrap().head;
+    let start = events::bounds(&mut db.conn().await.unwrap())
+        .await
+        .unwrap()
+        .head;
     let (heap, resident) = (server_heap(), resident_bytes());
     let opening = Instant::now();
-    let subscribers = open(target.addr, scenario, per_connection).await;
+    let go = tokio::sync::watch::channel(false).0;
+    let subscribers = open(target.addr, scenario, per_connection, &go).await;
     let open_seconds = opening.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await; // settle: idle subscribers
     let n = subscribers.len() as f64;
@@ -314,6 +351,7 @@ async fn with_subscribers(
     let resident_per_subscriber = (resident_bytes() - resident) / n;
 
     let with = run(target, Side::Service, concurrency, seconds).await;
+    go.send_replace(true);
     let log = log_after(db, start).await;
     let head = log.keys().next_back().copied().unwrap_or(start);
     let caught_up = tokio::time::timeout(Duration::from_secs(60), async {
@@ -353,8 +391,10 @@ async fn with_subscribers(
         duplicated += (received.len() - got.len()) as u64;
         missing += expected.difference(&got).count() as u64;
         // The leaf hop's own completion: written by the CompleteDelegation that was timed.
-        for (sequence, at) in received.iter() {
-            let Some(event) = log.get(sequence) else { continue };
+        for (sequence, at) in received.iter().filter(|_| !subscriber.stalled) {
+            let Some(event) = log.get(sequence) else {
+                continue;
+            };
             if event.kind == hopper_delegation::domain::EventKind::DelegationCompleted
                 && event.target.starts_with("leaf-")
                 && let Some(answered) = answered.get(event.task_id.as_str())
@@ -408,14 +448,24 @@ pub(crate) async fn bench(backend: Backend, args: &Args) -> anyhow::Result<()> {
     run(&target, Side::Service, 4, 1.0).await; // warm-up
     let mut without = Vec::new();
     let mut with = Vec::new();
-    for scenario in [Scenario::Leaves, Scenario::EveryEvent] {
+    for scenario in [
+        Scenario::Leaves,
+        Scenario::LeavesAndStalled,
+        Scenario::EveryEvent,
+    ] {
         for round in 0..args.runs {
             // none, with; then with, none: each side goes first as often as last.
             for with_subscribers_now in [round % 2 == 1, round % 2 == 0] {
                 if with_subscribers_now {
-                    let measured =
-                        with_subscribers(&target, &db, scenario, per_connection, concurrency, args.seconds)
-                            .await;
+                    let measured = with_subscribers(
+                        &target,
+                        &db,
+                        scenario,
+                        per_connection,
+                        concurrency,
+                        args.seconds,
+                    )
+                    .await;
                     eprintln!(
                         "{backend:?} {}: {:.1} lifecycles/s, p99 {:.1} ms, missing {}, duplicated {}",
                         scenario.label(),
@@ -427,7 +477,10 @@ pub(crate) async fn bench(backend: Backend, args: &Args) -> anyhow::Result<()> {
                     with.push(measured);
                 } else {
                     let measured = run(&target, Side::Service, concurrency, args.seconds).await;
-                    eprintln!("{backend:?} no subscribers: {:.1} lifecycles/s", measured.per_second);
+                    eprintln!(
+                        "{backend:?} no subscribers: {:.1} lifecycles/s",
+                        measured.per_second
+                    );
                     without.push((scenario, measured));
                 }
             }
@@ -468,7 +521,8 @@ fn report(
         let base_rate = median(base.iter().map(|r| r.per_second).collect());
         let base_cpu = median(base.iter().map(|r| r.server_cpu_us_per_lifecycle).collect());
         let base_statements = median(base.iter().map(|r| r.statements_per_lifecycle).collect());
-        let extra_cpu = (run.with.server_cpu_us_per_lifecycle - base_cpu) * run.with.lifecycles as f64;
+        let extra_cpu =
+            (run.with.server_cpu_us_per_lifecycle - base_cpu) * run.with.lifecycles as f64;
         run.server_cpu_us_per_delivery = extra_cpu / run.delivered.max(1) as f64;
         writeln!(
             md,
@@ -500,6 +554,9 @@ fn report(
     std::fs::write(args.out.join(format!("{name}.md")), &md)?;
     let without: Vec<&Run> = without.iter().map(|(_, r)| r).collect();
     let json = serde_json::json!({ "with": with, "without": without });
-    std::fs::write(args.out.join(format!("{name}.json")), serde_json::to_string_pretty(&json)?)?;
+    std::fs::write(
+        args.out.join(format!("{name}.json")),
+        serde_json::to_string_pretty(&json)?,
+    )?;
     Ok(())
 }

@@ -247,3 +247,35 @@ fn check_cursor(after: i64, bounds: events::Bounds) -> Result<(), Error> {
 async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    #[test]
+    fn an_event_is_encoded_once_for_all_its_subscribers() {
+        let event = Event {
+            sequence: 7,
+            kind: EventKind::DelegationCreated,
+            occurred_at: chrono::DateTime::UNIX_EPOCH.naive_utc(),
+            task_id: "t".into(),
+            delegation_id: Some("d".into()),
+            source_instance_id: "global".into(),
+            target_instance_id: "project".into(),
+            caused_by_delegation_id: None,
+            delegation: None,
+        };
+        let shared = SharedEvent::new(event);
+        let calls = Cell::new(0);
+        let encode = |event: &Event| {
+            calls.set(calls.get() + 1);
+            Ok(Bytes::from(event.sequence.to_string()))
+        };
+        for _ in 0..1_000 {
+            assert_eq!(shared.encoded(encode).unwrap(), "7");
+        }
+        assert_eq!(calls.get(), 1);
+    }
+}

@@ -11,6 +11,37 @@ pub use delegations::DelegationApi;
 pub use instances::InstanceApi;
 pub use tasks::TaskApi;
 
+/// The servers' codec (`proto::server`): prost's, with a small initial encode buffer. Each
+/// response stream holds its buffer for its whole life, and prost's default (8 KiB) would be
+/// a quarter of an idle WatchEvents subscriber's memory; a message that needs more grows it.
+#[derive(Debug, Clone, Copy)]
+pub struct Codec<T, U>(std::marker::PhantomData<fn(T) -> U>);
+
+impl<T, U> Default for Codec<T, U> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for Codec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(512, 32 * 1024))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::default())
+    }
+}
+
 /// A `WatchEventsResponse` already encoded, sent as is: the generated servers
 /// (`proto::server`) carry this type in its place, so that an event is encoded once for all
 /// its subscribers. Only ever encoded; clients decode the generated type.
