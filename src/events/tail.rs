@@ -25,10 +25,12 @@ use crate::{
 
 /// How often the tail looks at the log when nothing woke it.
 const IDLE: Duration = Duration::from_secs(1);
-/// The least time between two reads: under load, the events of several commits are read,
-/// and reach each connection, together (one write for several events), for at most this much
-/// delay. An idle tail reads at once.
+/// The least time between two reads once there are [`GATHER_FROM`] members: under load, the
+/// events of several commits are read, and reach each connection, together (one write for
+/// several events), for at most this much delay. An idle tail reads at once.
 const GATHER: Duration = Duration::from_millis(5);
+/// Below this many members a read costs little and the tail reads on every wake-up.
+const GATHER_FROM: usize = 100;
 /// Events read from the log per query.
 const PAGE: i64 = 1_000;
 
@@ -366,15 +368,15 @@ pub(super) async fn run(hub: Weak<Inner>) {
     else {
         return;
     };
-    let mut last_read = Instant::now()
-        .checked_sub(GATHER)
-        .unwrap_or_else(Instant::now);
+    let mut last_read = Instant::now();
     loop {
-        tokio::time::sleep_until(last_read + GATHER).await;
+        let Some(inner) = hub.upgrade() else { return };
+        if inner.tail.subscribers() >= GATHER_FROM {
+            tokio::time::sleep_until(last_read + GATHER).await;
+        }
         last_read = Instant::now();
         // Marked seen before reading: events appended during the read wake the next round.
         appended.borrow_and_update();
-        let Some(inner) = hub.upgrade() else { return };
         if let Err(err) = read_new(&inner).await {
             // Subscribers wait, joined; the next round reads from the same head.
             tracing::warn!(error = %err, "the event tail could not read the log; retrying");
