@@ -13,7 +13,7 @@ use tokio::{
 
 use super::{
     Hub, Item, SharedEvent, Subscription, check_cursor, stopping,
-    tail::{Filter, Joined},
+    tail::{Filter, Join, Joined},
 };
 use crate::{
     error::Error,
@@ -101,7 +101,11 @@ impl Subscriber {
             }
             self.cursor = self.cursor.max(self.through);
             let Some((_, events)) = &mut self.live else {
-                self.catch_up().await?;
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    () = stopping(&mut shutdown) => return Err(shutting_down()),
+                    caught_up = self.catch_up() => caught_up?,
+                }
                 continue;
             };
             if !self.announced {
@@ -134,20 +138,28 @@ impl Subscriber {
         }
     }
 
-    /// Joins the tail if its window reaches back to the cursor; otherwise reads a page of the
-    /// log after the cursor.
+    /// Joins the tail if its window reaches back to the cursor (taking the window's events
+    /// after it, a buffer's worth at a time); otherwise reads a page of the log after the
+    /// cursor.
     async fn catch_up(&mut self) -> Result<(), Error> {
-        if let Some(Joined {
-            id,
-            pending,
-            through,
-            receiver,
-        }) = self.hub.0.tail.join(&self.filter, self.cursor)
-        {
-            self.pending = pending;
-            self.through = through;
-            self.live = Some((id, receiver));
-            return Ok(());
+        match self.hub.0.tail.join(&self.filter, self.cursor) {
+            Join::Joined(Joined {
+                id,
+                pending,
+                through,
+                receiver,
+            }) => {
+                self.pending = pending;
+                self.through = through;
+                self.live = Some((id, receiver));
+                return Ok(());
+            }
+            Join::Partial { pending, through } => {
+                self.pending = pending;
+                self.through = through;
+                return Ok(());
+            }
+            Join::Behind => {}
         }
         let mut conn = self.hub.0.db.conn().await?;
         let page = match events::page(&mut conn, Some(&self.scope), self.cursor, PAGE).await? {

@@ -80,6 +80,11 @@ fn bit(kind: EventKind) -> u8 {
     1 << kind as u8
 }
 
+const _: () = assert!(
+    EventKind::ALL.len() <= 8,
+    "the kinds of a filter are bits of a u8"
+);
+
 /// An event of the window, with its instances' lineages for matching subtrees.
 struct Entry {
     event: Arc<SharedEvent>,
@@ -134,7 +139,22 @@ struct Member {
     sender: mpsc::Sender<Arc<SharedEvent>>,
 }
 
-/// What a subscriber gets when it joins.
+/// What a subscriber gets when it asks to join.
+pub(super) enum Join {
+    /// The window no longer holds every event after the cursor: read the log.
+    Behind,
+    /// More events after the cursor than a buffer holds: deliver these, then ask again.
+    Partial {
+        /// The first matching events after the cursor, a buffer's worth.
+        pending: VecDeque<Arc<SharedEvent>>,
+        /// The last of them: the cursor once they are delivered.
+        through: i64,
+    },
+    /// Joined.
+    Joined(Joined),
+}
+
+/// A subscriber joined to the tail.
 pub(super) struct Joined {
     /// Its id, to leave with.
     pub id: u64,
@@ -203,23 +223,31 @@ impl Tail {
         self.state().members.len()
     }
 
-    /// Joins a subscriber whose matching events up to `cursor` are delivered; `None` if the
-    /// window no longer holds every event after `cursor`.
-    pub(super) fn join(&self, filter: &Arc<Filter>, cursor: i64) -> Option<Joined> {
+    /// Joins a subscriber whose matching events up to `cursor` are delivered, handing it the
+    /// window's matching events after `cursor`, at most a buffer's worth at a time, so that a
+    /// subscriber never holds more than that.
+    pub(super) fn join(&self, filter: &Arc<Filter>, cursor: i64) -> Join {
+        let buffer = self.limits.buffer.max(1);
         let mut state = self.state();
         if cursor < state.floor {
-            return None;
+            return Join::Behind;
         }
         let start = state
             .window
             .partition_point(|entry| entry.event.sequence() <= cursor);
-        let pending = state
+        let mut pending: VecDeque<_> = state
             .window
             .range(start..)
             .filter(|entry| filter.matches(entry))
+            .take(buffer + 1)
             .map(|entry| entry.event.clone())
             .collect();
-        let (sender, receiver) = mpsc::channel(self.limits.buffer.max(1));
+        if pending.len() > buffer {
+            pending.truncate(buffer);
+            let through = pending.back().map_or(cursor, |event| event.sequence());
+            return Join::Partial { pending, through };
+        }
+        let (sender, receiver) = mpsc::channel(buffer);
         let id = state.next_id;
         state.next_id += 1;
         let index = if filter.descendants {
@@ -236,7 +264,7 @@ impl Tail {
             sender,
         };
         state.members.insert(id, member);
-        Some(Joined {
+        Join::Joined(Joined {
             id,
             pending,
             through: cursor.max(state.head),
@@ -272,15 +300,20 @@ impl Tail {
         }
     }
 
-    /// With no member to offer them to, skips the events up to `head`: an empty window there.
-    fn skip_to(&self, head: i64) {
+    /// With no member to offer them to, skips the events up to `head` (an empty window there)
+    /// and returns true; false if a subscriber has joined meanwhile.
+    fn skip_to(&self, head: i64) -> bool {
         let mut state = self.state();
-        if state.members.is_empty() && head > state.head {
+        if !state.members.is_empty() {
+            return false;
+        }
+        if head > state.head {
             state.window.clear();
             state.bytes = 0;
             state.head = head;
             state.floor = head;
         }
+        true
     }
 
     /// Detaches every member and empties the window at `head`: the tail has lost events.
@@ -398,8 +431,9 @@ async fn read_new(inner: &Inner) -> Result<(), Error> {
         if inner.tail.subscribers() == 0 {
             // Nobody to offer events to: move to the head with an empty window.
             let head = events::bounds(&mut conn).await?.head;
-            inner.tail.skip_to(head);
-            return Ok(());
+            if inner.tail.skip_to(head) {
+                return Ok(());
+            }
         }
         let page = match events::tail(&mut conn, after, PAGE).await? {
             Ok(page) => page,
@@ -436,4 +470,129 @@ async fn lineage(db: &Db, conn: &mut Conn, id: &str) -> Result<Arc<[String]>, Er
     } else {
         lineage
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::store::events::Scope;
+
+    fn event(sequence: i64, source: &str, target: &str) -> Entry {
+        let event = Event {
+            sequence,
+            kind: EventKind::DelegationCreated,
+            occurred_at: chrono::DateTime::UNIX_EPOCH.naive_utc(),
+            task_id: "t".into(),
+            delegation_id: Some(format!("d{sequence}")),
+            source_instance_id: source.into(),
+            target_instance_id: target.into(),
+            caused_by_delegation_id: None,
+            delegation: None,
+        };
+        let lineage = |id: &str| -> Arc<[String]> {
+            match id {
+                "leaf" => Arc::from(["leaf".to_owned(), "global".to_owned()]),
+                other => Arc::from([other.to_owned()]),
+            }
+        };
+        Entry::new(event, lineage(source), lineage(target))
+    }
+
+    fn filter(instance: &str, descendants: bool) -> Arc<Filter> {
+        Arc::new(Filter::new(&Subscription {
+            scope: Scope {
+                instance_id: instance.into(),
+                include_descendants: descendants,
+            },
+            after: None,
+            kinds: HashSet::new(),
+        }))
+    }
+
+    fn sequences(events: &VecDeque<Arc<SharedEvent>>) -> Vec<i64> {
+        events.iter().map(|e| e.sequence()).collect()
+    }
+
+    /// A window of 3 over events 1..=5 (all of "global" → "leaf"): it holds 3, 4, 5.
+    fn tail(buffer: usize) -> Tail {
+        let limits = Limits {
+            window_events: 3,
+            window_bytes: usize::MAX,
+            buffer,
+        };
+        let tail = Tail::new(limits);
+        tail.start_at(0);
+        tail.publish((1..=5).map(|s| event(s, "global", "leaf")).collect(), 5);
+        tail
+    }
+
+    #[test]
+    fn a_cursor_below_the_floor_must_read_the_log() {
+        let tail = tail(8);
+        assert_eq!(tail.window(), (2, 5));
+        assert!(matches!(tail.join(&filter("leaf", false), 1), Join::Behind));
+    }
+
+    #[test]
+    fn a_cursor_at_the_floor_gets_the_whole_window_then_everything_live() {
+        let tail = tail(8);
+        let Join::Joined(mut joined) = tail.join(&filter("global", true), 2) else {
+            panic!("joined")
+        };
+        assert_eq!(
+            (sequences(&joined.pending), joined.through),
+            (vec![3, 4, 5], 5)
+        );
+        tail.publish(vec![event(6, "other", "leaf")], 6);
+        assert_eq!(joined.receiver.try_recv().unwrap().sequence(), 6);
+        assert_eq!(tail.subscribers(), 1);
+        tail.leave(joined.id);
+        assert_eq!(tail.subscribers(), 0);
+    }
+
+    #[test]
+    fn a_cursor_at_the_head_gets_only_what_follows() {
+        let tail = tail(8);
+        let Join::Joined(joined) = tail.join(&filter("leaf", false), 5) else {
+            panic!("joined")
+        };
+        assert!(joined.pending.is_empty());
+        assert_eq!(joined.through, 5);
+    }
+
+    #[test]
+    fn more_than_a_buffer_behind_is_handed_a_buffer_at_a_time() {
+        let tail = tail(2);
+        let Join::Partial { pending, through } = tail.join(&filter("leaf", false), 2) else {
+            panic!("partial")
+        };
+        assert_eq!((sequences(&pending), through), (vec![3, 4], 4));
+        assert_eq!(tail.subscribers(), 0);
+        assert!(matches!(
+            tail.join(&filter("leaf", false), 4),
+            Join::Joined(_)
+        ));
+    }
+
+    #[test]
+    fn a_full_buffer_detaches_its_member_and_no_one_else() {
+        let tail = tail(1);
+        let Join::Joined(mut slow) = tail.join(&filter("leaf", false), 5) else {
+            panic!("joined")
+        };
+        let Join::Joined(mut prompt) = tail.join(&filter("global", true), 5) else {
+            panic!("joined")
+        };
+        tail.publish(vec![event(6, "global", "leaf")], 6);
+        assert_eq!(prompt.receiver.try_recv().unwrap().sequence(), 6);
+        tail.publish(vec![event(7, "global", "leaf")], 7);
+        assert_eq!(prompt.receiver.try_recv().unwrap().sequence(), 7);
+        // The slow one kept 6, was detached at 7, and hears so after 6.
+        assert_eq!(slow.receiver.try_recv().unwrap().sequence(), 6);
+        assert!(slow.receiver.try_recv().is_err());
+        assert!(slow.receiver.is_closed());
+        assert_eq!(tail.subscribers(), 1);
+    }
 }
