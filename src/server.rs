@@ -9,7 +9,7 @@
 //! [`run`] takes a bound listener and a shutdown future, so tests bind `127.0.0.1:0` and stop
 //! the server without signals.
 
-use std::{future::Future, net::SocketAddr, path::Path, time::Duration};
+use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 
@@ -91,14 +91,13 @@ pub async fn run(
     let _listener = Background(tokio::spawn(store::listen_for_events(db.clone())));
     let _retention = Background(tokio::spawn(retention(db.clone(), config.clone())));
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<InstanceServiceServer<InstanceApi>>()
-        .await;
-    health.set_serving::<TaskServiceServer<TaskApi>>().await;
-    health
-        .set_serving::<DelegationServiceServer<DelegationApi>>()
-        .await;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health {
+        reporter,
+        draining: Arc::default(),
+    };
+    health.set(true).await;
+    let _probe = Background(tokio::spawn(probe_database(db.clone(), health.clone())));
 
     // The builder is not Clone, so each reflection version gets its own.
     let reflection = || {
@@ -114,13 +113,7 @@ pub async fn run(
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: no new requests, ending event streams");
-        health
-            .set_not_serving::<InstanceServiceServer<InstanceApi>>()
-            .await;
-        health.set_not_serving::<TaskServiceServer<TaskApi>>().await;
-        health
-            .set_not_serving::<DelegationServiceServer<DelegationApi>>()
-            .await;
+        health.drain().await;
         streams.stop_streams();
         let _ = draining.send(true);
     };
@@ -162,6 +155,69 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// The health of the three Hopper services, which change together.
+#[derive(Clone)]
+struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    /// Set at shutdown, after which nothing reports SERVING again.
+    draining: Arc<tokio::sync::Mutex<bool>>,
+}
+
+impl Health {
+    /// SERVING or NOT_SERVING, unless the server is draining.
+    async fn set(&self, serving: bool) {
+        let draining = self.draining.lock().await;
+        if !*draining {
+            self.report(serving).await;
+        }
+    }
+
+    /// NOT_SERVING from now on.
+    async fn drain(&self) {
+        let mut draining = self.draining.lock().await;
+        *draining = true;
+        self.report(false).await;
+    }
+
+    async fn report(&self, serving: bool) {
+        let r = &self.reporter;
+        if serving {
+            r.set_serving::<InstanceServiceServer<InstanceApi>>().await;
+            r.set_serving::<TaskServiceServer<TaskApi>>().await;
+            r.set_serving::<DelegationServiceServer<DelegationApi>>()
+                .await;
+        } else {
+            r.set_not_serving::<InstanceServiceServer<InstanceApi>>()
+                .await;
+            r.set_not_serving::<TaskServiceServer<TaskApi>>().await;
+            r.set_not_serving::<DelegationServiceServer<DelegationApi>>()
+                .await;
+        }
+    }
+}
+
+/// How often the database is probed for the health service.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Probes the database every [`PROBE_INTERVAL`]: the services are NOT_SERVING while it cannot
+/// be reached, SERVING again once it can (load balancers and `grpc_health_probe` act on it).
+async fn probe_database(db: Db, health: Health) {
+    let mut serving = true;
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let reachable = db.ping().await;
+        if reachable.is_ok() == serving {
+            continue;
+        }
+        serving = reachable.is_ok();
+        match reachable {
+            Ok(()) => tracing::info!("the database answers again: SERVING"),
+            Err(err) => tracing::warn!(error = %err, "the database cannot be reached: NOT_SERVING"),
+        }
+        health.set(serving).await;
+    }
 }
 
 /// The connections accepted on `listener`, with Nagle's algorithm off. The builder's

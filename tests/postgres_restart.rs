@@ -1,7 +1,8 @@
 //! A private PostgreSQL cluster (initdb/pg_ctl on a free port, as the `postgres` user, so the
 //! shared server is untouched) is stopped and started while the service runs and a subscriber
 //! streams: RPCs during the outage fail with UNAVAILABLE promptly, the service recovers without
-//! a restart, and the subscriber resumes from its cursor with nothing lost or repeated.
+//! a restart, the health service says NOT_SERVING during the outage and SERVING after it, and
+//! the subscriber resumes from its cursor with nothing lost or repeated.
 
 mod common;
 
@@ -18,6 +19,7 @@ use hopper_delegation::{
     store::{self, Db, Migrate, events},
 };
 use tonic::{Code, transport::Channel};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 type DelegationClient = pb::delegation_service_client::DelegationServiceClient<Channel>;
 
@@ -98,6 +100,29 @@ fn private_cluster() -> Option<Cluster> {
     let cluster = Cluster { pg_ctl, dir, port };
     cluster.start();
     Some(cluster)
+}
+
+type HealthClient = tonic_health::pb::health_client::HealthClient<Channel>;
+
+/// What the health service says of TaskService.
+async fn serving_status(health: &HealthClient) -> ServingStatus {
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: "hopper.delegation.v1.TaskService".into(),
+    };
+    let response = health.clone().check(request).await.unwrap().into_inner();
+    ServingStatus::try_from(response.status).unwrap()
+}
+
+/// Waits (at most 20 s) for the health service to say `wanted`.
+async fn health_becomes(health: &HealthClient, wanted: ServingStatus) {
+    let reached = tokio::time::timeout(Duration::from_secs(20), async {
+        while serving_status(health).await != wanted {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    reached
+        .await
+        .unwrap_or_else(|_| panic!("health never became {wanted:?}"));
 }
 
 /// Two hops of `t` before the outage (created and accepted: 4 events); after it, two hops of
@@ -199,6 +224,14 @@ async fn the_service_rides_out_a_postgres_restart() {
     two_hops(&mut delegations, "t").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    let health_channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(health_channel);
+    assert_eq!(serving_status(&health).await, ServingStatus::Serving);
+
     cluster.stop();
     let started = Instant::now();
     let outage = tasks
@@ -216,6 +249,8 @@ async fn the_service_rides_out_a_postgres_restart() {
         .await
         .unwrap_err();
     assert_eq!(write.code(), Code::Unavailable, "{write:?}");
+    // Probes see the outage: health says NOT_SERVING.
+    health_becomes(&health, ServingStatus::NotServing).await;
 
     cluster.start();
     // The service recovers by itself.
@@ -233,6 +268,7 @@ async fn the_service_rides_out_a_postgres_restart() {
     .await
     .expect("the service recovers without a restart");
     assert_eq!(recovered.instance_id, "orch");
+    health_becomes(&health, ServingStatus::Serving).await;
 
     // More events after the outage: the subscriber must get them all, once, in order.
     common::task(&db, "t2", "global").await;

@@ -534,6 +534,16 @@ impl Db {
         })
     }
 
+    /// Whether the database answers: one `SELECT 1` through the pool.
+    pub async fn ping(&self) -> Result<(), Error> {
+        use diesel_async::RunQueryDsl;
+        let mut conn = self.conn().await?;
+        with_conn!(&mut conn, |c| diesel::sql_query("SELECT 1")
+            .execute(c)
+            .await)?;
+        Ok(())
+    }
+
     /// A pooled connection for one writing statement outside a transaction, with this
     /// process's SQLite writer turn held for as long as the pair lives (see [`Db::begin`]).
     pub async fn conn_for_write(&self) -> Result<(Conn, WriterTurn), Error> {
