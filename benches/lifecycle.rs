@@ -60,6 +60,7 @@ use diesel::{
     sql_types::{Jsonb, Text, Timestamp},
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use futures::StreamExt as _;
 use hopper_delegation::{
     events::Hub,
     proto::{
@@ -956,18 +957,16 @@ fn start_server(url: DatabaseUrl, threads: Option<usize>) -> (SocketAddr, tokio:
     (rx.recv().unwrap(), runtime)
 }
 
-async fn register_hierarchy(addr: SocketAddr) {
+/// Registers Global, Project and the Orchestration `leaves` under Project.
+async fn register_hierarchy(addr: SocketAddr, leaves: &[String]) {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let mut instances = InstanceServiceClient::new(channel);
-    for (id, scope, parent) in [
-        ("global", pb::Scope::Global, ""),
-        ("project", pb::Scope::Project, "global"),
-        ("orch", pb::Scope::Orchestration, "project"),
-    ] {
+    let instances = InstanceServiceClient::new(channel);
+    let register = |id: &str, scope: pb::Scope, parent: &str| {
+        let mut instances = instances.clone();
         let request = pb::RegisterInstanceRequest {
             id: id.into(),
             name: id.into(),
@@ -976,8 +975,17 @@ async fn register_hierarchy(addr: SocketAddr) {
             status: pb::InstanceStatus::Running.into(),
             ..Default::default()
         };
-        instances.register_instance(request).await.unwrap();
-    }
+        async move { instances.register_instance(request).await.unwrap() }
+    };
+    register("global", pb::Scope::Global, "").await;
+    register("project", pb::Scope::Project, "global").await;
+    let leaves = leaves
+        .iter()
+        .map(|leaf| register(leaf, pb::Scope::Orchestration, "project"));
+    futures::stream::iter(leaves)
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
 }
 
 async fn show_statements(target: &Target) {
@@ -1015,12 +1023,13 @@ async fn bench_backend(backend: Backend, args: &Args) -> anyhow::Result<()> {
     let test_db = TestDb::migrated(backend).await;
     let max = args.concurrency.iter().copied().max().unwrap_or(1);
     let (addr, server_runtime) = start_server(test_db.url.clone(), args.server_threads);
-    register_hierarchy(addr).await;
+    let leaves: Arc<[String]> = Arc::from(["orch".to_owned()]);
+    register_hierarchy(addr, &leaves).await;
     let target = Target {
         backend,
         addr,
         links: tokio::sync::Mutex::new(open_links(&test_db.url, max).await),
-        leaves: Arc::from(["orch".to_owned()]),
+        leaves,
     };
     if args.show_statements {
         show_statements(&target).await;

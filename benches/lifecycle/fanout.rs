@@ -155,36 +155,6 @@ fn leaf(i: usize) -> String {
     format!("leaf-{i:04}")
 }
 
-/// Registers Global, Project and the leaves under Project.
-async fn register_leaves(addr: SocketAddr) {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let instances = InstanceServiceClient::new(channel);
-    let register = |id: String, scope: pb::Scope, parent: &str| {
-        let mut instances = instances.clone();
-        let request = pb::RegisterInstanceRequest {
-            name: id.clone(),
-            id,
-            scope: scope.into(),
-            parent_id: parent.into(),
-            status: pb::InstanceStatus::Running.into(),
-            ..Default::default()
-        };
-        async move { instances.register_instance(request).await.unwrap() }
-    };
-    register("global".into(), pb::Scope::Global, "").await;
-    register("project".into(), pb::Scope::Project, "global").await;
-    futures::stream::iter(
-        (0..LEAVES).map(|i| register(leaf(i), pb::Scope::Orchestration, "project")),
-    )
-    .buffer_unordered(16)
-    .collect::<Vec<_>>()
-    .await;
-}
-
 /// One open subscriber: its filter and what it received.
 struct Subscriber {
     instance: String,
@@ -437,12 +407,13 @@ pub(crate) async fn bench(backend: Backend, args: &Args) -> anyhow::Result<()> {
     let test_db = TestDb::migrated(backend).await;
     let db = test_db.pool();
     let (addr, server_runtime) = start_server(test_db.url.clone(), args.server_threads);
-    register_leaves(addr).await;
+    let leaves: Arc<[String]> = (0..LEAVES).map(leaf).collect::<Vec<_>>().into();
+    register_hierarchy(addr, &leaves).await;
     let target = Target {
         backend,
         addr,
         links: tokio::sync::Mutex::new(Vec::new()),
-        leaves: (0..LEAVES).map(leaf).collect::<Vec<_>>().into(),
+        leaves,
     };
     let concurrency = args.fanout_clients;
     run(&target, Side::Service, 4, 1.0).await; // warm-up
