@@ -905,20 +905,26 @@ async fn delivery(target: &Target, concurrency: usize, seconds: f64) -> Delivery
             Some(received.saturating_duration_since(*answered).as_secs_f64() * 1e3)
         })
         .collect();
-    latencies.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let (p50_ms, p99_ms) = p50_p99(&mut latencies);
     Delivery {
         concurrency,
         completions: measured.completed.len(),
         missing: measured.completed.len() - latencies.len(),
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
+        p50_ms,
+        p99_ms,
     }
+}
+
+/// The median and the 99th percentile of `samples` (NaN for none); sorts them.
+fn p50_p99(samples: &mut [f64]) -> (f64, f64) {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        samples
+            .get(((samples.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    (at(0.5), at(0.99))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -373,13 +373,7 @@ async fn with_subscribers(
             }
         }
     }
-    latencies.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let (delivery_p50_ms, delivery_p99_ms) = p50_p99(&mut latencies);
     drop(subscribers);
     tokio::time::sleep(Duration::from_millis(500)).await; // the server closes them
     FanoutRun {
@@ -392,8 +386,8 @@ async fn with_subscribers(
         delivered,
         missing,
         duplicated,
-        delivery_p50_ms: at(0.5),
-        delivery_p99_ms: at(0.99),
+        delivery_p50_ms,
+        delivery_p99_ms,
         server_cpu_us_per_delivery: 0.0,
         with,
     }
