@@ -1027,7 +1027,8 @@ async fn show_statements(target: &Target) {
 
 async fn bench_backend(backend: Backend, args: &Args) -> anyhow::Result<()> {
     let test_db = TestDb::migrated(backend).await;
-    let max = args.concurrency.iter().copied().max().unwrap_or(1);
+    // The warm-up runs four clients.
+    let max = args.concurrency.iter().copied().max().unwrap_or(1).max(4);
     let (addr, server_runtime) = start_server(test_db.url.clone(), args.server_threads);
     let leaves: Arc<[String]> = Arc::from(["orch".to_owned()]);
     register_hierarchy(addr, &leaves).await;
