@@ -37,7 +37,7 @@ async fn flows(creator: &mut Clients, worker: &mut Clients, prefix: &str) {
             ..Default::default()
         };
         let d = creator.delegations.create_delegation(hop).await.unwrap();
-        let d = d.into_inner().id;
+        let d = d.into_inner().delegation.unwrap().id;
         let accept = pb::AcceptDelegationRequest { id: d.clone() };
         worker.delegations.accept_delegation(accept).await.unwrap();
         let complete = pb::CompleteDelegationRequest {

@@ -318,7 +318,9 @@ async fn service_lifecycle(c: &mut Clients, tally: &mut Tally) {
     };
     let task = step(tally, 0, c.tasks.create_task(create))
         .await
-        .into_inner();
+        .into_inner()
+        .task
+        .unwrap();
     let to_project = step(
         tally,
         1,
@@ -326,7 +328,9 @@ async fn service_lifecycle(c: &mut Clients, tally: &mut Tally) {
             .create_delegation(route(&task.id, "global", "project")),
     )
     .await
-    .into_inner();
+    .into_inner()
+    .delegation
+    .unwrap();
     let accept = |id: &str| pb::AcceptDelegationRequest { id: id.into() };
     step(
         tally,
@@ -341,7 +345,9 @@ async fn service_lifecycle(c: &mut Clients, tally: &mut Tally) {
             .create_delegation(route(&task.id, "project", &leaf)),
     )
     .await
-    .into_inner();
+    .into_inner()
+    .delegation
+    .unwrap();
     step(
         tally,
         4,

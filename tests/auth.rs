@@ -127,6 +127,8 @@ async fn routed(c: &mut Callers, task: &str) -> String {
         .await
         .unwrap()
         .into_inner()
+        .delegation
+        .unwrap()
         .id
 }
 
@@ -178,6 +180,33 @@ on_both_backends! {
         c.orch.instances.update_instance_status(status("orch")).await.unwrap();
     }
 
+    async fn the_instance_tree_is_read_only_within_the_own_subtree(backend: Backend) {
+        let server = server(backend).await;
+        let db = &server.db.pool();
+        let mut c = Callers::of(&server);
+        routed(&mut c, "t").await;
+
+        let tree = |root: &str| pb::GetInstanceTreeRequest { root_id: root.into() };
+        let ids = |r: pb::GetInstanceTreeResponse| r.nodes.into_iter().map(|n| n.instance.unwrap().id).collect::<Vec<_>>();
+        let own = c.project.instances.get_instance_tree(tree("project")).await.unwrap().into_inner();
+        let pending: Vec<_> = own.nodes.iter().map(|n| n.pending_delegations).collect();
+        assert_eq!((ids(own), pending), (vec!["orch".to_owned(), "project".to_owned()], vec![1, 0]));
+        let below = c.project.instances.get_instance_tree(tree("orch")).await.unwrap();
+        assert_eq!(ids(below.into_inner()), ["orch"]);
+        let unrooted = c.project.instances.get_instance_tree(tree("")).await.unwrap();
+        assert_eq!(ids(unrooted.into_inner()), ["orch", "project"]);
+        let unrooted = c.orch2.instances.get_instance_tree(tree("")).await.unwrap();
+        assert_eq!(ids(unrooted.into_inner()), ["orch2"]);
+        let everything = c.admin.instances.get_instance_tree(tree("")).await.unwrap();
+        assert_eq!(ids(everything.into_inner()), ["global", "orch", "orch2", "project", "project2"]);
+        c.global.instances.get_instance_tree(tree("project2")).await.unwrap();
+
+        refused!(db, PermissionDenied, "act for instance project", c.orch.instances.get_instance_tree(tree("project")));
+        refused!(db, PermissionDenied, "act for instance global", c.project.instances.get_instance_tree(tree("global")));
+        refused!(db, PermissionDenied, "act for instance orch", c.project2.instances.get_instance_tree(tree("orch")));
+        refused!(db, NotFound, "instance missing not found", c.project.instances.get_instance_tree(tree("missing")));
+    }
+
     async fn delegations_are_made_and_answered_by_their_own_ends(backend: Backend) {
         let server = server(backend).await;
         let db = &server.db.pool();
@@ -192,7 +221,7 @@ on_both_backends! {
         refused!(db, PermissionDenied, "act for source instance project", c.project2.delegations.create_delegation(route("t", "project", "orch")));
         // Naming itself as the source does not let project2 probe a task it may not read.
         refused!(db, PermissionDenied, "read task t, which involves no instance", c.project2.delegations.create_delegation(route("t", "project2", "orch2")));
-        let d1 = c.project.delegations.create_delegation(route("t", "project", "orch")).await.unwrap().into_inner().id;
+        let d1 = c.project.delegations.create_delegation(route("t", "project", "orch")).await.unwrap().into_inner().delegation.unwrap().id;
 
         let pending = |id: &str| pb::ListPendingDelegationsRequest { instance_id: id.into(), ..Default::default() };
         let listed = c.project.delegations.list_pending_delegations(pending("orch")).await.unwrap();
@@ -217,12 +246,12 @@ on_both_backends! {
 
         // The ancestor of a source may delegate for it; reject and complete are the target's.
         c.project.tasks.create_task(new_task("t2", "project")).await.unwrap();
-        let d2 = c.global.delegations.create_delegation(route("t2", "project", "orch")).await.unwrap().into_inner().id;
+        let d2 = c.global.delegations.create_delegation(route("t2", "project", "orch")).await.unwrap().into_inner().delegation.unwrap().id;
         let reject = pb::RejectDelegationRequest { id: d2.clone(), reason: "busy".into() };
         refused!(db, PermissionDenied, "only its target instance", c.orch2.delegations.reject_delegation(reject.clone()));
         c.orch.delegations.reject_delegation(reject).await.unwrap();
 
-        let d3 = c.project.delegations.create_delegation(route("t2", "project", "orch")).await.unwrap().into_inner().id;
+        let d3 = c.project.delegations.create_delegation(route("t2", "project", "orch")).await.unwrap().into_inner().delegation.unwrap().id;
         c.orch.delegations.accept_delegation(pb::AcceptDelegationRequest { id: d3.clone() }).await.unwrap();
         let complete = || pb::CompleteDelegationRequest { id: d3.clone(), ..Default::default() };
         refused!(db, PermissionDenied, "only its target instance", c.project.delegations.complete_delegation(complete()));
@@ -299,15 +328,15 @@ on_both_backends! {
         let mut c = Callers::of(&server);
         let create = |id: &str, at: &str| pb::CreateTaskRequest { request_id: "req-1".into(), ..new_task(id, at) };
 
-        let first = c.project.tasks.create_task(create("a", "project")).await.unwrap().into_inner();
+        let first = c.project.tasks.create_task(create("a", "project")).await.unwrap().into_inner().task.unwrap();
         // The same request id from another caller is a request of its own…
-        let other = c.project2.tasks.create_task(create("b", "project2")).await.unwrap().into_inner();
+        let other = c.project2.tasks.create_task(create("b", "project2")).await.unwrap().into_inner().task.unwrap();
         assert_eq!((first.id.as_str(), other.id.as_str()), ("a", "b"));
-        let admin = c.admin.tasks.create_task(create("c", "project")).await.unwrap().into_inner();
+        let admin = c.admin.tasks.create_task(create("c", "project")).await.unwrap().into_inner().task.unwrap();
         assert_eq!(admin.id, "c");
         // …while a retry by the same caller gets the original, and a different body under it is
         // ALREADY_EXISTS, naming the id as the caller sent it.
-        let retry = c.project.tasks.create_task(create("a", "project")).await.unwrap().into_inner();
+        let retry = c.project.tasks.create_task(create("a", "project")).await.unwrap().into_inner().task.unwrap();
         assert_eq!(retry, first);
         let err = c.project.tasks.create_task(create("z", "project")).await.unwrap_err();
         assert_eq!(err.code(), Code::AlreadyExists);

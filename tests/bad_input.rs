@@ -69,7 +69,7 @@ on_both_backends! {
         t.create_task(create("done")).await.unwrap();
         t.create_task(create("spare")).await.unwrap();
         t.complete_task(pb::CompleteTaskRequest { task_id: "done".into(), result: None }).await.unwrap();
-        let pending = d.create_delegation(hop("t", "global", "project", ROUTE)).await.unwrap().into_inner().id;
+        let pending = d.create_delegation(hop("t", "global", "project", ROUTE)).await.unwrap().into_inner().delegation.unwrap().id;
         let before = snapshot(&server.db.pool()).await;
 
         let long_id = "x".repeat(65);

@@ -250,7 +250,9 @@ async fn an_event_written_through_one_replica_reaches_a_subscriber_of_another() 
         .create_delegation(create)
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .delegation
+        .unwrap();
     let started = std::time::Instant::now();
     let message = tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await

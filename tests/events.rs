@@ -70,6 +70,8 @@ async fn create(server: &mut TestServer, task: &str, source: &str, target: &str)
         .await
         .expect("create")
         .into_inner()
+        .delegation
+        .unwrap()
         .id
 }
 
@@ -657,7 +659,9 @@ async fn a_subtree_subscriber_sees_an_instance_registered_through_another_replic
         .create_delegation(request)
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .delegation
+        .unwrap();
     let event = next_event(&mut stream).await;
     assert_eq!(event.delegation.unwrap().id, created.id);
     replica_b.stop().await;

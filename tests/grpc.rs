@@ -45,6 +45,8 @@ async fn register(server: &mut TestServer, id: &str, scope: Scope, parent: &str)
         .await
         .expect("register")
         .into_inner()
+        .instance
+        .unwrap()
 }
 
 /// Global -> Project -> Orchestration, plus a second project, and task `t` at Global.
@@ -87,7 +89,9 @@ async fn delegate_and_accept(
         .create_delegation(route(source, target))
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .delegation
+        .unwrap();
     let request = pb::AcceptDelegationRequest { id: d.id };
     server
         .delegations
@@ -95,6 +99,25 @@ async fn delegate_and_accept(
         .await
         .unwrap()
         .into_inner()
+        .delegation
+        .unwrap()
+}
+
+/// Each node of a tree as (id, parent, pending, accepted).
+fn load(tree: &pb::GetInstanceTreeResponse) -> Vec<(&str, &str, u32, u32)> {
+    tree.nodes
+        .iter()
+        .map(|node| {
+            let instance = node.instance.as_ref().expect("instance");
+            let (id, parent) = (instance.id.as_str(), instance.parent_id.as_str());
+            (
+                id,
+                parent,
+                node.pending_delegations,
+                node.accepted_delegations,
+            )
+        })
+        .collect()
 }
 
 fn violation(status: &Status) -> String {
@@ -149,7 +172,7 @@ on_both_backends! {
         assert_eq!(hops, ["project", "orch"]);
         assert_eq!((chain.task_id.as_str(), chain.origin_instance_id.as_str(), chain.current_instance_id.as_str()), ("t", "global", "global"));
 
-        let fetched = server.tasks.get_task(pb::GetTaskRequest { id: "t".into() }).await.unwrap().into_inner();
+        let fetched = server.tasks.get_task(pb::GetTaskRequest { id: "t".into() }).await.unwrap().into_inner().task.unwrap();
         assert_eq!(fetched, task);
         let listed = server
             .delegations
@@ -165,7 +188,7 @@ on_both_backends! {
     async fn operators_reject_cancel_and_annotate_over_grpc(backend: Backend) {
         let mut server = TestServer::start(backend).await;
         hierarchy(&mut server).await;
-        let d = server.delegations.create_delegation(route("global", "project")).await.unwrap().into_inner();
+        let d = server.delegations.create_delegation(route("global", "project")).await.unwrap().into_inner().delegation.unwrap();
         let pending = server
             .delegations
             .list_pending_delegations(pb::ListPendingDelegationsRequest { instance_id: "project".into(), page_size: 0, page_token: String::new() })
@@ -180,7 +203,9 @@ on_both_backends! {
             .reject_delegation(pb::RejectDelegationRequest { id: d.id.clone(), reason: "no capacity".into() })
             .await
             .unwrap()
-            .into_inner();
+            .into_inner()
+            .delegation
+            .unwrap();
         assert_eq!((rejected.status, rejected.rejection_reason.as_str()), (pb::DelegationStatus::Rejected as i32, "no capacity"));
 
         let d = delegate_and_accept(&mut server, "global", "project2").await;
@@ -189,7 +214,9 @@ on_both_backends! {
             .update_delegation(pb::UpdateDelegationRequest { id: d.id.clone(), notes: "ETA friday".into() })
             .await
             .unwrap()
-            .into_inner();
+            .into_inner()
+            .delegation
+            .unwrap();
         assert_eq!(noted.notes, "ETA friday");
         let cancelled = server
             .delegations
@@ -200,7 +227,7 @@ on_both_backends! {
         assert_eq!(cancelled.delegation.unwrap().status, pb::DelegationStatus::Cancelled as i32);
         assert!(cancelled.cancelled_descendants.is_empty());
         assert_eq!(cancelled.task.unwrap().instance_id, "global");
-        let fetched = server.delegations.get_delegation(pb::GetDelegationRequest { id: d.id }).await.unwrap().into_inner();
+        let fetched = server.delegations.get_delegation(pb::GetDelegationRequest { id: d.id }).await.unwrap().into_inner().delegation.unwrap();
         assert_eq!(fetched.notes, "ETA friday");
 
         let stopped = server
@@ -208,9 +235,11 @@ on_both_backends! {
             .update_instance_status(pb::UpdateInstanceStatusRequest { id: "orch".into(), status: InstanceStatus::Stopped.into() })
             .await
             .unwrap()
-            .into_inner();
+            .into_inner()
+            .instance
+            .unwrap();
         assert_eq!(stopped.status, InstanceStatus::Stopped as i32);
-        let got = server.instances.get_instance(pb::GetInstanceRequest { id: "orch".into() }).await.unwrap().into_inner();
+        let got = server.instances.get_instance(pb::GetInstanceRequest { id: "orch".into() }).await.unwrap().into_inner().instance.unwrap();
         assert_eq!(got, stopped);
         let projects = server
             .instances
@@ -229,10 +258,40 @@ on_both_backends! {
         server.stop().await;
     }
 
+    async fn the_instance_tree_shows_each_instances_pending_and_accepted_delegations(backend: Backend) {
+        let mut server = TestServer::start(backend).await;
+        hierarchy(&mut server).await;
+        // t: global -> project (accepted) -> orch (pending); t2: global -> project2, rejected.
+        delegate_and_accept(&mut server, "global", "project").await;
+        server.delegations.create_delegation(route("project", "orch")).await.unwrap();
+        server.tasks.create_task(pb::CreateTaskRequest { id: "t2".into(), title: "Write the notes".into(), instance_id: "global".into(), ..Default::default() }).await.unwrap();
+        let to_project2 = pb::CreateDelegationRequest { task_id: "t2".into(), ..route("global", "project2") };
+        let rejected = server.delegations.create_delegation(to_project2).await.unwrap().into_inner().delegation.unwrap();
+        server.delegations.reject_delegation(pb::RejectDelegationRequest { id: rejected.id, reason: "busy".into() }).await.unwrap();
+
+        let tree = |root: &str| pb::GetInstanceTreeRequest { root_id: root.into() };
+        let everything = server.instances.get_instance_tree(tree("")).await.unwrap().into_inner();
+        assert_eq!(load(&everything), [("global", "", 0, 0), ("orch", "project", 1, 0), ("project", "global", 0, 1), ("project2", "global", 0, 0)]);
+        let got = server.instances.get_instance(pb::GetInstanceRequest { id: "orch".into() }).await.unwrap().into_inner().instance;
+        assert_eq!(everything.nodes[1].instance, got);
+        let project = server.instances.get_instance_tree(tree("project")).await.unwrap().into_inner();
+        assert_eq!(load(&project), [("orch", "project", 1, 0), ("project", "global", 0, 1)]);
+
+        let before = snapshot(&server.db.pool()).await;
+        let ghost = server.instances.get_instance_tree(tree("ghost")).await.unwrap_err();
+        assert_eq!((ghost.code(), ghost.message()), (Code::NotFound, "instance ghost not found"));
+        let invalid = server.instances.get_instance_tree(tree("x'; DROP TABLE tasks; --")).await.unwrap_err();
+        assert_eq!(invalid.code(), Code::InvalidArgument, "{invalid:?}");
+        assert_eq!(violation(&invalid), "root_id", "{invalid:?}");
+        assert!(invalid.message().starts_with("root_id: "), "{invalid:?}");
+        assert_eq!(snapshot(&server.db.pool()).await, before);
+        server.stop().await;
+    }
+
     async fn bad_input_gets_a_clear_status_and_changes_nothing(backend: Backend) {
         let mut server = TestServer::start(backend).await;
         hierarchy(&mut server).await;
-        let pending = server.delegations.create_delegation(route("global", "project")).await.unwrap().into_inner();
+        let pending = server.delegations.create_delegation(route("global", "project")).await.unwrap().into_inner().delegation.unwrap();
         let before = snapshot(&server.db.pool()).await;
         let d = server.delegations.clone();
         let i = server.instances.clone();

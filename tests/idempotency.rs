@@ -117,14 +117,14 @@ on_both_backends! {
             let mut hurried = tonic::Request::new(request.clone());
             hurried.set_timeout(Duration::from_micros(micros));
             match server.delegations.create_delegation(hurried).await {
-                Ok(answer) => answers.push(answer.into_inner()),
+                Ok(answer) => answers.push(answer.into_inner().delegation.unwrap()),
                 Err(status) => assert!(
                     matches!(status.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded),
                     "{status:?}"
                 ),
             }
         }
-        let retried = server.delegations.create_delegation(request).await.unwrap().into_inner();
+        let retried = server.delegations.create_delegation(request).await.unwrap().into_inner().delegation.unwrap();
         assert!(answers.iter().all(|a| *a == retried), "{answers:?}");
         let all = delegations::list(&db, Listing::OfTask("t"), &PageRequest { size: 50, token: String::new() }).await.unwrap();
         assert_eq!(all.items.len(), 1);

@@ -216,7 +216,7 @@ async fn the_service_rides_out_a_postgres_restart() {
                 .await
                 .unwrap();
             let accept = pb::AcceptDelegationRequest {
-                id: d.into_inner().id,
+                id: d.into_inner().delegation.unwrap().id,
             };
             delegations.accept_delegation(accept).await.unwrap();
         }
@@ -257,7 +257,7 @@ async fn the_service_rides_out_a_postgres_restart() {
     let recovered = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match tasks.get_task(pb::GetTaskRequest { id: "t".into() }).await {
-                Ok(task) => break task.into_inner(),
+                Ok(answer) => break answer.into_inner().task.unwrap(),
                 Err(status) => {
                     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
                     tokio::time::sleep(Duration::from_millis(200)).await;

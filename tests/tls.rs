@@ -140,7 +140,9 @@ async fn tls_carries_bearer_tokens_and_refuses_plaintext() {
         .get_instance(get("orch"))
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .instance
+        .unwrap();
     assert_eq!(instance.id, "orch");
     let mut anonymous = InstanceServiceClient::new(channel);
     let status = anonymous.get_instance(get("orch")).await.unwrap_err();
@@ -223,7 +225,9 @@ async fn a_client_certificate_names_the_calling_instance() {
         .accept_delegation(accept())
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .delegation
+        .unwrap();
     assert_eq!(accepted.status(), pb::DelegationStatus::Accepted);
 
     // Without a certificate, a token still works; with neither, UNAUTHENTICATED.

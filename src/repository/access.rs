@@ -8,6 +8,7 @@
 //! | RegisterInstance | manages the new instance's parent (a root takes the admin token) |
 //! | GetInstance | manages the instance, or the instance is one of its ancestors |
 //! | ListInstances | always; it sees only the instances it manages |
+//! | GetInstanceTree | manages the root; without a root, as ListInstances |
 //! | UpdateInstanceStatus, ListPendingDelegations, WatchEvents | manages the instance |
 //! | CreateTask | manages the instance the task (or subtask: its parent task) is at |
 //! | GetTask, ListSubtasks, ListTaskDelegations, GetDelegationChain, GetDelegationTree, GetDelegation | manages an instance the task involves: where it is, or either end of one of its delegations |

@@ -1,11 +1,13 @@
 //! Registering, reading and updating instances.
 
+use std::collections::HashMap;
+
 use super::{Page, PageRequest, id_cursor, new_id, remember, replay, taken};
 use crate::{
-    domain::{InstanceStatus, Scope},
+    domain::{DelegationStatus, InstanceStatus, Scope},
     error::Error,
     store::{
-        Db,
+        Db, delegations,
         instances::{self, Filter, Instance},
         now,
     },
@@ -87,4 +89,43 @@ pub async fn set_status(db: &Db, id: &str, status: InstanceStatus) -> Result<Ins
     instances::set_status(&mut conn, id, status, now())
         .await?
         .ok_or_else(|| Error::not_found("instance", id))
+}
+
+/// An instance of a tree, with its load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// The instance.
+    pub instance: Instance,
+    /// Delegations sent to it and still pending.
+    pub pending: u32,
+    /// Delegations it accepted and has not finished.
+    pub accepted: u32,
+}
+
+/// The instances of `filter.within` (every instance if `None`), ordered by id, each with its
+/// load. Two statements on one connection; the instance table is small (it is the tree of
+/// Hopper instances, not of tasks), so the whole tree is one response.
+pub async fn tree(db: &Db, filter: &Filter) -> Result<Vec<Node>, Error> {
+    let mut conn = db.conn().await?;
+    let instances = instances::list(&mut conn, filter, None, i64::MAX).await?;
+    let mut load: HashMap<String, (u32, u32)> = HashMap::new();
+    for (target, status, count) in delegations::active_load(&mut conn).await? {
+        let entry = load.entry(target).or_default();
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        match status {
+            DelegationStatus::Pending => entry.0 = count,
+            _ => entry.1 = count,
+        }
+    }
+    Ok(instances
+        .into_iter()
+        .map(|instance| {
+            let (pending, accepted) = load.get(&instance.id).copied().unwrap_or_default();
+            Node {
+                instance,
+                pending,
+                accepted,
+            }
+        })
+        .collect())
 }

@@ -98,7 +98,7 @@ impl DelegationService for DelegationApi {
     async fn create_delegation(
         &self,
         request: Request<pb::CreateDelegationRequest>,
-    ) -> Result<Response<pb::Delegation>, Status> {
+    ) -> Result<Response<pb::CreateDelegationResponse>, Status> {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let new = NewDelegation {
@@ -116,27 +116,29 @@ impl DelegationService for DelegationApi {
             source: &new.source_instance_id,
         };
         access::check(&self.db, &caller, action).await?;
-        Ok(Response::new(
-            delegations::create(&self.db, new).await?.into(),
-        ))
+        let created = delegations::create(&self.db, new).await?;
+        Ok(Response::new(pb::CreateDelegationResponse {
+            delegation: Some(created.into()),
+        }))
     }
 
     async fn get_delegation(
         &self,
         request: Request<pb::GetDelegationRequest>,
-    ) -> Result<Response<pb::Delegation>, Status> {
+    ) -> Result<Response<pb::GetDelegationResponse>, Status> {
         let caller = Caller::of(&request)?;
         let delegation_id = id("id", request.into_inner().id)?;
         access::check(&self.db, &caller, Action::ReadDelegation(&delegation_id)).await?;
-        Ok(Response::new(
-            delegations::get(&self.db, &delegation_id).await?.into(),
-        ))
+        let delegation = delegations::get(&self.db, &delegation_id).await?;
+        Ok(Response::new(pb::GetDelegationResponse {
+            delegation: Some(delegation.into()),
+        }))
     }
 
     async fn update_delegation(
         &self,
         request: Request<pb::UpdateDelegationRequest>,
-    ) -> Result<Response<pb::Delegation>, Status> {
+    ) -> Result<Response<pb::UpdateDelegationResponse>, Status> {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let delegation_id = id("id", r.id)?;
@@ -144,7 +146,9 @@ impl DelegationService for DelegationApi {
         let action = Action::AnnotateDelegation(&delegation_id);
         access::check(&self.db, &caller, action).await?;
         let updated = delegations::update_notes(&self.db, &delegation_id, &notes).await?;
-        Ok(Response::new(updated.into()))
+        Ok(Response::new(pb::UpdateDelegationResponse {
+            delegation: Some(updated.into()),
+        }))
     }
 
     async fn list_task_delegations(
@@ -214,26 +218,29 @@ impl DelegationService for DelegationApi {
     async fn accept_delegation(
         &self,
         request: Request<pb::AcceptDelegationRequest>,
-    ) -> Result<Response<pb::Delegation>, Status> {
+    ) -> Result<Response<pb::AcceptDelegationResponse>, Status> {
         let caller = Caller::of(&request)?;
         let delegation_id = id("id", request.into_inner().id)?;
         access::check(&self.db, &caller, Action::AnswerDelegation(&delegation_id)).await?;
-        Ok(Response::new(
-            delegations::accept(&self.db, &delegation_id).await?.into(),
-        ))
+        let accepted = delegations::accept(&self.db, &delegation_id).await?;
+        Ok(Response::new(pb::AcceptDelegationResponse {
+            delegation: Some(accepted.into()),
+        }))
     }
 
     async fn reject_delegation(
         &self,
         request: Request<pb::RejectDelegationRequest>,
-    ) -> Result<Response<pb::Delegation>, Status> {
+    ) -> Result<Response<pb::RejectDelegationResponse>, Status> {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let delegation_id = id("id", r.id)?;
         let reason = text("reason", r.reason, limits::MAX_REASON_LEN, true)?;
         access::check(&self.db, &caller, Action::AnswerDelegation(&delegation_id)).await?;
         let rejected = delegations::reject(&self.db, &delegation_id, &reason).await?;
-        Ok(Response::new(rejected.into()))
+        Ok(Response::new(pb::RejectDelegationResponse {
+            delegation: Some(rejected.into()),
+        }))
     }
 
     async fn complete_delegation(

@@ -32,7 +32,7 @@ impl InstanceService for InstanceApi {
     async fn register_instance(
         &self,
         request: Request<pb::RegisterInstanceRequest>,
-    ) -> Result<Response<pb::Instance>, Status> {
+    ) -> Result<Response<pb::RegisterInstanceResponse>, Status> {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let config = match r.config {
@@ -53,21 +53,23 @@ impl InstanceService for InstanceApi {
         };
         let parent_id = new.parent_id.as_deref();
         access::check(&self.db, &caller, Action::RegisterInstance { parent_id }).await?;
-        Ok(Response::new(
-            instances::register(&self.db, new).await?.into(),
-        ))
+        let registered = instances::register(&self.db, new).await?;
+        Ok(Response::new(pb::RegisterInstanceResponse {
+            instance: Some(registered.into()),
+        }))
     }
 
     async fn get_instance(
         &self,
         request: Request<pb::GetInstanceRequest>,
-    ) -> Result<Response<pb::Instance>, Status> {
+    ) -> Result<Response<pb::GetInstanceResponse>, Status> {
         let caller = Caller::of(&request)?;
         let instance_id = id("id", request.into_inner().id)?;
         access::check(&self.db, &caller, Action::ReadInstance(&instance_id)).await?;
-        Ok(Response::new(
-            instances::get(&self.db, &instance_id).await?.into(),
-        ))
+        let instance = instances::get(&self.db, &instance_id).await?;
+        Ok(Response::new(pb::GetInstanceResponse {
+            instance: Some(instance.into()),
+        }))
     }
 
     async fn list_instances(
@@ -93,16 +95,46 @@ impl InstanceService for InstanceApi {
     async fn update_instance_status(
         &self,
         request: Request<pb::UpdateInstanceStatusRequest>,
-    ) -> Result<Response<pb::Instance>, Status> {
+    ) -> Result<Response<pb::UpdateInstanceStatusResponse>, Status> {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let instance_id = id("id", r.id)?;
         let status = InstanceStatus::required("status", r.status)?;
         access::check(&self.db, &caller, Action::ManageInstance(&instance_id)).await?;
-        Ok(Response::new(
-            instances::set_status(&self.db, &instance_id, status)
-                .await?
-                .into(),
-        ))
+        let updated = instances::set_status(&self.db, &instance_id, status).await?;
+        Ok(Response::new(pb::UpdateInstanceStatusResponse {
+            instance: Some(updated.into()),
+        }))
+    }
+
+    async fn get_instance_tree(
+        &self,
+        request: Request<pb::GetInstanceTreeRequest>,
+    ) -> Result<Response<pb::GetInstanceTreeResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let root = limits::optional_id("root_id", &request.into_inner().root_id)?;
+        let within = match root {
+            Some(root) => {
+                access::check(&self.db, &caller, Action::ManageInstance(&root)).await?;
+                instances::get(&self.db, &root).await?;
+                Some(root)
+            }
+            None => access::visible_subtree(&caller),
+        };
+        let filter = Filter {
+            within,
+            ..Filter::default()
+        };
+        let nodes = instances::tree(&self.db, &filter).await?;
+        Ok(Response::new(pb::GetInstanceTreeResponse {
+            nodes: nodes
+                .into_iter()
+                .map(|node| pb::InstanceTreeNode {
+                    instance: Some(node.instance.into()),
+                    pending_delegations: node.pending,
+                    accepted_delegations: node.accepted,
+                })
+                .collect(),
+        }))
     }
 }

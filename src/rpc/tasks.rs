@@ -33,7 +33,7 @@ impl TaskService for TaskApi {
     async fn create_task(
         &self,
         request: Request<pb::CreateTaskRequest>,
-    ) -> Result<Response<pb::Task>, Status> {
+    ) -> Result<Response<pb::CreateTaskResponse>, Status> {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let new = NewTask {
@@ -49,9 +49,10 @@ impl TaskService for TaskApi {
             return Err(Error::invalid("instance_id", "is required").into());
         }
         // Checked inside the creating transaction: where a parent task is can change.
-        Ok(Response::new(
-            tasks::create_as(&self.db, &caller, new).await?.into(),
-        ))
+        let created = tasks::create_as(&self.db, &caller, new).await?;
+        Ok(Response::new(pb::CreateTaskResponse {
+            task: Some(created.into()),
+        }))
     }
 
     async fn list_subtasks(
@@ -104,10 +105,13 @@ impl TaskService for TaskApi {
     async fn get_task(
         &self,
         request: Request<pb::GetTaskRequest>,
-    ) -> Result<Response<pb::Task>, Status> {
+    ) -> Result<Response<pb::GetTaskResponse>, Status> {
         let caller = Caller::of(&request)?;
         let task_id = id("id", request.into_inner().id)?;
         access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
-        Ok(Response::new(tasks::get(&self.db, &task_id).await?.into()))
+        let task = tasks::get(&self.db, &task_id).await?;
+        Ok(Response::new(pb::GetTaskResponse {
+            task: Some(task.into()),
+        }))
     }
 }

@@ -175,6 +175,21 @@ pub async fn pending_of_task(conn: &mut Conn, task_id: &str) -> QueryResult<Opti
         .optional())
 }
 
+/// How many delegations each instance has waiting (PENDING) and in hand (ACCEPTED), as
+/// `(target instance, status, count)`; instances with neither are left out.
+pub async fn active_load(conn: &mut Conn) -> QueryResult<Vec<(String, DelegationStatus, i64)>> {
+    with_conn!(conn, |c| td::table
+        .filter(status_is(DelegationStatus::Pending).or(status_is(DelegationStatus::Accepted)))
+        .group_by((td::target_instance_id, td::status))
+        .select((
+            td::target_instance_id,
+            td::status,
+            diesel::dsl::count_star()
+        ))
+        .load(c)
+        .await)
+}
+
 /// The source of the task's first delegation: the instance it started from.
 pub async fn first_source(conn: &mut Conn, task_id: &str) -> QueryResult<Option<String>> {
     with_conn!(conn, |c| td::table
