@@ -291,6 +291,12 @@ fn certificate_caller<T>(request: &Request<T>) -> Result<Option<Caller>, Error> 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let caller = self.identify(&request)?;
+        let name = match &caller {
+            Caller::Open => "open",
+            Caller::Admin => "admin",
+            Caller::Instance(id) => id,
+        };
+        tracing::Span::current().record("caller", name);
         request.extensions_mut().insert(caller);
         Ok(request)
     }

@@ -15,11 +15,14 @@
 //! - [`domain`]: the vocabulary and the lifecycle state machine ([`domain::lifecycle`]); pure.
 //! - [`store`]: diesel-async on PostgreSQL or SQLite; one query body for both backends.
 //! - [`error`]: the one error type and its one mapping to gRPC status codes.
-//! - `src/main.rs`: the command line (`serve`, `migrate`).
+//! - [`telemetry`]: Prometheus metrics (`serve --metrics-listen`) and a tracing span per RPC.
+//! - [`ctl`]: `hopperctl`, the operator's client (`src/bin/hopperctl.rs` runs it).
+//! - `src/main.rs`: the server's command line (`serve`, `migrate`).
 //!
 //! `docs/ARCHITECTURE.md` explains the design choices.
 
 pub mod auth;
+pub mod ctl;
 pub mod domain;
 pub mod error;
 pub mod events;
@@ -27,6 +30,7 @@ pub mod repository;
 pub mod rpc;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 
 /// Code generated from `proto/hopper/delegation/v1`.
 #[expect(

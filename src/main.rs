@@ -10,6 +10,7 @@ use hopper_delegation::{
     events::{Hub, Limits},
     server,
     store::{self, DatabaseUrl, Db, Migrate},
+    telemetry,
 };
 use tokio::net::TcpListener;
 
@@ -17,8 +18,19 @@ use tokio::net::TcpListener;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log lines as text for people, or as JSON objects for a log pipeline (to stderr).
+    #[arg(long, env = "HOPPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// One line per event, coloured on a terminal.
+    Text,
+    /// One JSON object per event, with the span's fields (method, caller, task and delegation).
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -71,6 +83,9 @@ struct ServeArgs {
     /// On shutdown, how long running requests get to finish.
     #[arg(long, env = "HOPPER_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "HOPPER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -119,14 +134,19 @@ impl SecurityArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    match Cli::parse().command {
+        );
+    match cli.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
+    match cli.command {
         Command::Migrate(args) => {
             let applied = store::migrate(&args.database_url, Migrate::Latest).await?;
             tracing::info!(?applied, "database is up to date");
@@ -160,10 +180,27 @@ async fn main() -> anyhow::Result<()> {
                 tls,
             };
             let hub = Hub::with_limits(db, config.progress_interval, config.watch);
+            let _metrics = match args.metrics_listen {
+                Some(addr) => Some(serve_metrics(addr, hub.clone()).await?),
+                None => None,
+            };
             server::run(listener, hub, config, shutdown).await?;
         }
     }
     Ok(())
+}
+
+/// Binds `addr` and serves `/metrics` there until the returned task is dropped.
+async fn serve_metrics(addr: SocketAddr, hub: Hub) -> anyhow::Result<server::Background> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("could not listen for metrics on {addr}"))?;
+    tracing::info!(address = %listener.local_addr()?, "serving metrics at /metrics");
+    Ok(server::Background(tokio::spawn(async move {
+        if let Err(err) = telemetry::serve_metrics(listener, hub).await {
+            tracing::warn!(error = %err, "the metrics listener stopped");
+        }
+    })))
 }
 
 /// Raises the soft limit on open files to the hard limit: every WatchEvents subscriber on its

@@ -35,6 +35,7 @@ use crate::{
     },
     rpc::{DelegationApi, InstanceApi, TaskApi},
     store::{self, Db, events, now},
+    telemetry::RpcLayer,
 };
 
 /// Tunables of a running server.
@@ -71,7 +72,7 @@ impl Default for Config {
 }
 
 /// Aborts a background task when dropped, so none outlives the server.
-struct Background(JoinHandle<()>);
+pub struct Background(pub JoinHandle<()>);
 
 impl Drop for Background {
     fn drop(&mut self) {
@@ -127,6 +128,7 @@ pub async fn run(
         // Notice peers that vanished without closing their connection.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(RpcLayer)
         .layer(MapResponseLayer::new(reclassify_transport_errors))
         .add_service(health_service)
         .add_service(reflection().build_v1()?)

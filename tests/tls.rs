@@ -285,3 +285,102 @@ fn unreadable_or_bad_tls_files_stop_start_up_with_the_reason() {
         "{err:#}"
     );
 }
+
+/// Runs `hopperctl ARGS` (blocking; the server runs on the test runtime's other threads).
+fn hopperctl(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+        .args(args)
+        .env_remove("HOPPER_TOKEN")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hopperctl_speaks_tls_with_a_token_or_a_client_certificate() {
+    let pki = Pki::new();
+    let server = start(&pki, true).await;
+    let (cert, key) = pki.client_cert("orch");
+    let path = |name: &str| pki.dir.path().join(name).display().to_string();
+    std::fs::write(path("orch.crt"), cert).unwrap();
+    std::fs::write(path("orch.key"), key).unwrap();
+    let url = format!("https://localhost:{}", server.addr.port());
+    let ca = path("ca.crt");
+    let tls = ["--server", url.as_str(), "--ca-cert", ca.as_str()];
+
+    let token = token_of("project");
+    let tree = hopperctl(&[&tls[..], &["--token", &token, "instances", "tree"]].concat());
+    assert!(
+        tree.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tree.stderr)
+    );
+    let tree = String::from_utf8(tree.stdout).unwrap();
+    let lines: Vec<&str> = tree.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "the project token sees its own subtree:\n{tree}"
+    );
+    assert!(
+        lines[0].starts_with("project  ") && lines[1].starts_with("└── orch  "),
+        "{tree}"
+    );
+
+    let (cert, key) = (path("orch.crt"), path("orch.key"));
+    let mine = hopperctl(
+        &[
+            &tls[..],
+            &["--cert", &cert, "--key", &key, "pending", "orch"],
+        ]
+        .concat(),
+    );
+    assert!(
+        mine.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mine.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&mine.stdout),
+        "no pending delegations for orch\n"
+    );
+    let theirs = hopperctl(
+        &[
+            &tls[..],
+            &["--cert", &cert, "--key", &key, "pending", "project"],
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        theirs.status.code(),
+        Some(1),
+        "refused: orch does not manage project"
+    );
+    assert!(String::from_utf8_lossy(&theirs.stderr).starts_with("error: instance orch may not"));
+
+    let anonymous = hopperctl(&[&tls[..], &["pending", "orch"]].concat());
+    assert_eq!(anonymous.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&anonymous.stderr).starts_with("error: no credentials"));
+
+    // Without the test CA the server's certificate is not trusted: the server is unreachable.
+    let untrusted = hopperctl(&["--server", &url, "--token", &token, "pending", "orch"]);
+    assert_eq!(
+        untrusted.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&untrusted.stderr)
+    );
+    let plaintext_with_ca = hopperctl(&[
+        "--server",
+        "http://127.0.0.1:1",
+        "--ca-cert",
+        &ca,
+        "pending",
+        "orch",
+    ]);
+    assert_eq!(
+        plaintext_with_ca.status.code(),
+        Some(2),
+        "--ca-cert needs https://"
+    );
+    server.stop().await;
+}

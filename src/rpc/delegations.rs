@@ -27,6 +27,7 @@ use crate::{
         Db,
         events::{Event, Scope},
     },
+    telemetry,
 };
 
 /// Serves DelegationService from a database, with event streams from `hub`.
@@ -82,7 +83,11 @@ impl DelegationService for DelegationApi {
         let items = self.hub.watch(subscription).await?;
         let stream = items.map(|item| {
             let payload = match item? {
-                Item::Event(event) => return Ok(Encoded(event.encoded(encode_event)?)),
+                Item::Event(event) => {
+                    let encoded = Encoded(event.encoded(encode_event)?);
+                    telemetry::metrics().delivered();
+                    return Ok(encoded);
+                }
                 Item::Progress(sequence) => Payload::Progress(pb::Progress {
                     sequence: unsigned(sequence),
                 }),
@@ -111,6 +116,7 @@ impl DelegationService for DelegationApi {
             notes: optional_text("notes", r.notes, limits::MAX_NOTES_LEN)?,
             delegated_by: optional_text("delegated_by", r.delegated_by, limits::MAX_NAME_LEN)?,
         };
+        telemetry::record_ids(Some(&new.task_id), None);
         let action = Action::CreateDelegation {
             task_id: &new.task_id,
             source: &new.source_instance_id,
@@ -128,6 +134,7 @@ impl DelegationService for DelegationApi {
     ) -> Result<Response<pb::GetDelegationResponse>, Status> {
         let caller = Caller::of(&request)?;
         let delegation_id = id("id", request.into_inner().id)?;
+        telemetry::record_ids(None, Some(&delegation_id));
         access::check(&self.db, &caller, Action::ReadDelegation(&delegation_id)).await?;
         let delegation = delegations::get(&self.db, &delegation_id).await?;
         Ok(Response::new(pb::GetDelegationResponse {
@@ -143,6 +150,7 @@ impl DelegationService for DelegationApi {
         let r = request.into_inner();
         let delegation_id = id("id", r.id)?;
         let notes = text("notes", r.notes, limits::MAX_NOTES_LEN, false)?;
+        telemetry::record_ids(None, Some(&delegation_id));
         let action = Action::AnnotateDelegation(&delegation_id);
         access::check(&self.db, &caller, action).await?;
         let updated = delegations::update_notes(&self.db, &delegation_id, &notes).await?;
@@ -159,6 +167,7 @@ impl DelegationService for DelegationApi {
         let r = request.into_inner();
         let task_id = id("task_id", r.task_id)?;
         let page = page(r.page_size, r.page_token)?;
+        telemetry::record_ids(Some(&task_id), None);
         access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
         let page = delegations::list(&self.db, Listing::OfTask(&task_id), &page).await?;
         Ok(Response::new(pb::ListTaskDelegationsResponse {
@@ -173,6 +182,7 @@ impl DelegationService for DelegationApi {
     ) -> Result<Response<pb::GetDelegationChainResponse>, Status> {
         let caller = Caller::of(&request)?;
         let task_id = id("task_id", request.into_inner().task_id)?;
+        telemetry::record_ids(Some(&task_id), None);
         access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
         let chain = delegations::chain(&self.db, &task_id).await?;
         Ok(Response::new(pb::GetDelegationChainResponse {
@@ -189,6 +199,7 @@ impl DelegationService for DelegationApi {
     ) -> Result<Response<pb::GetDelegationTreeResponse>, Status> {
         let caller = Caller::of(&request)?;
         let task_id = id("task_id", request.into_inner().task_id)?;
+        telemetry::record_ids(Some(&task_id), None);
         access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
         let tree = tasks::tree(&self.db, &task_id).await?;
         let mut tasks = tree.tasks.into_iter().map(pb::Task::from);
@@ -221,6 +232,7 @@ impl DelegationService for DelegationApi {
     ) -> Result<Response<pb::AcceptDelegationResponse>, Status> {
         let caller = Caller::of(&request)?;
         let delegation_id = id("id", request.into_inner().id)?;
+        telemetry::record_ids(None, Some(&delegation_id));
         access::check(&self.db, &caller, Action::AnswerDelegation(&delegation_id)).await?;
         let accepted = delegations::accept(&self.db, &delegation_id).await?;
         Ok(Response::new(pb::AcceptDelegationResponse {
@@ -236,6 +248,7 @@ impl DelegationService for DelegationApi {
         let r = request.into_inner();
         let delegation_id = id("id", r.id)?;
         let reason = text("reason", r.reason, limits::MAX_REASON_LEN, true)?;
+        telemetry::record_ids(None, Some(&delegation_id));
         access::check(&self.db, &caller, Action::AnswerDelegation(&delegation_id)).await?;
         let rejected = delegations::reject(&self.db, &delegation_id, &reason).await?;
         Ok(Response::new(pb::RejectDelegationResponse {
@@ -255,10 +268,12 @@ impl DelegationService for DelegationApi {
             .notes
             .map(|n| text("notes", n, limits::MAX_NOTES_LEN, false))
             .transpose()?;
+        telemetry::record_ids(None, Some(&delegation_id));
         access::check(&self.db, &caller, Action::AnswerDelegation(&delegation_id)).await?;
         let done =
             delegations::complete(&self.db, &delegation_id, result.as_ref(), notes.as_deref())
                 .await?;
+        telemetry::metrics().bubbled(done.completed_ancestors.len());
         Ok(Response::new(pb::CompleteDelegationResponse {
             delegation: Some(done.delegation.into()),
             completed_ancestors: all(done.completed_ancestors),
@@ -272,6 +287,7 @@ impl DelegationService for DelegationApi {
     ) -> Result<Response<pb::CancelDelegationResponse>, Status> {
         let caller = Caller::of(&request)?;
         let delegation_id = id("id", request.into_inner().id)?;
+        telemetry::record_ids(None, Some(&delegation_id));
         access::check(&self.db, &caller, Action::CancelDelegation(&delegation_id)).await?;
         let cancelled = delegations::cancel(&self.db, &delegation_id).await?;
         Ok(Response::new(pb::CancelDelegationResponse {

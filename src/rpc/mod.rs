@@ -4,7 +4,7 @@
 
 mod delegations;
 mod instances;
-mod json;
+pub mod json;
 mod tasks;
 
 pub use delegations::DelegationApi;

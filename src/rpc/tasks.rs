@@ -13,6 +13,7 @@ use crate::{
         tasks::{self, NewTask},
     },
     store::Db,
+    telemetry,
 };
 
 /// Serves TaskService from a database.
@@ -50,6 +51,7 @@ impl TaskService for TaskApi {
         }
         // Checked inside the creating transaction: where a parent task is can change.
         let created = tasks::create_as(&self.db, &caller, new).await?;
+        telemetry::record_ids(Some(&created.id), None);
         Ok(Response::new(pb::CreateTaskResponse {
             task: Some(created.into()),
         }))
@@ -63,6 +65,7 @@ impl TaskService for TaskApi {
         let r = request.into_inner();
         let task_id = id("task_id", r.task_id)?;
         let page = page(r.page_size, r.page_token)?;
+        telemetry::record_ids(Some(&task_id), None);
         access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
         let page = tasks::list_subtasks(&self.db, &task_id, &page).await?;
         Ok(Response::new(pb::ListSubtasksResponse {
@@ -79,8 +82,13 @@ impl TaskService for TaskApi {
         let r = request.into_inner();
         let task_id = id("task_id", r.task_id)?;
         let result = parse_result(r.result)?;
+        telemetry::record_ids(Some(&task_id), None);
         // Checked inside the completing transaction: where the task is can change.
         let done = tasks::complete_as(&self.db, &caller, &task_id, result.as_ref()).await?;
+        // The first is the delegation that brought the task; the rest it bubbled up to.
+        if let Some(bubbled) = done.completed_delegations.len().checked_sub(1) {
+            telemetry::metrics().bubbled(bubbled);
+        }
         Ok(Response::new(pb::CompleteTaskResponse {
             task: Some(done.task.into()),
             completed_delegations: all(done.completed_delegations),
@@ -93,6 +101,7 @@ impl TaskService for TaskApi {
     ) -> Result<Response<pb::CancelTaskResponse>, Status> {
         let caller = Caller::of(&request)?;
         let task_id = id("task_id", request.into_inner().task_id)?;
+        telemetry::record_ids(Some(&task_id), None);
         access::check(&self.db, &caller, Action::CancelTask(&task_id)).await?;
         let cancelled = tasks::cancel(&self.db, &task_id).await?;
         Ok(Response::new(pb::CancelTaskResponse {
@@ -108,6 +117,7 @@ impl TaskService for TaskApi {
     ) -> Result<Response<pb::GetTaskResponse>, Status> {
         let caller = Caller::of(&request)?;
         let task_id = id("id", request.into_inner().id)?;
+        telemetry::record_ids(Some(&task_id), None);
         access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
         let task = tasks::get(&self.db, &task_id).await?;
         Ok(Response::new(pb::GetTaskResponse {

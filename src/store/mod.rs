@@ -189,6 +189,17 @@ struct Signals {
     appended: watch::Sender<u64>,
 }
 
+/// A snapshot of the connection pool, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Connections open.
+    pub size: usize,
+    /// Open connections not checked out.
+    pub available: usize,
+    /// The most connections the pool opens.
+    pub max_size: usize,
+}
+
 #[derive(Clone)]
 enum Pool {
     /// PostgreSQL through diesel-async's native driver.
@@ -532,6 +543,19 @@ impl Db {
             Pool::Pg(pool) => Conn::Pg(pool.get().await.map_err(unavailable)?),
             Pool::Sqlite(pool) => Conn::Sqlite(pool.get().await.map_err(unavailable)?),
         })
+    }
+
+    /// The pool's connections now: open, idle, and the most it opens.
+    pub fn pool_status(&self) -> PoolStatus {
+        let status = match &self.pool {
+            Pool::Pg(pool) => pool.status(),
+            Pool::Sqlite(pool) => pool.status(),
+        };
+        PoolStatus {
+            size: status.size,
+            available: status.available,
+            max_size: status.max_size,
+        }
     }
 
     /// Whether the database answers: one `SELECT 1` through the pool.

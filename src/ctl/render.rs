@@ -1,0 +1,405 @@
+//! How hopperctl prints records: aligned text for people (colours only on a terminal, times
+//! absolute and relative), or one JSON document per record for scripts.
+//!
+//! The JSON uses the proto's field names, the enums' lower-case words (the same words the
+//! flags take), RFC 3339 times and `null` for what is unset, so that a script can rely on
+//! every key being there.
+
+use std::io::{IsTerminal, Write};
+
+use chrono::{DateTime, Utc};
+use prost_types::Timestamp;
+use serde_json::{Value, json};
+
+use crate::{proto as pb, rpc::json};
+
+/// Text or JSON, chosen with `-o`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned text for people.
+    Text,
+    /// One JSON document per record, one per line.
+    Json,
+}
+
+/// Writes records to standard output in the chosen format.
+pub struct Printer {
+    /// The chosen format.
+    pub format: Format,
+    /// Whether text gets ANSI colours: only on a terminal, and never with `NO_COLOR` set.
+    color: bool,
+}
+
+impl Printer {
+    /// A printer for standard output.
+    pub fn new(format: Format) -> Self {
+        Self {
+            format,
+            color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        }
+    }
+
+    /// Prints one line and flushes it (a `watch` line must not wait in a buffer).
+    pub fn line(&self, text: impl AsRef<str>) {
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (`hopperctl … | head`) is not an error worth reporting.
+        let _ = writeln!(out, "{}", text.as_ref());
+        let _ = out.flush();
+    }
+
+    /// Prints a JSON document on one line.
+    pub fn json(&self, value: &Value) {
+        self.line(value.to_string());
+    }
+
+    /// Prints rows as aligned columns, two spaces apart; the last column is not padded.
+    pub fn table(&self, rows: &[Vec<Cell>]) {
+        for line in table(rows, self.color) {
+            self.line(line);
+        }
+    }
+
+    /// Prints `key value` lines, the keys aligned.
+    pub fn fields(&self, fields: &[(&str, Cell)]) {
+        let rows: Vec<Vec<Cell>> = fields
+            .iter()
+            .map(|(key, value)| vec![Cell::plain(*key), value.clone()])
+            .collect();
+        self.table(&rows);
+    }
+
+    /// A time as `2026-11-30 12:40:01 UTC (3m ago)`, or `-` if unset.
+    pub fn time(&self, at: Option<&Timestamp>) -> String {
+        at.and_then(to_datetime).map_or_else(
+            || "-".into(),
+            |at| {
+                format!(
+                    "{} ({})",
+                    at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    ago(Utc::now() - at)
+                )
+            },
+        )
+    }
+}
+
+/// One cell of a table: its text, and the colour it gets on a terminal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cell {
+    text: String,
+    color: Option<&'static str>,
+}
+
+impl Cell {
+    /// A cell without colour.
+    pub fn plain(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            color: None,
+        }
+    }
+
+    /// A status word, coloured by what it means: waiting, working, done or stopped.
+    pub fn status(word: impl Into<String>) -> Self {
+        let text = word.into();
+        let color = match text.as_str() {
+            "pending" | "created" | "starting" | "paused" | "blocked" | "claimed" => "33",
+            "accepted" | "running" | "in_progress" => "36",
+            "completed" | "done" | "task_completed" | "delegation_completed" => "32",
+            "rejected"
+            | "cancelled"
+            | "error"
+            | "stopping"
+            | "stopped"
+            | "terminated"
+            | "delegation_rejected"
+            | "delegation_cancelled" => "31",
+            _ => return Self::plain(text),
+        };
+        Self {
+            text,
+            color: Some(color),
+        }
+    }
+
+    /// The same cell, padded with spaces to `width` characters.
+    pub fn padded(mut self, width: usize) -> Self {
+        let len = self.text.chars().count();
+        self.text.push_str(&" ".repeat(width.saturating_sub(len)));
+        self
+    }
+
+    /// A cell in a dim colour, for secondary detail.
+    pub fn dim(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            color: Some("2"),
+        }
+    }
+}
+
+/// Lays out rows as aligned columns (padding counts characters, not bytes; colours are added
+/// after padding so that they do not count).
+fn table(rows: &[Vec<Cell>], color: bool) -> Vec<String> {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|row| row.get(c))
+                .map(|cell| cell.text.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    rows.iter()
+        .map(|row| {
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                if c > 0 {
+                    line.push_str("  ");
+                }
+                let pad = if c + 1 == row.len() {
+                    0
+                } else {
+                    widths[c] - cell.text.chars().count()
+                };
+                match (color, cell.color) {
+                    (true, Some(code)) => {
+                        line.push_str(&format!("\x1b[{code}m{}\x1b[0m", cell.text))
+                    }
+                    _ => line.push_str(&cell.text),
+                }
+                line.push_str(&" ".repeat(pad));
+            }
+            line.trim_end().to_owned()
+        })
+        .collect()
+}
+
+fn to_datetime(at: &Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(at.seconds, u32::try_from(at.nanos).ok()?)
+}
+
+/// A duration as people say it: `just now`, `42s ago`, `3m ago`, `5h ago`, `2d ago`, or `in 3s`
+/// for a clock that runs behind the server's.
+fn ago(elapsed: chrono::TimeDelta) -> String {
+    let seconds = elapsed.num_seconds();
+    let (amount, future) = (seconds.unsigned_abs(), seconds < 0);
+    let text = match amount {
+        0..=1 => return "just now".into(),
+        2..=59 => format!("{amount}s"),
+        60..=3_599 => format!("{}m", amount / 60),
+        3_600..=86_399 => format!("{}h", amount / 3_600),
+        _ => format!("{}d", amount / 86_400),
+    };
+    if future {
+        format!("in {text}")
+    } else {
+        format!("{text} ago")
+    }
+}
+
+/// The lower-case word of a proto enum value: `DELEGATION_STATUS_PENDING` -> `pending`.
+pub fn word(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix)
+        .unwrap_or(name)
+        .to_ascii_lowercase()
+}
+
+/// The word of a scope number.
+pub fn scope(value: i32) -> String {
+    pb::Scope::try_from(value)
+        .map_or_else(|_| value.to_string(), |v| word(v.as_str_name(), "SCOPE_"))
+}
+
+/// The word of an instance status number.
+pub fn instance_status(value: i32) -> String {
+    pb::InstanceStatus::try_from(value).map_or_else(
+        |_| value.to_string(),
+        |v| word(v.as_str_name(), "INSTANCE_STATUS_"),
+    )
+}
+
+/// The word of a task status number.
+pub fn task_status(value: i32) -> String {
+    pb::TaskStatus::try_from(value).map_or_else(
+        |_| value.to_string(),
+        |v| word(v.as_str_name(), "TASK_STATUS_"),
+    )
+}
+
+/// The word of a delegation type number.
+pub fn delegation_type(value: i32) -> String {
+    pb::DelegationType::try_from(value).map_or_else(
+        |_| value.to_string(),
+        |v| word(v.as_str_name(), "DELEGATION_TYPE_"),
+    )
+}
+
+/// The word of a delegation status number.
+pub fn delegation_status(value: i32) -> String {
+    pb::DelegationStatus::try_from(value).map_or_else(
+        |_| value.to_string(),
+        |v| word(v.as_str_name(), "DELEGATION_STATUS_"),
+    )
+}
+
+/// The word of an event kind number.
+pub fn event_kind(value: i32) -> String {
+    pb::EventKind::try_from(value).map_or_else(
+        |_| value.to_string(),
+        |v| word(v.as_str_name(), "EVENT_KIND_"),
+    )
+}
+
+fn time_json(at: Option<&Timestamp>) -> Value {
+    at.and_then(to_datetime).map_or(Value::Null, |at| {
+        Value::String(at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+    })
+}
+
+fn optional(text: &str) -> Value {
+    if text.is_empty() {
+        Value::Null
+    } else {
+        Value::String(text.to_owned())
+    }
+}
+
+fn document(value: Option<&prost_types::Struct>) -> Value {
+    value
+        .cloned()
+        .and_then(|s| json::from_struct("result", s).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// A result or config document as compact JSON, `-` if unset.
+pub fn document_text(value: Option<&prost_types::Struct>) -> String {
+    match document(value) {
+        Value::Null => "-".into(),
+        value => value.to_string(),
+    }
+}
+
+/// An instance as JSON.
+pub fn instance_json(i: &pb::Instance) -> Value {
+    json!({
+        "id": i.id,
+        "name": i.name,
+        "scope": scope(i.scope),
+        "parent_id": optional(&i.parent_id),
+        "status": instance_status(i.status),
+        "config": document(i.config.as_ref()),
+        "created_at": time_json(i.created_at.as_ref()),
+        "updated_at": time_json(i.updated_at.as_ref()),
+    })
+}
+
+/// A task as JSON.
+pub fn task_json(t: &pb::Task) -> Value {
+    json!({
+        "id": t.id,
+        "title": t.title,
+        "description": t.description,
+        "instance_id": t.instance_id,
+        "parent_task_id": optional(&t.parent_task_id),
+        "status": task_status(t.status),
+        "result": document(t.result.as_ref()),
+        "created_at": time_json(t.created_at.as_ref()),
+        "updated_at": time_json(t.updated_at.as_ref()),
+    })
+}
+
+/// A delegation as JSON.
+pub fn delegation_json(d: &pb::Delegation) -> Value {
+    json!({
+        "id": d.id,
+        "task_id": d.task_id,
+        "parent_delegation_id": optional(&d.parent_delegation_id),
+        "source_instance_id": d.source_instance_id,
+        "target_instance_id": d.target_instance_id,
+        "delegation_type": delegation_type(d.delegation_type),
+        "status": delegation_status(d.status),
+        "delegated_by": optional(&d.delegated_by),
+        "notes": optional(&d.notes),
+        "rejection_reason": optional(&d.rejection_reason),
+        "result": document(d.result.as_ref()),
+        "delegated_at": time_json(d.delegated_at.as_ref()),
+        "accepted_at": time_json(d.accepted_at.as_ref()),
+        "completed_at": time_json(d.completed_at.as_ref()),
+        "created_at": time_json(d.created_at.as_ref()),
+        "updated_at": time_json(d.updated_at.as_ref()),
+    })
+}
+
+/// A list of delegations as JSON.
+pub fn delegations_json(ds: &[pb::Delegation]) -> Value {
+    Value::Array(ds.iter().map(delegation_json).collect())
+}
+
+/// An event as JSON.
+pub fn event_json(e: &pb::DelegationEvent) -> Value {
+    json!({
+        "sequence": e.sequence,
+        "kind": event_kind(e.kind),
+        "occurred_at": time_json(e.occurred_at.as_ref()),
+        "task_id": e.task_id,
+        "delegation": e.delegation.as_ref().map_or(Value::Null, delegation_json),
+        "caused_by_delegation_id": optional(&e.caused_by_delegation_id),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_align_by_characters_and_colours_do_not_count() {
+        let rows = vec![
+            vec![
+                Cell::plain("└── web"),
+                Cell::status("running"),
+                Cell::plain("x"),
+            ],
+            vec![
+                Cell::plain("global"),
+                Cell::status("accepted"),
+                Cell::plain("y"),
+            ],
+        ];
+        assert_eq!(
+            table(&rows, false),
+            ["└── web  running   x", "global   accepted  y"]
+        );
+        let colored = table(&rows, true);
+        assert_eq!(colored[0], "└── web  \x1b[36mrunning\x1b[0m   x");
+    }
+
+    #[test]
+    fn relative_times_read_like_speech() {
+        let s = chrono::TimeDelta::seconds;
+        assert_eq!(ago(s(0)), "just now");
+        assert_eq!(ago(s(42)), "42s ago");
+        assert_eq!(ago(s(3 * 60 + 5)), "3m ago");
+        assert_eq!(ago(s(5 * 3600)), "5h ago");
+        assert_eq!(ago(s(2 * 86_400)), "2d ago");
+        assert_eq!(ago(s(-3)), "in 3s");
+    }
+
+    #[test]
+    fn enum_words_are_the_flags_words() {
+        assert_eq!(
+            delegation_status(pb::DelegationStatus::Accepted as i32),
+            "accepted"
+        );
+        assert_eq!(
+            event_kind(pb::EventKind::TaskCompleted as i32),
+            "task_completed"
+        );
+        assert_eq!(
+            task_status(pb::TaskStatus::InProgress as i32),
+            "in_progress"
+        );
+        assert_eq!(scope(99), "99");
+    }
+}

@@ -1,0 +1,156 @@
+//! `hopperctl watch`: prints an instance's events as they arrive and never loses its place.
+//!
+//! The cursor is the last sequence printed, or the head named by a progress mark (every
+//! matching event up to it has been delivered). After a disconnect or a server restart the
+//! stream is opened again with `after_sequence` set to the cursor, with a growing pause between
+//! attempts, so nothing is missed or printed twice. Ctrl-C ends the command with success.
+
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+
+use super::{
+    connect::{Failure, Target, is_transient},
+    render::{self, Cell, Format, Printer},
+};
+use crate::{
+    domain::EventKind,
+    proto::{self as pb, watch_events_response::Payload},
+};
+
+/// The pause before the first reconnection attempt; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What to watch.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchArgs {
+    /// The instance whose delegations' events to print.
+    pub instance: String,
+    /// Also the events of every instance below it.
+    #[arg(long)]
+    pub descendants: bool,
+    /// Replay the retained events after this sequence first.
+    #[arg(long)]
+    pub since: Option<u64>,
+    /// Only these kinds (comma-separated), e.g. `delegation_completed,task_completed`.
+    #[arg(long, value_delimiter = ',', value_parser = super::parse_word::<EventKind>)]
+    pub kinds: Vec<EventKind>,
+}
+
+/// Watches until Ctrl-C (success) or a refusal (OUT_OF_RANGE, PERMISSION_DENIED, …).
+pub async fn run(target: &Target, args: WatchArgs, printer: &Printer) -> Result<(), Failure> {
+    tokio::select! {
+        result = follow(target, args, printer) => result,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+async fn follow(target: &Target, args: WatchArgs, printer: &Printer) -> Result<(), Failure> {
+    let mut cursor = args.since;
+    let mut backoff = FIRST_BACKOFF;
+    let mut connected_before = false;
+    loop {
+        let failure = match subscribe(target, &args, cursor).await {
+            Ok(mut stream) => {
+                if connected_before {
+                    let after =
+                        cursor.map_or_else(|| "the log's head".into(), |c| format!("sequence {c}"));
+                    eprintln!(
+                        "hopperctl: reconnected to {}; resuming after {after}",
+                        target.server
+                    );
+                }
+                connected_before = true;
+                backoff = FIRST_BACKOFF;
+                loop {
+                    match stream.next().await {
+                        Some(Ok(message)) => print(message, &mut cursor, printer),
+                        Some(Err(status)) if is_transient(&status) => break Failure::from(status),
+                        Some(Err(status)) => return Err(status.into()),
+                        None => break Failure::Unreachable("the server ended the stream".into()),
+                    }
+                }
+            }
+            Err(failure @ (Failure::Refused(_) | Failure::Usage(_))) => return Err(failure),
+            Err(failure) if !connected_before => return Err(failure),
+            Err(failure) => failure,
+        };
+        tracing::debug!(%failure, ?backoff, "watch: reconnecting");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+type Events = tonic::Streaming<pb::WatchEventsResponse>;
+
+async fn subscribe(
+    target: &Target,
+    args: &WatchArgs,
+    after: Option<u64>,
+) -> Result<Events, Failure> {
+    let mut clients = target.connect().await?;
+    let request = pb::WatchEventsRequest {
+        instance_id: args.instance.clone(),
+        include_descendants: args.descendants,
+        after_sequence: after,
+        kinds: args
+            .kinds
+            .iter()
+            .map(|kind| pb::EventKind::from(*kind) as i32)
+            .collect(),
+    };
+    Ok(clients
+        .delegations
+        .watch_events(request)
+        .await?
+        .into_inner())
+}
+
+/// Prints an event and moves the cursor past it; a progress mark only moves the cursor.
+fn print(message: pb::WatchEventsResponse, cursor: &mut Option<u64>, printer: &Printer) {
+    let event = match message.payload {
+        Some(Payload::Event(event)) => event,
+        Some(Payload::Progress(progress)) => {
+            *cursor = Some(cursor.unwrap_or(0).max(progress.sequence));
+            return;
+        }
+        None => return,
+    };
+    // The server never repeats a sequence on one stream; this guards the resume.
+    if cursor.is_some_and(|c| event.sequence <= c) {
+        return;
+    }
+    *cursor = Some(event.sequence);
+    match printer.format {
+        Format::Json => printer.json(&render::event_json(&event)),
+        Format::Text => printer.table(&[event_row(&event, printer)]),
+    }
+}
+
+/// One event as a line: sequence, kind, delegation, source → target, task, time, caused-by.
+fn event_row(event: &pb::DelegationEvent, printer: &Printer) -> Vec<Cell> {
+    let d = event.delegation.clone().unwrap_or_default();
+    let mut row = vec![
+        Cell::plain(format!("{:>6}", event.sequence)),
+        Cell::status(render::event_kind(event.kind)).padded(KIND_WIDTH),
+        Cell::plain(d.id),
+        Cell::plain(format!(
+            "{} → {}",
+            d.source_instance_id, d.target_instance_id
+        )),
+        Cell::plain(format!("task {}", event.task_id)),
+        Cell::dim(printer.time(event.occurred_at.as_ref())),
+    ];
+    if !event.caused_by_delegation_id.is_empty() {
+        row.push(Cell::dim(format!(
+            "caused by {}",
+            event.caused_by_delegation_id
+        )));
+    }
+    row
+}
+
+/// The longest kind's word (`delegation_completed`), so that lines printed one by one align.
+const KIND_WIDTH: usize = 20;

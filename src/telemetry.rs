@@ -1,0 +1,282 @@
+//! What the server tells its operators: Prometheus metrics (served at `/metrics` with
+//! `serve --metrics-listen`) and a tracing span around every RPC.
+//!
+//! Counters and histograms are process-wide ([`metrics`]): one server per process in
+//! production, and a process-wide registry is what a scrape sees. Gauges (subscribers, the
+//! log's head, pool connections) are read from the server's own state at scrape time, so they
+//! cost the request path nothing.
+//!
+//! The RPC span carries `method`, and, once known, `caller` (set by [`crate::auth`]) and the
+//! `task_id` / `delegation_id` the request names (set by [`crate::rpc`]). Never a token or a
+//! result body.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::LazyLock,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tonic::{Code, Status};
+use tracing::{Instrument, field::Empty};
+
+use crate::events::Hub;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Rpc {
+    method: String,
+    code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Method {
+    method: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct State {
+    state: &'static str,
+}
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Rpc, Counter>,
+    durations: Family<Method, Histogram, fn() -> Histogram>,
+    subscribers: Gauge,
+    head: Gauge,
+    delivered: Counter,
+    pool: Family<State, Gauge>,
+    bubbled: Histogram,
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
+}
+
+fn duration_histogram() -> Histogram {
+    // 100 µs to about 1.6 s.
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 15))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<Rpc, Counter>::default();
+        let durations = Family::<Method, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram,
+        );
+        let (subscribers, head, pool) = (Gauge::default(), Gauge::default(), Family::default());
+        let delivered = Counter::default();
+        let bubbled = Histogram::new([0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0, 64.0]);
+        registry.register(
+            "hopper_rpc_requests",
+            "gRPC requests answered, by method and status code",
+            requests.clone(),
+        );
+        registry.register(
+            "hopper_rpc_duration_seconds",
+            "Time to answer a gRPC request (for WatchEvents: to open the stream), by method",
+            durations.clone(),
+        );
+        registry.register(
+            "hopper_watch_subscribers",
+            "Open WatchEvents streams",
+            subscribers.clone(),
+        );
+        registry.register(
+            "hopper_event_log_head_sequence",
+            "The newest event sequence this server has read from the log",
+            head.clone(),
+        );
+        registry.register(
+            "hopper_events_delivered",
+            "Events sent to WatchEvents subscribers (one per subscriber per event)",
+            delivered.clone(),
+        );
+        registry.register(
+            "hopper_db_pool_connections",
+            "Database pool connections, by state (idle, in_use, max)",
+            pool.clone(),
+        );
+        registry.register(
+            "hopper_bubbled_hops",
+            "Delegations a completion bubbled up to, beyond the one completed",
+            bubbled.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            durations,
+            subscribers,
+            head,
+            delivered,
+            pool,
+            bubbled,
+        }
+    }
+
+    /// One answered request.
+    fn answered(&self, method: &str, code: Code, elapsed: std::time::Duration) {
+        let code = match code {
+            Code::Ok => "OK".to_owned(),
+            code => format!("{code:?}"),
+        };
+        let method = method.to_owned();
+        self.requests
+            .get_or_create(&Rpc {
+                method: method.clone(),
+                code,
+            })
+            .inc();
+        self.durations
+            .get_or_create(&Method { method })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// One event sent to one subscriber.
+    pub fn delivered(&self) {
+        self.delivered.inc();
+    }
+
+    /// A completion that bubbled up to `hops` further delegations.
+    pub fn bubbled(&self, hops: usize) {
+        self.bubbled.observe(hops as f64);
+    }
+
+    /// The exposition text, with the gauges read from `hub` now.
+    pub fn render(&self, hub: &Hub) -> String {
+        self.subscribers
+            .set(i64::try_from(hub.active_streams()).unwrap_or(i64::MAX));
+        self.head.set(hub.window().1);
+        let pool = hub.db().pool_status();
+        for (state, count) in [
+            ("idle", pool.available),
+            ("in_use", pool.size.saturating_sub(pool.available)),
+            ("max", pool.max_size),
+        ] {
+            self.pool
+                .get_or_create(&State { state })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Serves `/metrics` over HTTP/1.1 on `listener` until the task is dropped.
+pub async fn serve_metrics(listener: TcpListener, hub: Hub) -> std::io::Result<()> {
+    use axum::{Router, http::header::CONTENT_TYPE, routing::get};
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let text = metrics().render(&hub);
+            async move {
+                (
+                    [(
+                        CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}
+
+/// A tower layer around the whole gRPC server: a span per request, and its count and duration
+/// once the response headers are out (the code is read from them; a successful unary call
+/// carries its status in the trailers, so no status in the headers means OK).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RpcLayer;
+
+impl<S> tower::Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcService(inner)
+    }
+}
+
+/// The service [`RpcLayer`] makes.
+#[derive(Debug, Clone)]
+pub struct RpcService<S>(S);
+
+impl<S, B, R> tower::Service<http::Request<B>> for RpcService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let method = request
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let span = tracing::info_span!(
+            "rpc",
+            method = %method,
+            caller = Empty,
+            task_id = Empty,
+            delegation_id = Empty,
+        );
+        // Entered while the inner service is called: the auth interceptor runs here.
+        let answer = span.in_scope(|| self.0.call(request));
+        Box::pin(
+            async move {
+                let response = answer.await?;
+                let code = Status::from_header_map(response.headers())
+                    .map_or(Code::Ok, |status| status.code());
+                // Unknown paths would make a label per path a client invents.
+                let method = if code == Code::Unimplemented {
+                    "unknown"
+                } else {
+                    &method
+                };
+                metrics().answered(method, code, started.elapsed());
+                tracing::debug!(?code, elapsed = ?started.elapsed(), "answered");
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Records the task and delegation a request names on its RPC span.
+pub fn record_ids(task_id: Option<&str>, delegation_id: Option<&str>) {
+    let span = tracing::Span::current();
+    if let Some(task_id) = task_id {
+        span.record("task_id", task_id);
+    }
+    if let Some(delegation_id) = delegation_id {
+        span.record("delegation_id", delegation_id);
+    }
+}

@@ -1,0 +1,528 @@
+//! `hopperctl` as an operator runs it, against the real server binary on both backends: the
+//! seed story through hopperctl only, `chain` and `tree` output, `-o json` parsed back, exit
+//! codes, and `watch` receiving bubbling completions live and resuming across a server
+//! restart with nothing missed or repeated. Also the server's `/metrics` and JSON logs.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::{TestDb, text_rows};
+use hopper_delegation::store::DatabaseUrl;
+use serde_json::Value;
+
+/// The server binary, serving `db` on `addr` (`127.0.0.1:0` the first time).
+struct Server {
+    child: Child,
+    addr: String,
+    /// The metrics address, when asked for.
+    metrics: Option<String>,
+    /// Every line the server logged, read by a thread.
+    log: mpsc::Receiver<String>,
+}
+
+fn url_of(db: &TestDb) -> String {
+    match &db.url {
+        DatabaseUrl::Postgres(url) => url.clone(),
+        DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+    }
+}
+
+impl Server {
+    fn start(db: &TestDb, addr: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hopper-delegation"))
+            .args(["serve", "--listen", addr, "--database-url", &url_of(db)])
+            .args(["--progress-interval", "200ms"])
+            .args(extra)
+            .env("RUST_LOG", "info,hopper_delegation=debug")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (lines, log) = mpsc::channel();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let mut server = Self {
+            child,
+            addr: String::new(),
+            metrics: None,
+            log,
+        };
+        let wants_metrics = extra.contains(&"--metrics-listen");
+        while server.addr.is_empty() || (wants_metrics && server.metrics.is_none()) {
+            let line = server.next_line();
+            let address = address_in(&line);
+            if line.contains("serving gRPC") {
+                server.addr = address.expect("an address");
+            } else if line.contains("serving metrics") {
+                server.metrics = address;
+            }
+        }
+        server
+    }
+
+    fn next_line(&self) -> String {
+        self.log
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the server logs")
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGTERM, and a clean exit.
+    fn stop(mut self) {
+        signal(&self.child, "TERM");
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+impl Drop for Server {
+    /// A test that fails half-way leaves no server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `hopperctl watch` child, killed if the test fails before it is stopped.
+struct Watch(Child);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The address in a log line, text (`address=…`) or JSON (`"address":"…"`).
+fn address_in(line: &str) -> Option<String> {
+    if let Ok(json) = serde_json::from_str::<Value>(line) {
+        return json["fields"]["address"].as_str().map(str::to_owned);
+    }
+    let rest = line.split("address=").nth(1)?;
+    Some(rest.split_whitespace().next()?.to_owned())
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Runs `hopperctl --server URL ARGS`.
+fn ctl(server: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .env_remove("HOPPER_TOKEN")
+        .output()
+        .unwrap()
+}
+
+/// Runs hopperctl and returns its stdout; panics with its stderr unless it succeeds.
+fn ok(server: &str, args: &[&str]) -> String {
+    let output = ctl(server, args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "hopperctl {args:?}: {stderr}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs hopperctl with `-o json` and parses its one document.
+fn json(server: &str, args: &[&str]) -> Value {
+    let out = ok(server, &[args, &["-o", "json"]].concat());
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Registers Global -> Project -> Orchestration (global, web, web-ci) through hopperctl.
+fn register_hierarchy(server: &str) {
+    for (id, name, scope, parent) in [
+        ("global", "Global", "global", None),
+        ("web", "Web project", "project", Some("global")),
+        ("web-ci", "Web CI run", "orchestration", Some("web")),
+    ] {
+        let mut args = vec![
+            "instances",
+            "register",
+            id,
+            "--name",
+            name,
+            "--scope",
+            scope,
+        ];
+        args.extend(["--status", "running"]);
+        if let Some(parent) = parent {
+            args.extend(["--parent", parent]);
+        }
+        let registered = json(server, &args);
+        assert_eq!(registered["id"], id);
+        assert_eq!(registered["status"], "running");
+    }
+}
+
+/// Creates `task` at global and routes it down to web-ci, both hops accepted; returns the
+/// two delegation ids (global -> web, web -> web-ci).
+fn route_down(server: &str, task: &str) -> (String, String) {
+    ok(
+        server,
+        &[
+            "tasks", "create", "--id", task, "--title", "Ship it", "--at", "global",
+        ],
+    );
+    let to_web = ok(
+        server,
+        &[
+            "delegate", task, "--from", "global", "--to", "web", "--by", "alice",
+        ],
+    );
+    let to_web = to_web.trim().to_owned();
+    ok(server, &["accept", &to_web]);
+    let to_ci = ok(
+        server,
+        &["delegate", task, "--from", "web", "--to", "web-ci"],
+    );
+    let to_ci = to_ci.trim().to_owned();
+    ok(server, &["accept", &to_ci]);
+    (to_web, to_ci)
+}
+
+on_both_backends! {
+    async fn the_seed_story_runs_through_hopperctl_alone(backend: Backend) {
+        let db = TestDb::migrated(backend).await;
+        let server = Server::start(&db, "127.0.0.1:0", &[]);
+        let url = server.url();
+        register_hierarchy(&url);
+
+        ok(&url, &["tasks", "create", "--id", "release-42", "--title", "Ship release 42", "--at", "global"]);
+        let to_web = ok(&url, &["delegate", "release-42", "--from", "global", "--to", "web", "--by", "alice"]);
+        let to_web = to_web.trim();
+        assert_eq!(to_web.len(), 36, "the new delegation's id alone: {to_web:?}");
+        let accepted = ok(&url, &["accept", to_web]);
+        assert_eq!(accepted.trim(), format!("delegation {to_web}  accepted  global → web  (route, task release-42)"));
+        let created = json(&url, &["delegate", "release-42", "--from", "web", "--to", "web-ci", "--notes", "CI"]);
+        assert_eq!((created["status"].as_str(), created["notes"].as_str()), (Some("pending"), Some("CI")));
+        let to_ci = created["id"].as_str().unwrap().to_owned();
+
+        let pending = ok(&url, &["pending", "web-ci"]);
+        let rows: Vec<&str> = pending.lines().collect();
+        assert_eq!(rows.len(), 2, "{pending}");
+        assert!(rows[0].starts_with("ID") && rows[1].starts_with(&to_ci), "{pending}");
+        assert!(rows[1].contains("release-42  route  web"), "{pending}");
+        ok(&url, &["accept", &to_ci]);
+        assert_eq!(ok(&url, &["pending", "web-ci"]).trim(), "no pending delegations for web-ci");
+
+        let tree = ok(&url, &["instances", "tree"]);
+        assert_eq!(
+            tree.lines().collect::<Vec<_>>(),
+            [
+                "global          Global       global         running  pending 0  accepted 0",
+                "└── web         Web project  project        running  pending 0  accepted 1",
+                "    └── web-ci  Web CI run   orchestration  running  pending 0  accepted 1",
+            ]
+        );
+        let subtree = ok(&url, &["instances", "tree", "web"]);
+        assert!(subtree.starts_with("web  ") && subtree.lines().count() == 2, "{subtree}");
+
+        let done = ok(&url, &["complete", &to_ci, "--result", r#"{"artifact": "web-42.tar.gz", "tests": 118}"#]);
+        let done: Vec<&str> = done.lines().collect();
+        assert_eq!(done.len(), 3, "{done:?}");
+        assert!(done[0].starts_with(&format!("delegation {to_ci}  completed  web → web-ci")), "{done:?}");
+        assert!(done[1].contains(&format!("bubbled up: completed {to_web}  completed  global → web")), "{done:?}");
+        assert_eq!(done[2], "task release-42 is done at global");
+
+        let task = json(&url, &["tasks", "show", "release-42"]);
+        assert_eq!(task["status"], "done");
+        assert_eq!(task["instance_id"], "global");
+        assert_eq!(task["result"], serde_json::json!({"artifact": "web-42.tar.gz", "tests": 118}));
+
+        let chain = ok(&url, &["chain", "release-42"]);
+        let lines: Vec<&str> = chain.lines().collect();
+        assert_eq!(lines[0], "task release-42: from global to global, 2 hops");
+        assert!(lines[1].starts_with("#  TYPE   HOP           STATUS     DELEGATED"), "{chain}");
+        assert!(lines[2].starts_with("1  route  global → web  completed  20"), "{chain}");
+        assert!(lines[3].starts_with("2  route  web → web-ci  completed  20"), "{chain}");
+        assert!(lines[3].contains(" UTC (just now)"), "{chain}");
+        let chain = json(&url, &["chain", "release-42"]);
+        let hops: Vec<(&str, &str, &str)> = chain["delegations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| (d["source_instance_id"].as_str().unwrap(), d["target_instance_id"].as_str().unwrap(), d["status"].as_str().unwrap()))
+            .collect();
+        assert_eq!(hops, [("global", "web", "completed"), ("web", "web-ci", "completed")]);
+        assert_eq!(chain["delegations"][0]["delegated_by"], "alice");
+
+        // A parent split in two subtasks, drawn as a tree.
+        ok(&url, &["tasks", "create", "--id", "docs-7", "--title", "Write the docs", "--at", "global"]);
+        let split = ok(&url, &["delegate", "docs-7", "--from", "global", "--to", "web"]);
+        ok(&url, &["accept", split.trim()]);
+        ok(&url, &["tasks", "create", "--id", "docs-7.api", "--title", "API reference", "--parent", "docs-7"]);
+        ok(&url, &["tasks", "create", "--id", "docs-7.guide", "--title", "User guide", "--parent", "docs-7"]);
+        let api = ok(&url, &["delegate", "docs-7.api", "--from", "web", "--to", "web-ci", "--type", "decompose"]);
+        let tree = ok(&url, &["tree", "docs-7"]);
+        let expected = [
+            "docs-7             at web        pending   Write the docs".to_owned(),
+            format!("├── route          global → web  accepted  {}", split.trim()),
+            "├── docs-7.api     at web-ci     pending   API reference".to_owned(),
+            format!("│   └── decompose  web → web-ci  pending   {}", api.trim()),
+            "└── docs-7.guide   at web        pending   User guide".to_owned(),
+        ];
+        assert_eq!(tree.lines().collect::<Vec<_>>(), expected, "{tree}");
+        let tree = json(&url, &["tree", "docs-7"]);
+        assert_eq!(tree["task"]["id"], "docs-7");
+        assert_eq!(tree["subtasks"].as_array().unwrap().len(), 2);
+        assert_eq!(tree["delegations"].as_array().unwrap().len(), 2);
+
+        let listed = ok(&url, &["instances", "list", "-o", "json"]);
+        let ids: Vec<String> = listed
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap()["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids, ["global", "web", "web-ci"]);
+        server.stop();
+    }
+
+    async fn hopperctl_exit_codes_tell_refusals_usage_and_an_unreachable_server_apart(backend: Backend) {
+        let db = TestDb::migrated(backend).await;
+        let server = Server::start(&db, "127.0.0.1:0", &[]);
+        let url = server.url();
+        register_hierarchy(&url);
+        let (to_web, _) = route_down(&url, "t");
+        let before = snapshot(&db).await;
+
+        let refused = ctl(&url, &["accept", &to_web]);
+        assert_eq!(refused.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&refused.stderr),
+            format!("error: delegation {to_web} is accepted; it must be pending to accept\n")
+        );
+        assert!(refused.stdout.is_empty());
+        let unknown = ctl(&url, &["tasks", "show", "ghost"]);
+        assert_eq!((unknown.status.code(), String::from_utf8_lossy(&unknown.stderr).into_owned()), (Some(1), "error: task ghost not found\n".into()));
+        let invalid = ctl(&url, &["reject", &to_web, "--reason", " "]);
+        assert_eq!(invalid.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&invalid.stderr).starts_with("error: reason: "));
+
+        for usage in [
+            vec!["delegate", "t", "--from", "global"],
+            vec!["delegate", "t", "--from", "global", "--to", "web", "--type", "sideways"],
+            vec!["complete", &to_web, "--result", "[1]"],
+            vec!["instances", "register", "x", "--name", "X", "--scope", "galaxy"],
+            vec!["tasks", "create", "--title", "nowhere"],
+        ] {
+            let output = ctl(&url, &usage);
+            assert_eq!(output.status.code(), Some(2), "{usage:?}: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let help = ctl(&url, &["watch", "--help"]);
+        assert!(help.status.success() && String::from_utf8_lossy(&help.stdout).contains("--descendants"));
+        assert_eq!(snapshot(&db).await, before, "refusals changed nothing");
+
+        server.stop();
+        let unreachable = ctl(&url, &["tasks", "show", "t"]);
+        assert_eq!(unreachable.status.code(), Some(3));
+        let stderr = String::from_utf8_lossy(&unreachable.stderr);
+        assert!(stderr.starts_with(&format!("error: cannot reach the server at {url}")), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+
+    async fn watch_follows_completions_bubbling_up_and_resumes_after_a_restart(backend: Backend) {
+        let db = TestDb::migrated(backend).await;
+        let server = Server::start(&db, "127.0.0.1:0", &[]);
+        let url = server.url();
+        register_hierarchy(&url);
+
+        let mut watch = Watch(Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+            .args(["--server", &url, "watch", "global", "--descendants", "-o", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap());
+        let events = lines_of(watch.0.stdout.take().unwrap());
+        // The stream is open once the subscription counts on the server; give it a moment.
+        std::thread::sleep(Duration::from_millis(500));
+
+        let (_, to_ci) = route_down(&url, "first");
+        ok(&url, &["complete", &to_ci]);
+        let mut seen = until_task_completed(&events, "first");
+        let kinds: Vec<&str> = seen.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds[kinds.len() - 3..], ["delegation_completed", "delegation_completed", "task_completed"]);
+        assert_eq!(seen[seen.len() - 2]["caused_by_delegation_id"], to_ci.as_str(), "the Project hop bubbled from the CI hop");
+
+        // Restart the server; write before the watcher can be back, so it must replay.
+        let addr = server.addr.clone();
+        server.stop();
+        let server = Server::start(&db, &addr, &[]);
+        let (_, to_ci) = route_down(&url, "second");
+        ok(&url, &["complete", &to_ci]);
+        seen.extend(until_task_completed(&events, "second"));
+
+        signal(&watch.0, "INT");
+        assert!(watch.0.wait().unwrap().success(), "Ctrl-C exits 0");
+        let mut stderr = String::new();
+        watch.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        let resumed: Vec<&str> = stderr.lines().filter(|l| l.contains("resuming after sequence")).collect();
+        assert_eq!(resumed.len(), 1, "{stderr}");
+
+        let printed: Vec<i64> = seen.iter().map(|e| e["sequence"].as_i64().unwrap()).collect();
+        let mut conn = db.pool().conn().await.unwrap();
+        let logged: Vec<i64> = text_rows(&mut conn, "SELECT CAST(sequence AS TEXT) AS line FROM delegation_events ORDER BY sequence")
+            .await
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(printed, logged, "every event of the log, once, in order");
+        assert_eq!(printed.iter().collect::<BTreeSet<_>>().len(), printed.len());
+        server.stop();
+    }
+
+    async fn metrics_are_served_and_move_with_requests_and_logs_carry_the_rpc_span(backend: Backend) {
+        let db = TestDb::migrated(backend).await;
+        let server = Server::start(&db, "127.0.0.1:0", &["--metrics-listen", "127.0.0.1:0", "--log-format", "json", "--max-connections", "7"]);
+        let url = server.url();
+        let metrics = server.metrics.clone().unwrap();
+        let before = scrape(&metrics);
+        assert_eq!(value(&before, "hopper_db_pool_connections{state=\"max\"}"), 7.0);
+        assert_eq!(value(&before, "hopper_watch_subscribers"), 0.0);
+
+        register_hierarchy(&url);
+        let mut watch = Watch(Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+            .args(["--server", &url, "watch", "web-ci", "-o", "json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap());
+        let events = lines_of(watch.0.stdout.take().unwrap());
+        std::thread::sleep(Duration::from_millis(500));
+        let (_, to_ci) = route_down(&url, "m");
+        ok(&url, &["complete", &to_ci, "--result", r#"{"secret": "s3cr3t-result"}"#]);
+        let _ = ctl(&url, &["tasks", "show", "ghost"]);
+        // The CI hop's created, accepted and completed events reach the web-ci watcher.
+        let kinds: Vec<Value> = (0..3).map(|_| next_event(&events)["kind"].clone()).collect();
+        assert_eq!(kinds, ["delegation_created", "delegation_accepted", "delegation_completed"]);
+
+        let after = scrape(&metrics);
+        for name in [
+            "hopper_rpc_requests_total", "hopper_rpc_duration_seconds", "hopper_watch_subscribers",
+            "hopper_event_log_head_sequence", "hopper_events_delivered_total",
+            "hopper_db_pool_connections", "hopper_bubbled_hops",
+        ] {
+            assert!(after.contains(&format!("# TYPE {}", name.trim_end_matches("_total"))), "{name} in\n{after}");
+        }
+        let count = |text: &str, method: &str, code: &str| value(text, &format!("hopper_rpc_requests_total{{method=\"{method}\",code=\"{code}\"}}"));
+        assert_eq!(count(&after, "RegisterInstance", "OK"), 3.0);
+        assert_eq!(count(&after, "AcceptDelegation", "OK"), 2.0);
+        assert_eq!(count(&after, "CompleteDelegation", "OK"), 1.0);
+        assert_eq!(count(&after, "GetTask", "NotFound"), 1.0);
+        assert_eq!(value(&after, "hopper_rpc_duration_seconds_count{method=\"CreateDelegation\"}"), 2.0);
+        assert_eq!(value(&after, "hopper_watch_subscribers"), 1.0);
+        let mut conn = db.pool().conn().await.unwrap();
+        let head = text_rows(&mut conn, "SELECT CAST(MAX(sequence) AS TEXT) AS line FROM delegation_events").await;
+        assert_eq!(value(&after, "hopper_event_log_head_sequence"), head[0].parse::<f64>().unwrap());
+        assert!(value(&after, "hopper_events_delivered_total") >= 3.0);
+        assert_eq!(value(&after, "hopper_bubbled_hops_count"), 1.0);
+        assert_eq!(value(&after, "hopper_bubbled_hops_sum"), 1.0, "the CI hop's completion bubbled to one more");
+
+        signal(&watch.0, "INT");
+        assert!(watch.0.wait().unwrap().success());
+        server_log_has_span(&server, &to_ci);
+        server.stop();
+    }
+}
+
+/// The JSON log has a line for the CompleteDelegation with its span's fields, and no result.
+fn server_log_has_span(server: &Server, delegation: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut found = false;
+    while Instant::now() < deadline && !found {
+        let Ok(line) = server.log.recv_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        assert!(
+            !line.contains("s3cr3t-result"),
+            "a result body in the log: {line}"
+        );
+        let Ok(json) = serde_json::from_str::<Value>(&line) else {
+            panic!("not JSON: {line}");
+        };
+        let span = &json["span"];
+        if span["method"] == "CompleteDelegation" && json["fields"]["message"] == "answered" {
+            assert_eq!(span["delegation_id"], delegation);
+            assert_eq!(span["caller"], "open");
+            found = true;
+        }
+    }
+    assert!(found, "no CompleteDelegation span in the log");
+}
+
+/// `GET /metrics`, over a plain HTTP/1.1 connection.
+fn scrape(addr: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains("content-type: application/openmetrics-text"),
+        "{response}"
+    );
+    response.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+/// The value of one sample line (`name{labels} value`); 0 if absent.
+fn value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// The lines a child writes, through a channel (so that reads can time out).
+fn lines_of(out: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (lines, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    receiver
+}
+
+fn next_event(events: &mpsc::Receiver<String>) -> Value {
+    let line = events
+        .recv_timeout(Duration::from_secs(30))
+        .expect("an event within 30 s");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// The events printed up to and including `task`'s task_completed.
+fn until_task_completed(events: &mpsc::Receiver<String>, task: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let event = next_event(events);
+        let done = event["kind"] == "task_completed" && event["task_id"] == task;
+        seen.push(event);
+        if done {
+            return seen;
+        }
+    }
+}
+
+async fn snapshot(db: &TestDb) -> Vec<String> {
+    common::snapshot(&db.pool()).await
+}
