@@ -346,14 +346,12 @@ on_both_backends! {
         register_hierarchy(&url);
 
         let mut watch = Watch(Command::new(env!("CARGO_BIN_EXE_hopperctl"))
-            .args(["--server", &url, "watch", "global", "--descendants", "-o", "json"])
+            .args(["--server", &url, "watch", "global", "--descendants", "--since", "0", "-o", "json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap());
         let events = lines_of(watch.0.stdout.take().unwrap());
-        // The stream is open once the subscription counts on the server; give it a moment.
-        std::thread::sleep(Duration::from_millis(500));
 
         let (_, to_ci) = route_down(&url, "first");
         ok(&url, &["complete", &to_ci]);
@@ -400,12 +398,11 @@ on_both_backends! {
 
         register_hierarchy(&url);
         let mut watch = Watch(Command::new(env!("CARGO_BIN_EXE_hopperctl"))
-            .args(["--server", &url, "watch", "web-ci", "-o", "json"])
+            .args(["--server", &url, "watch", "web-ci", "--since", "0", "-o", "json"])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap());
         let events = lines_of(watch.0.stdout.take().unwrap());
-        std::thread::sleep(Duration::from_millis(500));
         let (_, to_ci) = route_down(&url, "m");
         ok(&url, &["complete", &to_ci, "--result", r#"{"secret": "s3cr3t-result"}"#]);
         let _ = ctl(&url, &["tasks", "show", "ghost"]);
