@@ -11,6 +11,7 @@
 //! result body.
 
 use std::{
+    collections::HashSet,
     future::Future,
     pin::Pin,
     sync::LazyLock,
@@ -32,17 +33,17 @@ use tokio::net::TcpListener;
 use tonic::{Code, Status};
 use tracing::{Instrument, field::Empty};
 
-use crate::events::Hub;
+use crate::{events::Hub, store::events::bounds};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Rpc {
-    method: String,
-    code: String,
+    method: &'static str,
+    code: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Method {
-    method: String,
+    method: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,7 +86,8 @@ impl Metrics {
         let bubbled = Histogram::new([0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0, 64.0]);
         registry.register(
             "hopper_rpc_requests",
-            "gRPC requests answered, by method and status code",
+            "gRPC requests answered, by method and the status code in the response headers \
+             (a stream that opened counts as OK)",
             requests.clone(),
         );
         registry.register(
@@ -100,7 +102,7 @@ impl Metrics {
         );
         registry.register(
             "hopper_event_log_head_sequence",
-            "The newest event sequence this server has read from the log",
+            "The newest event sequence in the log",
             head.clone(),
         );
         registry.register(
@@ -131,18 +133,9 @@ impl Metrics {
     }
 
     /// One answered request.
-    fn answered(&self, method: &str, code: Code, elapsed: std::time::Duration) {
-        let code = match code {
-            Code::Ok => "OK".to_owned(),
-            code => format!("{code:?}"),
-        };
-        let method = method.to_owned();
-        self.requests
-            .get_or_create(&Rpc {
-                method: method.clone(),
-                code,
-            })
-            .inc();
+    fn answered(&self, method: &'static str, code: Code, elapsed: std::time::Duration) {
+        let code = code_name(code);
+        self.requests.get_or_create(&Rpc { method, code }).inc();
         self.durations
             .get_or_create(&Method { method })
             .observe(elapsed.as_secs_f64());
@@ -158,11 +151,16 @@ impl Metrics {
         self.bubbled.observe(hops as f64);
     }
 
-    /// The exposition text, with the gauges read from `hub` now.
-    pub fn render(&self, hub: &Hub) -> String {
+    /// The exposition text, with the gauges read from `hub` and its database now. If the
+    /// database cannot be reached, the log's head keeps its last value.
+    pub async fn render(&self, hub: &Hub) -> String {
         self.subscribers
             .set(i64::try_from(hub.active_streams()).unwrap_or(i64::MAX));
-        self.head.set(hub.window().1);
+        if let Ok(mut conn) = hub.db().conn().await
+            && let Ok(log) = bounds(&mut conn).await
+        {
+            self.head.set(log.head);
+        }
         let pool = hub.db().pool_status();
         for (state, count) in [
             ("idle", pool.available),
@@ -185,17 +183,15 @@ pub async fn serve_metrics(listener: TcpListener, hub: Hub) -> std::io::Result<(
     use axum::{Router, http::header::CONTENT_TYPE, routing::get};
     let app = Router::new().route(
         "/metrics",
-        get(move || {
-            let text = metrics().render(&hub);
-            async move {
-                (
-                    [(
-                        CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    text,
-                )
-            }
+        get(move || async move {
+            let text = metrics().render(&hub).await;
+            (
+                [(
+                    CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                text,
+            )
         }),
     );
     axum::serve(listener, app).await
@@ -234,13 +230,7 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let started = Instant::now();
-        let method = request
-            .uri()
-            .path()
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let method = method_name(request.uri().path());
         let span = tracing::info_span!(
             "rpc",
             method = %method,
@@ -255,18 +245,74 @@ where
                 let response = answer.await?;
                 let code = Status::from_header_map(response.headers())
                     .map_or(Code::Ok, |status| status.code());
-                // Unknown paths would make a label per path a client invents.
-                let method = if code == Code::Unimplemented {
-                    "unknown"
-                } else {
-                    &method
-                };
                 metrics().answered(method, code, started.elapsed());
                 tracing::debug!(?code, elapsed = ?started.elapsed(), "answered");
                 Ok(response)
             }
             .instrument(span),
         )
+    }
+}
+
+/// The method a request path names (`/hopper.delegation.v1.TaskService/GetTask` ->
+/// `GetTask`), or `unknown` for a path the server does not serve: a label per path a client
+/// invents would grow the metrics without bound (and auth refuses before routing does).
+fn method_name(path: &str) -> &'static str {
+    static KNOWN: LazyLock<HashSet<String>> = LazyLock::new(|| {
+        use prost::Message;
+        let mut paths = HashSet::from(
+            [
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            ]
+            .map(str::to_owned),
+        );
+        for set in [
+            crate::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            let set = prost_types::FileDescriptorSet::decode(set).unwrap_or_default();
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        paths.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        paths
+    });
+    KNOWN
+        .get(path)
+        .and_then(|known| known.rsplit('/').next())
+        .unwrap_or("unknown")
+}
+
+/// A status code as gRPC names it in metrics (`OK`, `NotFound`, …).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
     }
 }
 
@@ -278,5 +324,26 @@ pub fn record_ids(task_id: Option<&str>, delegation_id: Option<&str>) {
     }
     if let Some(delegation_id) = delegation_id {
         span.record("delegation_id", delegation_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_served_methods_get_a_label_of_their_own() {
+        let name = method_name;
+        assert_eq!(name("/hopper.delegation.v1.TaskService/GetTask"), "GetTask");
+        assert_eq!(name("/grpc.health.v1.Health/Check"), "Check");
+        let v1alpha = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+        assert_eq!(name(v1alpha), "ServerReflectionInfo");
+        assert_eq!(
+            name("/hopper.delegation.v1.TaskService/Invented"),
+            "unknown"
+        );
+        assert_eq!(name("/anything/at/all"), "unknown");
+        assert_eq!(code_name(Code::NotFound), "NotFound");
+        assert_eq!(code_name(Code::Ok), "OK");
     }
 }

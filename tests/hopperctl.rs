@@ -81,10 +81,13 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
-    /// SIGTERM, and a clean exit.
-    fn stop(mut self) {
+    /// SIGTERM, and a clean exit; returns what the server logged that was not read yet.
+    fn stop(mut self) -> Vec<String> {
         signal(&self.child, "TERM");
         assert!(self.child.wait().unwrap().success());
+        std::mem::replace(&mut self.log, mpsc::channel().1)
+            .iter()
+            .collect()
     }
 }
 
@@ -327,11 +330,17 @@ on_both_backends! {
             let output = ctl(&url, &usage);
             assert_eq!(output.status.code(), Some(2), "{usage:?}: {}", String::from_utf8_lossy(&output.stderr));
         }
+        let unknown = ctl(&url, &["watch", "ghost"]);
+        assert_eq!((unknown.status.code(), String::from_utf8_lossy(&unknown.stderr).into_owned()), (Some(1), "error: instance ghost not found\n".into()));
+        let ahead = ctl(&url, &["watch", "global", "--since", "1000000"]);
+        assert_eq!(ahead.status.code(), Some(1), "OUT_OF_RANGE: {}", String::from_utf8_lossy(&ahead.stderr));
         let help = ctl(&url, &["watch", "--help"]);
         assert!(help.status.success() && String::from_utf8_lossy(&help.stdout).contains("--descendants"));
         assert_eq!(snapshot(&db).await, before, "refusals changed nothing");
 
         server.stop();
+        let watch = ctl(&url, &["watch", "global"]);
+        assert_eq!(watch.status.code(), Some(3), "a watch that cannot start says so");
         let unreachable = ctl(&url, &["tasks", "show", "t"]);
         assert_eq!(unreachable.status.code(), Some(3));
         let stderr = String::from_utf8_lossy(&unreachable.stderr);
@@ -360,20 +369,41 @@ on_both_backends! {
         assert_eq!(kinds[kinds.len() - 3..], ["delegation_completed", "delegation_completed", "task_completed"]);
         assert_eq!(seen[seen.len() - 2]["caused_by_delegation_id"], to_ci.as_str(), "the Project hop bubbled from the CI hop");
 
-        // Restart the server; write before the watcher can be back, so it must replay.
+        // A second watcher, of web-ci only and without --since: its cursor comes from the
+        // progress mark the server sends once it has joined (within the 200 ms interval).
+        let mut quiet = Watch(Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+            .args(["--server", &url, "watch", "web-ci", "-o", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap());
+        let quiet_events = lines_of(quiet.0.stdout.take().unwrap());
+        std::thread::sleep(Duration::from_secs(1));
+
+        // The server goes away; the next lifecycle is written through another server on the
+        // same database while both watchers are cut off; then the first comes back. Only a
+        // replay from each watcher's cursor can show them what happened meanwhile.
+        let last_before = seen.last().unwrap()["sequence"].as_i64().unwrap();
         let addr = server.addr.clone();
         server.stop();
+        let meanwhile = Server::start(&db, "127.0.0.1:0", &[]);
+        let (_, to_ci) = route_down(&meanwhile.url(), "second");
+        ok(&meanwhile.url(), &["complete", &to_ci]);
+        meanwhile.stop();
         let server = Server::start(&db, &addr, &[]);
-        let (_, to_ci) = route_down(&url, "second");
-        ok(&url, &["complete", &to_ci]);
         seen.extend(until_task_completed(&events, "second"));
+        let kinds: Vec<Value> = (0..3).map(|_| next_event(&quiet_events)["kind"].clone()).collect();
+        assert_eq!(kinds, ["delegation_created", "delegation_accepted", "delegation_completed"], "only what happened at web-ci after it started");
 
         signal(&watch.0, "INT");
         assert!(watch.0.wait().unwrap().success(), "Ctrl-C exits 0");
         let mut stderr = String::new();
         watch.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-        let resumed: Vec<&str> = stderr.lines().filter(|l| l.contains("resuming after sequence")).collect();
-        assert_eq!(resumed.len(), 1, "{stderr}");
+        let resumed: Vec<&str> = stderr.lines().filter(|l| l.contains("resuming after")).collect();
+        assert_eq!(resumed, [format!("hopperctl: reconnected to {url}; resuming after sequence {last_before}")], "{stderr}");
+        signal(&quiet.0, "INT");
+        assert!(quiet.0.wait().unwrap().success());
+        assert!(quiet_events.try_recv().is_err(), "nothing more for web-ci");
 
         let printed: Vec<i64> = seen.iter().map(|e| e["sequence"].as_i64().unwrap()).collect();
         let mut conn = db.pool().conn().await.unwrap();
@@ -435,7 +465,9 @@ on_both_backends! {
         signal(&watch.0, "INT");
         assert!(watch.0.wait().unwrap().success());
         server_log_has_span(&server, &to_ci);
-        server.stop();
+        for line in server.stop() {
+            assert!(!line.contains("s3cr3t-result"), "a result body in the log: {line}");
+        }
     }
 }
 
@@ -482,11 +514,12 @@ fn scrape(addr: &str) -> String {
     response.split_once("\r\n\r\n").unwrap().1.to_owned()
 }
 
-/// The value of one sample line (`name{labels} value`); 0 if absent.
+/// The value of one sample line (`name{labels} value`); panics if there is none.
 fn value(text: &str, sample: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("no {sample} in\n{text}"))
 }
 
 /// The lines a child writes, through a channel (so that reads can time out).

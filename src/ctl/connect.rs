@@ -75,7 +75,7 @@ impl From<Status> for Failure {
     /// a transport failure is told as such.
     fn from(status: Status) -> Self {
         if is_transient(&status) {
-            let detail = transport_detail(&status);
+            let detail = with_causes(status.message(), std::error::Error::source(&status));
             return Self::Unreachable(format!("the server cannot serve the request: {detail}"));
         }
         Self::Refused(status.message().to_owned())
@@ -83,18 +83,18 @@ impl From<Status> for Failure {
 }
 
 /// Whether a status means "try again": the server or its database is unreachable, or the
-/// connection broke. Everything else is the server's answer to the request.
+/// connection broke (tonic reports a broken HTTP/2 connection with the transport error as the
+/// status's source, under several codes). Everything else is the server's answer.
 pub fn is_transient(status: &Status) -> bool {
     matches!(
         status.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled
-    )
+    ) || std::error::Error::source(status).is_some()
 }
 
-/// A transport failure in words: tonic's message, then the chain of causes.
-fn transport_detail(status: &Status) -> String {
-    let mut text = status.message().to_owned();
-    let mut source = std::error::Error::source(status);
+/// A message followed by the chain of causes, in one line.
+fn with_causes(message: &str, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut text = message.to_owned();
     while let Some(cause) = source {
         text = format!("{text}: {cause}");
         source = cause.source();
@@ -133,18 +133,6 @@ impl Target {
     /// Connects: UNREACHABLE if the server does not answer, USAGE if the options are wrong.
     pub async fn connect(&self) -> Result<Clients, Failure> {
         let endpoint = self.endpoint()?;
-        let channel = endpoint.connect().await.map_err(|e| {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                text = format!("{text}: {cause}");
-                source = cause.source();
-            }
-            Failure::Unreachable(format!(
-                "cannot reach the server at {}: {text}",
-                self.server
-            ))
-        })?;
         let bearer = Bearer(
             self.token
                 .as_deref()
@@ -155,6 +143,13 @@ impl Target {
                 })
                 .transpose()?,
         );
+        let channel = endpoint.connect().await.map_err(|e| {
+            let detail = with_causes(&e.to_string(), std::error::Error::source(&e));
+            Failure::Unreachable(format!(
+                "cannot reach the server at {}: {detail}",
+                self.server
+            ))
+        })?;
         Ok(Clients {
             instances: InstanceServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             tasks: TaskServiceClient::with_interceptor(channel.clone(), bearer.clone()),

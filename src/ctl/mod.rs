@@ -149,7 +149,7 @@ enum Tasks {
         /// A short title.
         #[arg(long)]
         title: String,
-        /// The instance the task starts at.
+        /// The instance the task starts at; a subtask (`--parent`) starts where its parent is.
         #[arg(long = "at", required_unless_present = "parent")]
         instance: Option<String>,
         /// Its id (default: a generated UUID).
@@ -708,48 +708,31 @@ fn instance_tree(nodes: &[pb::InstanceTreeNode], root: Option<&str>, p: &Printer
         }
         return;
     }
-    let ids: std::collections::HashSet<String> = nodes.iter().map(|n| instance(n).id).collect();
-    let tops: Vec<&pb::InstanceTreeNode> = nodes
+    let instances: Vec<(pb::Instance, &pb::InstanceTreeNode)> =
+        nodes.iter().map(|n| (instance(n), n)).collect();
+    let ids: std::collections::HashSet<&str> =
+        instances.iter().map(|(i, _)| i.id.as_str()).collect();
+    let tops = instances
         .iter()
-        .filter(|n| {
-            let i = instance(n);
-            root.map_or(!ids.contains(&i.parent_id), |root| i.id == root)
-        })
+        .filter(|(i, _)| root.map_or(!ids.contains(i.parent_id.as_str()), |root| i.id == root))
         .collect();
-    let mut rows = Vec::new();
-    let children = |id: &str| -> Vec<&pb::InstanceTreeNode> {
-        nodes
+    let children = |(parent, _): &&(pb::Instance, &pb::InstanceTreeNode)| {
+        instances
             .iter()
-            .filter(|n| instance(n).parent_id == id)
+            .filter(|(i, _)| i.parent_id == parent.id)
             .collect()
     };
-    let mut stack: Vec<(&pb::InstanceTreeNode, String, String)> = tops
-        .iter()
-        .rev()
-        .map(|n| (*n, String::new(), String::new()))
-        .collect();
-    while let Some((node, branch, indent)) = stack.pop() {
-        let i = instance(node);
-        rows.push(vec![
+    let row = |(i, node): &&(pb::Instance, &pb::InstanceTreeNode), branch: &str| {
+        vec![
             Cell::plain(format!("{branch}{}", i.id)),
             Cell::plain(&i.name),
             Cell::plain(render::scope(i.scope)),
             Cell::status(render::instance_status(i.status)),
             Cell::plain(format!("pending {}", node.pending_delegations)),
             Cell::plain(format!("accepted {}", node.accepted_delegations)),
-        ]);
-        let kids = children(&i.id);
-        for (n, kid) in kids.iter().enumerate().rev() {
-            let last = n + 1 == kids.len();
-            let (b, more) = if last {
-                ("└── ", "    ")
-            } else {
-                ("├── ", "│   ")
-            };
-            stack.push((kid, format!("{indent}{b}"), format!("{indent}{more}")));
-        }
-    }
-    p.table(&rows);
+        ]
+    };
+    p.table(&draw_tree(tops, children, row));
 }
 
 /// Draws a task tree: each task, then its hops, then its subtasks.
@@ -758,53 +741,74 @@ fn task_tree(root: &pb::Task, subtasks: &[pb::Task], hops: &[pb::Delegation], p:
         Task(&'a pb::Task),
         Hop(&'a pb::Delegation),
     }
-    let mut rows = Vec::new();
-    let mut stack = vec![(Line::Task(root), String::new(), String::new())];
-    while let Some((line, branch, indent)) = stack.pop() {
-        match line {
-            Line::Hop(h) => rows.push(vec![
-                Cell::plain(format!(
-                    "{branch}{}",
-                    render::delegation_type(h.delegation_type)
-                )),
-                Cell::plain(format!(
-                    "{} → {}",
-                    h.source_instance_id, h.target_instance_id
-                )),
-                Cell::status(render::delegation_status(h.status)),
-                Cell::dim(&h.id),
-            ]),
-            Line::Task(t) => {
-                rows.push(vec![
-                    Cell::plain(format!("{branch}{}", t.id)),
-                    Cell::plain(format!("at {}", t.instance_id)),
-                    Cell::status(render::task_status(t.status)),
-                    Cell::plain(&t.title),
-                ]);
-                let below: Vec<Line> = hops
+    let children = |line: &Line<'_>| match line {
+        Line::Hop(_) => Vec::new(),
+        Line::Task(t) => hops
+            .iter()
+            .filter(|h| h.task_id == t.id)
+            .map(Line::Hop)
+            .chain(
+                subtasks
                     .iter()
-                    .filter(|h| h.task_id == t.id)
-                    .map(Line::Hop)
-                    .chain(
-                        subtasks
-                            .iter()
-                            .filter(|s| s.parent_task_id == t.id)
-                            .map(Line::Task),
-                    )
-                    .collect();
-                let count = below.len();
-                for (n, line) in below.into_iter().enumerate().rev() {
-                    let (b, more) = if n + 1 == count {
-                        ("└── ", "    ")
-                    } else {
-                        ("├── ", "│   ")
-                    };
-                    stack.push((line, format!("{indent}{b}"), format!("{indent}{more}")));
-                }
-            }
+                    .filter(|s| s.parent_task_id == t.id)
+                    .map(Line::Task),
+            )
+            .collect(),
+    };
+    let row = |line: &Line<'_>, branch: &str| match line {
+        Line::Hop(h) => vec![
+            Cell::plain(format!(
+                "{branch}{}",
+                render::delegation_type(h.delegation_type)
+            )),
+            Cell::plain(format!(
+                "{} → {}",
+                h.source_instance_id, h.target_instance_id
+            )),
+            Cell::status(render::delegation_status(h.status)),
+            Cell::dim(&h.id),
+        ],
+        Line::Task(t) => vec![
+            Cell::plain(format!("{branch}{}", t.id)),
+            Cell::plain(format!("at {}", t.instance_id)),
+            Cell::status(render::task_status(t.status)),
+            Cell::plain(&t.title),
+        ],
+    };
+    p.table(&draw_tree(vec![Line::Task(root)], children, row));
+}
+
+/// The rows of a tree drawn with box-drawing branches, depth first: `row` makes a node's row
+/// given the branch to put before its name; `children` lists a node's children in order.
+fn draw_tree<T>(
+    roots: Vec<T>,
+    children: impl Fn(&T) -> Vec<T>,
+    row: impl Fn(&T, &str) -> Vec<Cell>,
+) -> Vec<Vec<Cell>> {
+    let mut rows = Vec::new();
+    let mut stack: Vec<(T, String, String)> = roots
+        .into_iter()
+        .rev()
+        .map(|node| (node, String::new(), String::new()))
+        .collect();
+    while let Some((node, branch, indent)) = stack.pop() {
+        rows.push(row(&node, &branch));
+        let below = children(&node);
+        let last = below.len();
+        for (n, child) in below.into_iter().enumerate().rev() {
+            let (branch, more) = if n + 1 == last {
+                ("└── ", "    ")
+            } else {
+                ("├── ", "│   ")
+            };
+            stack.push((
+                child,
+                format!("{indent}{branch}"),
+                format!("{indent}{more}"),
+            ));
         }
     }
-    p.table(&rows);
+    rows
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@ pub struct Printer {
     pub format: Format,
     /// Whether text gets ANSI colours: only on a terminal, and never with `NO_COLOR` set.
     color: bool,
+    /// Set when standard output is gone (`hopperctl watch … | head -3`): `watch` then ends.
+    closed: std::cell::Cell<bool>,
 }
 
 impl Printer {
@@ -36,15 +38,25 @@ impl Printer {
         Self {
             format,
             color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            closed: std::cell::Cell::new(false),
         }
     }
 
-    /// Prints one line and flushes it (a `watch` line must not wait in a buffer).
+    /// Prints one line and flushes it (a `watch` line must not wait in a buffer). A closed
+    /// pipe (`hopperctl … | head`) is not an error worth reporting; [`Self::closed`] tells.
     pub fn line(&self, text: impl AsRef<str>) {
         let mut out = std::io::stdout().lock();
-        // A closed pipe (`hopperctl … | head`) is not an error worth reporting.
-        let _ = writeln!(out, "{}", text.as_ref());
-        let _ = out.flush();
+        if writeln!(out, "{}", text.as_ref())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            self.closed.set(true);
+        }
+    }
+
+    /// Whether standard output could not be written to.
+    pub fn closed(&self) -> bool {
+        self.closed.get()
     }
 
     /// Prints a JSON document on one line.

@@ -39,45 +39,58 @@ pub struct WatchArgs {
     pub kinds: Vec<EventKind>,
 }
 
-/// Watches until Ctrl-C (success) or a refusal (OUT_OF_RANGE, PERMISSION_DENIED, …).
+/// Watches until Ctrl-C or a closed standard output (success), or a refusal (OUT_OF_RANGE,
+/// PERMISSION_DENIED, …).
 pub async fn run(target: &Target, args: WatchArgs, printer: &Printer) -> Result<(), Failure> {
     tokio::select! {
         result = follow(target, args, printer) => result,
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        Ok(()) = tokio::signal::ctrl_c() => Ok(()),
     }
 }
 
 async fn follow(target: &Target, args: WatchArgs, printer: &Printer) -> Result<(), Failure> {
     let mut cursor = args.since;
     let mut backoff = FIRST_BACKOFF;
-    let mut connected_before = false;
+    // Until a stream has delivered something, failing to open one ends the command: the
+    // instance or the server may be wrong, and the user should hear so.
+    let mut streamed = false;
     loop {
-        let failure = match subscribe(target, &args, cursor).await {
+        match subscribe(target, &args, cursor).await {
             Ok(mut stream) => {
-                if connected_before {
-                    let after =
-                        cursor.map_or_else(|| "the log's head".into(), |c| format!("sequence {c}"));
-                    eprintln!(
-                        "hopperctl: reconnected to {}; resuming after {after}",
-                        target.server
-                    );
-                }
-                connected_before = true;
-                backoff = FIRST_BACKOFF;
+                let (after, mut announced) = (cursor, !streamed);
                 loop {
                     match stream.next().await {
-                        Some(Ok(message)) => print(message, &mut cursor, printer),
-                        Some(Err(status)) if is_transient(&status) => break Failure::from(status),
+                        Some(Ok(message)) => {
+                            // Only a stream that works counts as a reconnection: one that
+                            // opens and fails at once keeps the backoff growing.
+                            if !announced {
+                                let after = after.map_or_else(
+                                    || "the log's head".into(),
+                                    |c| format!("sequence {c}"),
+                                );
+                                eprintln!(
+                                    "hopperctl: reconnected to {}; resuming after {after}",
+                                    target.server
+                                );
+                                announced = true;
+                            }
+                            streamed = true;
+                            backoff = FIRST_BACKOFF;
+                            print(message, &mut cursor, printer);
+                            if printer.closed() {
+                                return Ok(());
+                            }
+                        }
+                        Some(Err(status)) if is_transient(&status) => break,
                         Some(Err(status)) => return Err(status.into()),
-                        None => break Failure::Unreachable("the server ended the stream".into()),
+                        None => break,
                     }
                 }
             }
             Err(failure @ (Failure::Refused(_) | Failure::Usage(_))) => return Err(failure),
-            Err(failure) if !connected_before => return Err(failure),
-            Err(failure) => failure,
-        };
-        tracing::debug!(%failure, ?backoff, "watch: reconnecting");
+            Err(failure) if !streamed => return Err(failure),
+            Err(_) => {}
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
@@ -134,7 +147,7 @@ fn event_row(event: &pb::DelegationEvent, printer: &Printer) -> Vec<Cell> {
     let d = event.delegation.clone().unwrap_or_default();
     let mut row = vec![
         Cell::plain(format!("{:>6}", event.sequence)),
-        Cell::status(render::event_kind(event.kind)).padded(KIND_WIDTH),
+        Cell::status(render::event_kind(event.kind)).padded(kind_width()),
         Cell::plain(d.id),
         Cell::plain(format!(
             "{} → {}",
@@ -152,5 +165,11 @@ fn event_row(event: &pb::DelegationEvent, printer: &Printer) -> Vec<Cell> {
     row
 }
 
-/// The longest kind's word (`delegation_completed`), so that lines printed one by one align.
-const KIND_WIDTH: usize = 20;
+/// The longest kind's word, so that the kinds of lines printed one by one align.
+fn kind_width() -> usize {
+    EventKind::ALL
+        .iter()
+        .map(|kind| kind.as_str().len())
+        .max()
+        .unwrap_or(0)
+}
