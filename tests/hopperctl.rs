@@ -299,6 +299,54 @@ on_both_backends! {
         server.stop();
     }
 
+    async fn rejecting_cancelling_and_completing_in_place_through_hopperctl(backend: Backend) {
+        let db = TestDb::migrated(backend).await;
+        let server = Server::start(&db, "127.0.0.1:0", &[]);
+        let url = server.url();
+        register_hierarchy(&url);
+        let created = json(&url, &["instances", "register", "spare", "--name", "Spare", "--scope", "event", "--parent", "global"]);
+        assert_eq!((created["status"].as_str(), created["scope"].as_str()), (Some("created"), Some("event")));
+
+        // web turns the task down; it is back at global.
+        ok(&url, &["tasks", "create", "--id", "r", "--title", "Refused", "--at", "global", "--description", "Try web"]);
+        let refused = ok(&url, &["delegate", "r", "--from", "global", "--to", "web"]);
+        let refused = refused.trim();
+        let out = ok(&url, &["reject", refused, "--reason", "busy this week"]);
+        assert_eq!(out.trim(), format!("delegation {refused}  rejected  global → web  (route, task r)"));
+        let again = ok(&url, &["delegate", "r", "--from", "global", "--to", "web"]);
+        let rejected = json(&url, &["reject", again.trim(), "--reason", "still busy"]);
+        assert_eq!((rejected["status"].as_str(), rejected["rejection_reason"].as_str()), (Some("rejected"), Some("still busy")));
+        let task = json(&url, &["tasks", "show", "r"]);
+        assert_eq!((task["instance_id"].as_str(), task["description"].as_str()), (Some("global"), Some("Try web")));
+
+        // Calling off the top hop cancels the one below it too.
+        let (top, below) = route_down(&url, "c");
+        let out = ok(&url, &["cancel", &top]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], format!("delegation {top}  cancelled  global → web  (route, task c)"));
+        assert_eq!(lines[1], format!("  with it: cancelled {below}  cancelled  web → web-ci  (route, task c)"));
+        assert_eq!(lines[2], "task c is back at global");
+
+        // A task cancelled with its subtask and the subtask's hop.
+        ok(&url, &["tasks", "create", "--id", "p", "--title", "Parent", "--at", "global"]);
+        ok(&url, &["tasks", "create", "--id", "p.1", "--title", "Child", "--parent", "p"]);
+        let hop = ok(&url, &["delegate", "p.1", "--from", "global", "--to", "web", "--type", "decompose"]);
+        let cancelled = json(&url, &["tasks", "cancel", "p"]);
+        assert_eq!(cancelled["task"]["status"], "cancelled");
+        assert_eq!(cancelled["cancelled_subtasks"][0]["id"], "p.1");
+        assert_eq!(cancelled["cancelled_delegations"][0]["id"], hop.trim());
+
+        // Completed where it is: the hop that brought it completes and bubbles up.
+        let (top, below) = route_down(&url, "w");
+        let out = ok(&url, &["tasks", "complete", "w", "--result", r#"{"ok": true}"#]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "task w is done");
+        assert!(lines[1].starts_with(&format!("  completed {below}  completed  web → web-ci")), "{out}");
+        assert!(lines[2].starts_with(&format!("  completed {top}  completed  global → web")), "{out}");
+        assert_eq!(json(&url, &["tasks", "show", "w"])["result"], serde_json::json!({"ok": true}));
+        server.stop();
+    }
+
     async fn hopperctl_exit_codes_tell_refusals_usage_and_an_unreachable_server_apart(backend: Backend) {
         let db = TestDb::migrated(backend).await;
         let server = Server::start(&db, "127.0.0.1:0", &[]);
