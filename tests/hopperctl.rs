@@ -320,11 +320,11 @@ on_both_backends! {
         assert_eq!((task["instance_id"].as_str(), task["description"].as_str()), (Some("global"), Some("Try web")));
 
         // Calling off the top hop cancels the one below it too.
-        let (top, below) = route_down(&url, "c");
-        let out = ok(&url, &["cancel", &top]);
+        let (c_top, c_below) = route_down(&url, "c");
+        let out = ok(&url, &["cancel", &c_top]);
         let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines[0], format!("delegation {top}  cancelled  global → web  (route, task c)"));
-        assert_eq!(lines[1], format!("  with it: cancelled {below}  cancelled  web → web-ci  (route, task c)"));
+        assert_eq!(lines[0], format!("delegation {c_top}  cancelled  global → web  (route, task c)"));
+        assert_eq!(lines[1], format!("  with it: cancelled {c_below}  cancelled  web → web-ci  (route, task c)"));
         assert_eq!(lines[2], "task c is back at global");
 
         // A task cancelled with its subtask and the subtask's hop.
@@ -344,6 +344,31 @@ on_both_backends! {
         assert!(lines[1].starts_with(&format!("  completed {below}  completed  web → web-ci")), "{out}");
         assert!(lines[2].starts_with(&format!("  completed {top}  completed  global → web")), "{out}");
         assert_eq!(json(&url, &["tasks", "show", "w"])["result"], serde_json::json!({"ok": true}));
+
+        // What happened at web-ci, replayed as text: one aligned line per event.
+        let mut watch = Watch(Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+            .args(["--server", &url, "watch", "web-ci", "--since", "0"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap());
+        let lines = lines_of(watch.0.stdout.take().unwrap());
+        let next = || lines.recv_timeout(Duration::from_secs(30)).unwrap();
+        let (created, accepted, cancelled) = (next(), next(), next());
+        let hop = format!("{c_below}  web → web-ci  task c  20");
+        assert!(created.ends_with(" ago)") || created.ends_with("just now)"), "{created}");
+        // After the sequence: the kind, padded to the longest kind, and the hop.
+        let after_sequence = |line: &str| line.trim_start().split_once("  ").unwrap().1.to_owned();
+        assert!(after_sequence(&created).starts_with(&format!("delegation_created    {hop}")), "{created}");
+        assert!(after_sequence(&accepted).starts_with(&format!("delegation_accepted   {hop}")), "{accepted}");
+        assert!(after_sequence(&cancelled).starts_with(&format!("delegation_cancelled  {hop}")), "{cancelled}");
+        assert!(cancelled.ends_with(&format!(")  caused by {c_top}")), "{cancelled}");
+        let sequences: Vec<u64> = [&created, &accepted, &cancelled]
+            .iter()
+            .map(|line| line.split_whitespace().next().unwrap().parse().unwrap())
+            .collect();
+        assert!(sequences.windows(2).all(|w| w[0] < w[1]), "{sequences:?}");
+        signal(&watch.0, "INT");
+        assert!(watch.0.wait().unwrap().success());
         server.stop();
     }
 
