@@ -24,7 +24,7 @@ use render::{Cell, Format, Printer};
 
 /// The Hopper delegation service's command line client.
 #[derive(Debug, Parser)]
-#[command(name = "hopperctl", version, about, propagate_version = true)]
+#[command(name = "hopperctl", version, propagate_version = true)]
 pub struct Cli {
     #[command(flatten)]
     target: Target,
