@@ -263,6 +263,27 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// The largest page the server serves.
+const PAGE_SIZE: i32 = 500;
+
+/// Every page of a listing: `page` reads the page at a token and returns its records and the
+/// next token (empty after the last page).
+async fn every_page<T, F, P>(mut page: P) -> Result<Vec<T>, Failure>
+where
+    P: FnMut(String) -> F,
+    F: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let (mut all, mut token) = (Vec::new(), String::new());
+    loop {
+        let (records, next) = page(token).await?;
+        all.extend(records);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+}
+
 /// Takes the record out of a response that must carry one.
 fn record<T>(record: Option<T>) -> Result<T, Failure> {
     record.ok_or_else(|| Failure::Refused("the server sent an empty response".into()))
@@ -289,21 +310,20 @@ async fn instances(c: &mut Clients, command: Instances, p: &Printer) -> Result<(
             show_instance(&record(response.instance)?, p);
         }
         Instances::List => {
-            let mut all = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let request = pb::ListInstancesRequest {
-                    page_size: 500,
-                    page_token,
-                    ..Default::default()
-                };
-                let page = c.instances.list_instances(request).await?.into_inner();
-                all.extend(page.instances);
-                if page.next_page_token.is_empty() {
-                    break;
+            let client = &c.instances;
+            let all = every_page(|page_token| {
+                let mut client = client.clone();
+                async move {
+                    let request = pb::ListInstancesRequest {
+                        page_size: PAGE_SIZE,
+                        page_token,
+                        ..Default::default()
+                    };
+                    let page = client.list_instances(request).await?.into_inner();
+                    Ok((page.instances, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             if p.format == Format::Json {
                 all.iter().for_each(|i| p.json(&render::instance_json(i)));
                 return Ok(());
@@ -562,21 +582,20 @@ async fn delegations(c: &mut Clients, command: Delegations, p: &Printer) -> Resu
             task_tree(&root, &tree.subtasks, &tree.delegations, p);
         }
         Delegations::Pending { instance } => {
-            let mut all = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let request = pb::ListPendingDelegationsRequest {
-                    instance_id: instance.clone(),
-                    page_size: 500,
-                    page_token,
-                };
-                let page = d.list_pending_delegations(request).await?.into_inner();
-                all.extend(page.delegations);
-                if page.next_page_token.is_empty() {
-                    break;
+            let client = &*d;
+            let all = every_page(|page_token| {
+                let (mut client, instance_id) = (client.clone(), instance.clone());
+                async move {
+                    let request = pb::ListPendingDelegationsRequest {
+                        instance_id,
+                        page_size: PAGE_SIZE,
+                        page_token,
+                    };
+                    let page = client.list_pending_delegations(request).await?.into_inner();
+                    Ok((page.delegations, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             if p.format == Format::Json {
                 all.iter().for_each(|d| p.json(&render::delegation_json(d)));
                 return Ok(());
@@ -826,6 +845,28 @@ mod tests {
             parse_word::<Scope>("galaxy"),
             Err("expected one of: global, project, orchestration, personal, family, event, federated".into())
         );
+    }
+
+    #[tokio::test]
+    async fn every_page_reads_until_the_token_is_empty_and_stops_at_a_refusal() {
+        let all = every_page(|token| async move {
+            Ok(match token.as_str() {
+                "" => (vec![1, 2], "a".to_owned()),
+                "a" => (vec![3], "b".to_owned()),
+                _ => (vec![], String::new()),
+            })
+        })
+        .await
+        .unwrap();
+        assert_eq!(all, [1, 2, 3]);
+        let refused = every_page::<u8, _, _>(|_| async {
+            Err(tonic::Status::invalid_argument(
+                "page_token: is not a token from this server",
+            ))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(refused.code(), 1);
     }
 
     #[test]
