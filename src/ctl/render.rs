@@ -218,50 +218,31 @@ pub fn word(name: &str, prefix: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// The word of a scope number.
-pub fn scope(value: i32) -> String {
-    pb::Scope::try_from(value)
-        .map_or_else(|_| value.to_string(), |v| word(v.as_str_name(), "SCOPE_"))
+/// `fn NAME(value: i32) -> String`: the word of a proto enum number (the number itself if
+/// this client does not know it, say from a newer server).
+macro_rules! enum_words {
+    ($($(#[$doc:meta])* $name:ident: $enum:ident, $prefix:literal;)+) => {$(
+        $(#[$doc])*
+        pub fn $name(value: i32) -> String {
+            pb::$enum::try_from(value)
+                .map_or_else(|_| value.to_string(), |v| word(v.as_str_name(), $prefix))
+        }
+    )+};
 }
 
-/// The word of an instance status number.
-pub fn instance_status(value: i32) -> String {
-    pb::InstanceStatus::try_from(value).map_or_else(
-        |_| value.to_string(),
-        |v| word(v.as_str_name(), "INSTANCE_STATUS_"),
-    )
-}
-
-/// The word of a task status number.
-pub fn task_status(value: i32) -> String {
-    pb::TaskStatus::try_from(value).map_or_else(
-        |_| value.to_string(),
-        |v| word(v.as_str_name(), "TASK_STATUS_"),
-    )
-}
-
-/// The word of a delegation type number.
-pub fn delegation_type(value: i32) -> String {
-    pb::DelegationType::try_from(value).map_or_else(
-        |_| value.to_string(),
-        |v| word(v.as_str_name(), "DELEGATION_TYPE_"),
-    )
-}
-
-/// The word of a delegation status number.
-pub fn delegation_status(value: i32) -> String {
-    pb::DelegationStatus::try_from(value).map_or_else(
-        |_| value.to_string(),
-        |v| word(v.as_str_name(), "DELEGATION_STATUS_"),
-    )
-}
-
-/// The word of an event kind number.
-pub fn event_kind(value: i32) -> String {
-    pb::EventKind::try_from(value).map_or_else(
-        |_| value.to_string(),
-        |v| word(v.as_str_name(), "EVENT_KIND_"),
-    )
+enum_words! {
+    /// The word of a scope.
+    scope: Scope, "SCOPE_";
+    /// The word of an instance status.
+    instance_status: InstanceStatus, "INSTANCE_STATUS_";
+    /// The word of a task status.
+    task_status: TaskStatus, "TASK_STATUS_";
+    /// The word of a delegation type.
+    delegation_type: DelegationType, "DELEGATION_TYPE_";
+    /// The word of a delegation status.
+    delegation_status: DelegationStatus, "DELEGATION_STATUS_";
+    /// The word of an event kind.
+    event_kind: EventKind, "EVENT_KIND_";
 }
 
 fn time_json(at: Option<&Timestamp>) -> Value {
