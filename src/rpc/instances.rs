@@ -6,6 +6,7 @@ use super::{FromProto, all, id, json, page, text};
 use crate::{
     auth::Caller,
     domain::{InstanceStatus, Scope, limits},
+    error::Error,
     proto::{self as pb, server::instance_service_server::InstanceService},
     repository::{
         access::{self, Action},
@@ -113,19 +114,20 @@ impl InstanceService for InstanceApi {
     ) -> Result<Response<pb::GetInstanceTreeResponse>, Status> {
         let caller = Caller::of(&request)?;
         let root = limits::optional_id("root_id", &request.into_inner().root_id)?;
-        let within = match root {
-            Some(root) => {
-                access::check(&self.db, &caller, Action::ManageInstance(&root)).await?;
-                instances::get(&self.db, &root).await?;
-                Some(root)
-            }
-            None => access::visible_subtree(&caller),
-        };
+        if let Some(root) = &root {
+            access::check(&self.db, &caller, Action::ManageInstance(root)).await?;
+        }
         let filter = Filter {
-            within,
+            within: root.clone().or_else(|| access::visible_subtree(&caller)),
             ..Filter::default()
         };
         let nodes = instances::tree(&self.db, &filter).await?;
+        // A subtree holds at least its root: an empty one has no root.
+        if let Some(root) = root
+            && nodes.is_empty()
+        {
+            return Err(Error::not_found("instance", root).into());
+        }
         Ok(Response::new(pb::GetInstanceTreeResponse {
             nodes: nodes
                 .into_iter()
