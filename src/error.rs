@@ -3,9 +3,11 @@
 //! `anyhow` is used only at start-up (`main`). Everything a request can hit is an [`Error`]:
 //! the rules produce `InvalidArgument`, `NotFound` and `FailedPrecondition` with a message that
 //! names the field, the entity or the current state; [`From<diesel::result::Error>`] turns
-//! database failures into `Unavailable` (connection lost, SQLite busy), `Aborted` (deadlock,
-//! serialization failure) or `Internal`, keeping the database's text in the log, and the `From<Error> for tonic::Status` impl below is the only place that picks
-//! gRPC codes.
+//! database failures into `Unavailable` (the database went away, is starting or shutting down,
+//! or SQLite is busy), `Aborted` (deadlock, serialization failure), `ResourceExhausted` (no
+//! room to write) or `Internal` (our bugs only), by SQLSTATE and never by message text, keeping
+//! the database's text in the log. The `From<Error> for tonic::Status` impl below is the only
+//! place that picks gRPC codes.
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use tonic::{Code, Status};
@@ -58,6 +60,10 @@ pub enum Error {
     /// deadlock or a serialization failure); nothing was written and a retry may succeed.
     #[error("{0}")]
     Aborted(String),
+    /// The database has no room to write (a full disk, or SQLite's size limit); nothing was
+    /// written, and reads go on.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A bug or a corrupt row; the details are logged, the client gets a short message.
     #[error("internal error: {0}")]
     Internal(String),
@@ -90,36 +96,97 @@ impl From<DieselError> for Error {
     /// The database's own words go to the log only: a client learns what happened and what to
     /// do, never the text of a driver or a server (which can name tables, values or hosts).
     fn from(err: DieselError) -> Self {
-        let message = match &err {
-            DieselError::DatabaseError(_, info) => info.message(),
-            _ => "",
+        let fault = match &err {
+            DieselError::DatabaseError(kind, info) => Fault::of(kind, info.message()),
+            DieselError::BrokenTransactionManager => Fault::Unreachable,
+            _ => Fault::Bug,
         };
-        let kind = match &err {
-            DieselError::DatabaseError(kind, _) => Some(kind),
-            _ => None,
-        };
-        if matches!(kind, Some(DatabaseErrorKind::SerializationFailure))
-            || message.starts_with("deadlock detected")
-        {
-            tracing::warn!(error = %err, "transaction aborted by the database");
-            return Self::Aborted(
-                "the request conflicted with a concurrent one and changed nothing; retry it".into(),
-            );
+        match fault {
+            Fault::Unreachable => {
+                tracing::warn!(error = %err, "database connection lost");
+                Self::Unavailable("the database cannot be reached; retry later".into())
+            }
+            Fault::Busy => {
+                tracing::warn!(error = %err, "database busy");
+                Self::Unavailable("the database is busy; retry later".into())
+            }
+            Fault::Conflict => {
+                tracing::warn!(error = %err, "transaction aborted by the database");
+                Self::Aborted(
+                    "the request conflicted with a concurrent one and changed nothing; retry it"
+                        .into(),
+                )
+            }
+            Fault::Full => {
+                tracing::error!(error = %err, "the database is out of space");
+                Self::ResourceExhausted(
+                    "the database is out of space (its disk or size limit is full); nothing was \
+                     written; retry once space is freed"
+                        .into(),
+                )
+            }
+            Fault::Bug => Self::Internal(err.to_string()),
         }
-        // SQLite reports a lock it could not get within busy_timeout this way.
-        if message.contains("database is locked") {
-            tracing::warn!(error = %err, "database busy");
-            return Self::Unavailable("the database is busy; retry later".into());
+    }
+}
+
+/// What a database error means for the client.
+#[derive(Debug, PartialEq, Eq)]
+enum Fault {
+    /// The database went away or cannot serve now: retry later, on this or another replica.
+    Unreachable,
+    /// SQLite's lock could not be had in time.
+    Busy,
+    /// The database rolled the transaction back to resolve a conflict: retry now.
+    Conflict,
+    /// No room to write.
+    Full,
+    /// Ours: a query or a row the code did not expect.
+    Bug,
+}
+
+impl Fault {
+    /// PostgreSQL errors by their SQLSTATE, which `store::pg_connect` writes in front of the
+    /// message (diesel-async hides it otherwise), never by their text, which follows the
+    /// server's `lc_messages`. SQLite has no SQLSTATE; its result codes reach diesel only as
+    /// their fixed English strings (`sqlite3_errstr`), which SQLite never translates.
+    fn of(kind: &DatabaseErrorKind, message: &str) -> Self {
+        if let Some(code) = crate::store::sqlstate(message) {
+            return Self::of_sqlstate(code);
         }
-        if matches!(
-            kind,
-            Some(DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand)
-        ) || matches!(err, DieselError::BrokenTransactionManager)
-        {
-            tracing::warn!(error = %err, "database connection lost");
-            return Self::Unavailable("the database cannot be reached; retry later".into());
+        match kind {
+            DatabaseErrorKind::SerializationFailure => return Self::Conflict,
+            DatabaseErrorKind::ClosedConnection
+            | DatabaseErrorKind::UnableToSendCommand
+            | DatabaseErrorKind::ReadOnlyTransaction => return Self::Unreachable,
+            _ => {}
         }
-        Self::Internal(err.to_string())
+        match message {
+            "database is locked" | "database table is locked" => Self::Busy,
+            "database or disk is full" => Self::Full,
+            "disk I/O error" | "unable to open database file" => Self::Unreachable,
+            _ => Self::Bug,
+        }
+    }
+
+    /// Class 40 (transaction rollback: serialization failure, deadlock) is a conflict, except
+    /// 40003 (the outcome of the statement is unknown); 08 (connection exception), 57
+    /// (operator intervention: shutdown, crash, starting up), 58 (system error) and 25006
+    /// (a read-only standby) mean the database cannot serve now; 53300 (too many connections)
+    /// too, and the rest of 53 (insufficient resources: disk full, out of memory) is no room.
+    fn of_sqlstate(code: &str) -> Self {
+        match code {
+            "40003" | "53300" | "25006" => Self::Unreachable,
+            _ if code.starts_with("40") => Self::Conflict,
+            _ if code.starts_with("53") => Self::Full,
+            _ if ["08", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class)) =>
+            {
+                Self::Unreachable
+            }
+            _ => Self::Bug,
+        }
     }
 }
 
@@ -140,6 +207,7 @@ impl From<Error> for Status {
             Error::OutOfRange(_) => Status::out_of_range(message),
             Error::Unavailable(_) => Status::unavailable(message),
             Error::Aborted(_) => Status::aborted(message),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(message),
             Error::Internal(_) => {
                 tracing::error!(error = %message, "internal error");
                 Status::internal("internal error; see the server log")
@@ -191,6 +259,11 @@ mod tests {
             (Error::Unavailable("gone".into()), Code::Unavailable, "gone"),
             (Error::Aborted("retry".into()), Code::Aborted, "retry"),
             (
+                Error::ResourceExhausted("full".into()),
+                Code::ResourceExhausted,
+                "full",
+            ),
+            (
                 Error::Internal("bug".into()),
                 Code::Internal,
                 "internal error; see the server log",
@@ -235,14 +308,35 @@ mod tests {
             lost,
             Error::Unavailable("the database cannot be reached; retry later".into())
         );
+        // PostgreSQL's errors by the SQLSTATE the connection's tap puts in front, whatever
+        // the language of the words after it.
         let deadlock = db_error(
             DatabaseErrorKind::Unknown,
-            "deadlock detected: process 12 waits for ShareLock on transaction 99",
+            "SQLSTATE 40P01: deadlock detected: process 12 waits for ShareLock on transaction 99",
         );
         assert!(matches!(&deadlock, Error::Aborted(m) if !m.contains("process")));
+        for code in [
+            "57P01", "57P02", "57P03", "08006", "08P01", "58030", "53300", "25006",
+        ] {
+            let message = format!("SQLSTATE {code}: Verbindung wird abgebrochen");
+            let err = db_error(DatabaseErrorKind::Unknown, &message);
+            assert!(matches!(err, Error::Unavailable(_)), "{code}");
+        }
+        let full = db_error(DatabaseErrorKind::Unknown, "SQLSTATE 53100: kein Platz");
+        assert!(matches!(full, Error::ResourceExhausted(_)));
+        let ours = db_error(
+            DatabaseErrorKind::Unknown,
+            "SQLSTATE 42P01: relation missing",
+        );
+        assert!(matches!(ours, Error::Internal(_)));
+        // Without the tap's prefix the English text means nothing.
+        let untapped = db_error(DatabaseErrorKind::Unknown, "deadlock detected");
+        assert!(matches!(untapped, Error::Internal(_)));
         let serialization = db_error(DatabaseErrorKind::SerializationFailure, "could not");
         assert!(matches!(serialization, Error::Aborted(_)));
         let busy = db_error(DatabaseErrorKind::Unknown, "database is locked");
         assert!(matches!(busy, Error::Unavailable(m) if m.contains("busy")));
+        let sqlite_full = db_error(DatabaseErrorKind::Unknown, "database or disk is full");
+        assert!(matches!(sqlite_full, Error::ResourceExhausted(m) if m.contains("out of space")));
     }
 }

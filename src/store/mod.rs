@@ -11,6 +11,7 @@ pub mod delegations;
 pub mod events;
 pub mod idempotency;
 pub mod instances;
+mod pg_connect;
 pub mod schema;
 mod sequencer;
 mod sql_types;
@@ -238,6 +239,8 @@ macro_rules! with_conn {
     };
 }
 pub(crate) use with_conn;
+
+pub(crate) use pg_connect::sqlstate;
 
 /// Whether a write failed on a unique constraint (a taken id, a second pending delegation).
 pub fn is_unique_violation(err: &diesel::result::Error) -> bool {
@@ -777,7 +780,7 @@ fn unavailable(err: deadpool::PoolError) -> Error {
 /// role's default, because the family lock and the sequencer rely on each statement taking a
 /// fresh snapshot after the locks before it (see docs/ARCHITECTURE.md).
 async fn setup_postgres(url: &str) -> diesel::ConnectionResult<AsyncPgConnection> {
-    let mut conn = AsyncPgConnection::establish(url).await?;
+    let mut conn = pg_connect::connect(url).await?;
     conn.batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED")
         .await
         .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
