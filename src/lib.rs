@@ -16,6 +16,8 @@
 //! - [`store`]: diesel-async on PostgreSQL or SQLite; one query body for both backends.
 //! - [`error`]: the one error type and its one mapping to gRPC status codes.
 //! - [`telemetry`]: Prometheus metrics (`serve --metrics-listen`) and a tracing span per RPC.
+//! - [`service_config`]: the gRPC service config shipped for clients (retries, waiting for a
+//!   connection) and a tower layer that applies it to a tonic channel.
 //! - [`ctl`]: `hopperctl`, the operator's client (`src/bin/hopperctl.rs` runs it).
 //! - `src/main.rs`: the server's command line (`serve`, `migrate`).
 //!
@@ -29,6 +31,7 @@ pub mod events;
 pub mod repository;
 pub mod rpc;
 pub mod server;
+pub mod service_config;
 pub mod store;
 pub mod telemetry;
 

@@ -6,12 +6,9 @@
 
 mod common;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
+use common::cluster::Cluster;
 use hopper_delegation::{
     events::Hub,
     proto::{self as pb, watch_events_response::Payload},
@@ -22,85 +19,6 @@ use tonic::{Code, transport::Channel};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 type DelegationClient = pb::delegation_service_client::DelegationServiceClient<Channel>;
-
-fn pg_bin(tool: &str) -> Option<PathBuf> {
-    let versions = std::fs::read_dir("/usr/lib/postgresql").ok()?;
-    versions
-        .filter_map(Result::ok)
-        .map(|v| v.path().join("bin").join(tool))
-        .find(|p| p.exists())
-}
-
-fn as_postgres(program: &Path, args: &[&str]) -> bool {
-    Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(program)
-        .args(args)
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// A throwaway cluster, stopped and deleted on drop.
-struct Cluster {
-    pg_ctl: PathBuf,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Cluster {
-    fn start(&self) {
-        let dir = self.dir.path().to_str().unwrap();
-        let options = format!("-p {} -k {dir} -c listen_addresses=127.0.0.1", self.port);
-        let log = format!("{dir}/log");
-        assert!(as_postgres(
-            &self.pg_ctl,
-            &["-D", dir, "-o", &options, "-l", &log, "-w", "start"]
-        ));
-    }
-
-    fn stop(&self) {
-        let dir = self.dir.path().to_str().unwrap();
-        assert!(as_postgres(
-            &self.pg_ctl,
-            &["-D", dir, "-m", "fast", "-w", "stop"]
-        ));
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let dir = self.dir.path().to_str().unwrap();
-        as_postgres(&self.pg_ctl, &["-D", dir, "-m", "immediate", "-w", "stop"]);
-    }
-}
-
-fn private_cluster() -> Option<Cluster> {
-    let (Some(initdb), Some(pg_ctl)) = (pg_bin("initdb"), pg_bin("pg_ctl")) else {
-        return None;
-    };
-    let dir = tempfile::tempdir().ok()?;
-    Command::new("chown")
-        .args(["postgres", dir.path().to_str()?])
-        .status()
-        .ok()?
-        .success()
-        .then_some(())?;
-    let data = dir.path().to_str()?;
-    if !as_postgres(
-        &initdb,
-        &["-D", data, "--auth=trust", "--username=root", "-E", "UTF8"],
-    ) {
-        return None;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    let cluster = Cluster { pg_ctl, dir, port };
-    cluster.start();
-    Some(cluster)
-}
 
 type HealthClient = tonic_health::pb::health_client::HealthClient<Channel>;
 
@@ -131,18 +49,10 @@ const EVENTS: usize = 11;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_service_rides_out_a_postgres_restart() {
-    let Some(cluster) = private_cluster() else {
-        let required = std::env::var("CI").is_ok_and(|v| v == "true");
-        assert!(
-            !required,
-            "CI needs initdb, pg_ctl and root to run the restart test"
-        );
-        eprintln!("SKIPPED: cannot start a private PostgreSQL cluster here");
+    let Some(cluster) = Cluster::create() else {
         return;
     };
-    let url: store::DatabaseUrl = format!("postgres://root@127.0.0.1:{}/postgres", cluster.port)
-        .parse()
-        .unwrap();
+    let url: store::DatabaseUrl = cluster.url().parse().unwrap();
     store::migrate(&url, Migrate::Latest).await.unwrap();
     let db = Db::open(&url, 8).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -10,10 +10,17 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use crate::proto::{
-    delegation_service_client::DelegationServiceClient,
-    instance_service_client::InstanceServiceClient, task_service_client::TaskServiceClient,
+use crate::{
+    proto::{
+        delegation_service_client::DelegationServiceClient,
+        instance_service_client::InstanceServiceClient, task_service_client::TaskServiceClient,
+    },
+    service_config::{Retry, RetryLayer, ServiceConfig},
 };
+
+/// Attempts of an idempotent read on UNAVAILABLE (the first and two retries), following the
+/// shipped service config's backoff: a person waits, so fewer than a program would make.
+const READ_ATTEMPTS: u32 = 3;
 
 /// Where and how to connect: the global options.
 #[derive(Debug, Clone, clap::Args)]
@@ -82,14 +89,30 @@ impl From<Status> for Failure {
     }
 }
 
-/// Whether a status means "try again": the server or its database is unreachable, or the
-/// connection broke (tonic reports a broken HTTP/2 connection with the transport error as the
-/// status's source, under several codes). Everything else is the server's answer.
+/// Whether a status means "the server cannot serve now": UNAVAILABLE, a deadline, or a broken
+/// connection (tonic reports a reset or a GOAWAY with the transport error as the status's
+/// source, under several codes). A command reports it as "unreachable" (exit code 3).
 pub fn is_transient(status: &Status) -> bool {
     matches!(
         status.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
     ) || std::error::Error::source(status).is_some()
+}
+
+/// Whether a status is a refusal that no retry can change: the request, the caller or the
+/// cursor is wrong. `watch` ends on these only and resumes after anything else (UNAVAILABLE,
+/// ABORTED, DEADLINE_EXCEEDED, a reset connection, a GOAWAY, even INTERNAL).
+pub fn is_refusal(status: &Status) -> bool {
+    std::error::Error::source(status).is_none()
+        && matches!(
+            status.code(),
+            Code::InvalidArgument
+                | Code::NotFound
+                | Code::PermissionDenied
+                | Code::OutOfRange
+                | Code::Unauthenticated
+                | Code::Unimplemented
+        )
 }
 
 /// A message followed by the chain of causes, in one line.
@@ -117,7 +140,7 @@ impl Interceptor for Bearer {
     }
 }
 
-type Authed = InterceptedService<Channel, Bearer>;
+type Authed = InterceptedService<Retry<Channel>, Bearer>;
 
 /// The three service clients over one connection.
 pub struct Clients {
@@ -150,6 +173,8 @@ impl Target {
                 self.server
             ))
         })?;
+        let layer = RetryLayer::new(ServiceConfig::shipped().interactive(READ_ATTEMPTS));
+        let channel = tower::Layer::layer(&layer, channel);
         Ok(Clients {
             instances: InstanceServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             tasks: TaskServiceClient::with_interceptor(channel.clone(), bearer.clone()),

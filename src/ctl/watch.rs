@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_stream::StreamExt;
 
 use super::{
-    connect::{Failure, Target, is_transient},
+    connect::{Failure, Target, is_refusal},
     render::{self, Cell, Format, Printer},
 };
 use crate::{
@@ -39,8 +39,10 @@ pub struct WatchArgs {
     pub kinds: Vec<EventKind>,
 }
 
-/// Watches until Ctrl-C or a closed standard output (success), or a refusal (OUT_OF_RANGE,
-/// PERMISSION_DENIED, …).
+/// Watches until Ctrl-C or a closed standard output (success), or a refusal no retry can
+/// change (NOT_FOUND, PERMISSION_DENIED, OUT_OF_RANGE, INVALID_ARGUMENT, UNAUTHENTICATED);
+/// every other ending of a stream (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED, a reset, a GOAWAY)
+/// is resumed after the cursor, with backoff.
 pub async fn run(target: &Target, args: WatchArgs, printer: &Printer) -> Result<(), Failure> {
     tokio::select! {
         result = follow(target, args, printer) => result,
@@ -81,8 +83,15 @@ async fn follow(target: &Target, args: WatchArgs, printer: &Printer) -> Result<(
                                 return Ok(());
                             }
                         }
-                        Some(Err(status)) if is_transient(&status) => break,
-                        Some(Err(status)) => return Err(status.into()),
+                        Some(Err(status)) if is_refusal(&status) => return Err(status.into()),
+                        Some(Err(status)) => {
+                            eprintln!(
+                                "hopperctl: the stream ended ({:?}: {}); reconnecting",
+                                status.code(),
+                                status.message()
+                            );
+                            break;
+                        }
                         None => break,
                     }
                 }
@@ -114,11 +123,15 @@ async fn subscribe(
             .map(|kind| pb::EventKind::from(*kind) as i32)
             .collect(),
     };
-    Ok(clients
-        .delegations
-        .watch_events(request)
-        .await?
-        .into_inner())
+    match clients.delegations.watch_events(request).await {
+        Ok(response) => Ok(response.into_inner()),
+        Err(status) if is_refusal(&status) => Err(Failure::Refused(status.message().into())),
+        // Anything else may pass: try again, as after a stream that ended.
+        Err(status) => Err(Failure::Unreachable(format!(
+            "the server cannot open the stream: {}",
+            status.message()
+        ))),
+    }
 }
 
 /// Prints an event and moves the cursor past it; a progress mark only moves the cursor.

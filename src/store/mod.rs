@@ -52,7 +52,7 @@ const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqli
 /// How long a request waits by default for a pooled connection (or for a new one to be set
 /// up) before it fails with UNAVAILABLE instead of hanging.
 pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long SQLite waits for another writer's lock before giving up.
+/// How long a migration waits for another writer's SQLite lock before giving up.
 const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
 
 /// Keeps other server processes off a SQLite database for as long as it lives: SQLite has
@@ -445,7 +445,9 @@ impl Db {
             DatabaseUrl::Postgres(url) => Pool::Pg(postgres_pool(url, max_connections, timeout)?),
             DatabaseUrl::Sqlite(path) => {
                 let mut config = fast_recycling::<SqliteConn>();
-                config.custom_setup = Box::new(|url| setup_sqlite(url).boxed());
+                // A lock another program holds beyond the timeout makes a write UNAVAILABLE.
+                let busy = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+                config.custom_setup = Box::new(move |url| setup_sqlite(url, busy).boxed());
                 let manager = AsyncDieselConnectionManager::new_with_config(
                     DatabaseUrl::sqlite_path(path),
                     config,
@@ -835,11 +837,12 @@ where
 }
 
 /// Opens one SQLite connection the way the service needs it: WAL so readers never block the
-/// writer, a busy timeout so writers queue instead of failing, and foreign keys enforced.
-async fn setup_sqlite(path: &str) -> diesel::ConnectionResult<SqliteConn> {
+/// writer, a busy timeout (`--db-timeout`) so writers wait for a lock another program holds
+/// instead of failing at once, and foreign keys enforced.
+async fn setup_sqlite(path: &str, busy_timeout_ms: u32) -> diesel::ConnectionResult<SqliteConn> {
     let mut conn = SqliteConn::establish(path).await?;
     conn.batch_execute(&format!(
-        "PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};
+        "PRAGMA busy_timeout = {busy_timeout_ms};
          PRAGMA journal_mode = WAL;
          PRAGMA synchronous = NORMAL;
          PRAGMA foreign_keys = ON;"

@@ -8,6 +8,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod cluster;
+
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use diesel::{QueryableByName, sql_types::Text};
