@@ -55,26 +55,34 @@ struct Replica {
     child: Child,
     addr: String,
     database_url: String,
+    /// Arguments beyond [`REPLICA_ARGS`].
+    extra: Vec<String>,
     log: Shared<Vec<String>>,
 }
 
 impl Replica {
     fn start(database_url: &str) -> Self {
+        Self::start_with(database_url, &[])
+    }
+
+    fn start_with(database_url: &str, extra: &[&str]) -> Self {
         let log = Arc::default();
+        let extra: Vec<String> = extra.iter().map(|&arg| arg.to_owned()).collect();
         let mut replica = Self {
-            child: launch(database_url, "127.0.0.1:0", &log),
+            child: launch(database_url, "127.0.0.1:0", &extra, &log),
             addr: String::new(),
             database_url: database_url.into(),
+            extra,
             log,
         };
-        replica.addr = serving_address(&replica.log, 0);
+        replica.addr = serving_address(&replica.log, 0, "serving gRPC");
         replica
     }
 
     fn restart(&mut self) {
         let from = self.log.lock().unwrap().len();
-        self.child = launch(&self.database_url, &self.addr, &self.log);
-        self.addr = serving_address(&self.log, from);
+        self.child = launch(&self.database_url, &self.addr, &self.extra, &self.log);
+        self.addr = serving_address(&self.log, from, "serving gRPC");
     }
 
     fn endpoint(&self) -> String {
@@ -114,10 +122,11 @@ impl Replica {
 }
 
 /// Starts the binary on `addr`, its log lines appended to `log`.
-fn launch(database_url: &str, addr: &str, log: &Shared<Vec<String>>) -> Child {
+fn launch(database_url: &str, addr: &str, extra: &[String], log: &Shared<Vec<String>>) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hopper-delegation"))
         .args(["serve", "--listen", addr, "--database-url", database_url])
         .args(REPLICA_ARGS)
+        .args(extra)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -133,13 +142,13 @@ fn launch(database_url: &str, addr: &str, log: &Shared<Vec<String>>) -> Child {
     child
 }
 
-/// Waits until a line of `log` after the first `from` says where the server serves.
-fn serving_address(log: &Shared<Vec<String>>, from: usize) -> String {
+/// Waits until a line of `log` after the first `from` says where the server serves `what`.
+fn serving_address(log: &Shared<Vec<String>>, from: usize, what: &str) -> String {
     let started = Instant::now();
     loop {
         let serving = log.lock().unwrap()[from..]
             .iter()
-            .find(|line| line.contains("serving gRPC"))
+            .find(|line| line.contains(what))
             .cloned();
         if let Some(line) = serving {
             let address = line.split("address=").nth(1).unwrap();
@@ -861,9 +870,9 @@ fn url_of(db: &TestDb) -> String {
     }
 }
 
-/// A replica with nothing but `global` registered and a task `t` there.
-async fn replica_with_a_task(database_url: &str) -> Replica {
-    let replica = Replica::start(database_url);
+/// A replica (with `extra` arguments) with nothing but `global` registered and a task `t`.
+async fn replica_with_a_task(database_url: &str, extra: &[&str]) -> Replica {
+    let replica = Replica::start_with(database_url, extra);
     let endpoint = replica.endpoint();
     let mut instances = pb::instance_service_client::InstanceServiceClient::new(channel(&endpoint));
     let global = pb::RegisterInstanceRequest {
@@ -931,7 +940,7 @@ async fn a_full_disk_refuses_writes_and_keeps_reads_and_streams() {
     store::migrate(&url.parse().unwrap(), Migrate::Latest)
         .await
         .unwrap();
-    let replica = replica_with_a_task(&url).await;
+    let replica = replica_with_a_task(&url, &[]).await;
     let endpoint = replica.endpoint();
     let mut tasks = Tasks::new(channel(&endpoint));
     let mut delegations = Delegations::new(channel(&endpoint));
@@ -1003,7 +1012,7 @@ async fn a_database_file_locked_by_another_program_makes_writes_unavailable() {
     let DatabaseUrl::Sqlite(path) = &test_db.url else {
         unreachable!()
     };
-    let replica = replica_with_a_task(&url_of(&test_db)).await;
+    let replica = replica_with_a_task(&url_of(&test_db), &[]).await;
     let mut tasks = Tasks::new(channel(&replica.endpoint()));
     let mut other = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
     other.batch_execute("BEGIN EXCLUSIVE").unwrap();
@@ -1030,12 +1039,61 @@ async fn a_database_file_locked_by_another_program_makes_writes_unavailable() {
     tasks.create_task(new_task("t2", "")).await.unwrap();
 }
 
+/// One sample of the server's `/metrics`, 0 if absent.
+fn sample(metrics: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut http = std::net::TcpStream::connect(metrics).unwrap();
+    write!(http, "GET /metrics HTTP/1.0\r\nHost: {metrics}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// While the database is down, `hopperctl tasks show` tries three times (the server counts
+/// three UNAVAILABLE GetTask calls) and exits 3; a write (`tasks complete`) is tried once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hopperctl_retries_a_read_twice_and_a_write_never() {
+    let Some(cluster) = Cluster::create() else {
+        return;
+    };
+    store::migrate(&cluster.url().parse().unwrap(), Migrate::Latest)
+        .await
+        .unwrap();
+    let metrics_listen = ["--metrics-listen", "127.0.0.1:0"];
+    let replica = replica_with_a_task(&cluster.url(), &metrics_listen).await;
+    let metrics = serving_address(&replica.log, 0, "serving metrics");
+    tokio::task::block_in_place(|| cluster.stop());
+    let ctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+            .args(["--server", &replica.endpoint()])
+            .args(args)
+            .env_remove("HOPPER_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let count = |method: &str| {
+        let name = format!("hopper_rpc_requests_total{{method=\"{method}\",code=\"Unavailable\"}}");
+        sample(&metrics, &name)
+    };
+    let shown = tokio::task::block_in_place(|| ctl(&["tasks", "show", "t"]));
+    let stderr = String::from_utf8_lossy(&shown.stderr);
+    assert_eq!(shown.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("retry later"), "{stderr}");
+    assert_eq!(count("GetTask"), 3.0);
+    let completed = tokio::task::block_in_place(|| ctl(&["tasks", "complete", "t"]));
+    assert_eq!(completed.status.code(), Some(3));
+    assert_eq!(count("CompleteTask"), 1.0);
+    tokio::task::block_in_place(|| cluster.start());
+}
+
 on_both_backends! {
     /// A client whose channel carries the shipped service config calls on while its replica is
     /// stopped and started again, and never sees an error; a plain client beside it does.
     async fn a_client_with_the_service_config_rides_through_a_replica_restart(backend: Backend) {
         let db = TestDb::migrated(backend).await;
-        let mut replica = replica_with_a_task(&url_of(&db)).await;
+        let mut replica = replica_with_a_task(&url_of(&db), &[]).await;
         let endpoint = replica.endpoint();
         let layer = RetryLayer::new(ServiceConfig::shipped());
         let mut configured = pb::task_service_client::TaskServiceClient::new(

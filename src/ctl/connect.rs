@@ -213,3 +213,38 @@ impl Target {
 fn read(path: &PathBuf) -> Result<Vec<u8>, Failure> {
     std::fs::read(path).map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_ends_only_on_refusals_a_retry_cannot_change() {
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::PermissionDenied,
+            Code::OutOfRange,
+            Code::Unauthenticated,
+            Code::Unimplemented,
+        ] {
+            assert!(is_refusal(&Status::new(code, "no")), "{code:?}");
+        }
+        for code in [
+            Code::Unavailable,
+            Code::Aborted,
+            Code::DeadlineExceeded,
+            Code::Internal,
+            Code::Unknown,
+            Code::ResourceExhausted,
+        ] {
+            assert!(!is_refusal(&Status::new(code, "later")), "{code:?}");
+        }
+        // A broken connection is never a refusal, whatever code tonic gives it.
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let broken = Status::from_error(Box::new(reset));
+        assert!(!is_refusal(&broken) && is_transient(&broken), "{broken:?}");
+        assert!(is_transient(&Status::deadline_exceeded("slow")));
+        assert!(!is_transient(&Status::not_found("task t not found")));
+    }
+}
