@@ -8,28 +8,40 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::TestDb;
+use common::{Backend, TestDb};
 
 fn hopper() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hopper-delegation"))
 }
 
-on_both_backends! {
-    async fn migrate_brings_a_database_up_to_date(backend: Backend) {
-        let db = TestDb::empty(backend).await;
-        let url = match &db.url {
-            hopper_delegation::store::DatabaseUrl::Postgres(url) => url.clone(),
-            hopper_delegation::store::DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
-        };
-        for _ in 0..2 {
-            let output = hopper().args(["migrate", "--database-url", &url]).output().unwrap();
-            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-            assert!(String::from_utf8_lossy(&output.stderr).contains("database is up to date"));
+async fn migrate_brings_a_database_up_to_date(backend: Backend) {
+    let db = TestDb::empty(backend).await;
+    let url = match &db.url {
+        hopper_delegation::store::DatabaseUrl::Postgres(url) => url.clone(),
+        hopper_delegation::store::DatabaseUrl::Sqlite(path) => {
+            format!("sqlite://{}", path.display())
         }
-        let pending = hopper_delegation::store::migrate(&db.url, hopper_delegation::store::Migrate::Latest).await.unwrap();
-        assert!(pending.is_empty());
+    };
+    for _ in 0..2 {
+        let output = hopper()
+            .args(["migrate", "--database-url", &url])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(String::from_utf8_lossy(&output.stderr).contains("database is up to date"));
     }
+    let pending =
+        hopper_delegation::store::migrate(&db.url, hopper_delegation::store::Migrate::Latest)
+            .await
+            .unwrap();
+    assert!(pending.is_empty());
 }
+
+on_both_backends!(migrate_brings_a_database_up_to_date);
 
 /// Starts `hopper-delegation serve ARGS` in `dir` and reads the address it logs.
 fn serve(dir: &std::path::Path, args: &[&str]) -> (std::process::Child, String) {

@@ -181,7 +181,8 @@ fn channel(endpoint: &str) -> Channel {
 #[derive(Default)]
 struct Observed {
     codes: BTreeMap<String, usize>,
-    transport_failures: usize,
+    /// Broken connections, by the code tonic gave them.
+    transport_failures: BTreeMap<String, usize>,
     /// How streams ended: code and message.
     stream_endings: BTreeMap<String, usize>,
     resumes: Vec<Duration>,
@@ -190,7 +191,8 @@ struct Observed {
 impl Observed {
     fn saw(&mut self, status: &Status) {
         if std::error::Error::source(status).is_some() {
-            self.transport_failures += 1;
+            let code = format!("{:?}", status.code());
+            *self.transport_failures.entry(code).or_default() += 1;
         } else {
             *self
                 .codes
@@ -206,13 +208,11 @@ impl Observed {
     }
 }
 
-/// The codes a writer retries after: the database or the replica is away, or a conflict.
+/// The codes a writer retries after: the database or the replica is away (a broken
+/// connection included, whatever code tonic gives it), or a conflict.
 fn retryable(status: &Status) -> bool {
     std::error::Error::source(status).is_some()
-        || matches!(
-            status.code(),
-            Code::Unavailable | Code::Aborted | Code::Unknown | Code::Cancelled
-        )
+        || matches!(status.code(), Code::Unavailable | Code::Aborted)
 }
 
 /// Calls until the answer is not retryable (at most a minute), noting every failure; says
@@ -788,7 +788,7 @@ async fn every_subscriber_and_writer_rides_out_database_restarts_and_replica_cra
     eprintln!(
         "fault suite: {subscribers_count} subscribers, {} events, {} lifecycles, {RESTARTS} \
          PostgreSQL restarts + one outage + SIGKILL + SIGTERM in {:.0?}; {} stream resumes \
-         (p50 {:.0?}, p99 {:.0?}); statuses seen {:?}, transport failures {}; streams \
+         (p50 {:.0?}, p99 {:.0?}); statuses seen {:?}, transport failures {:?}; streams \
          ended by {:#?}",
         log.len(),
         completed.len(),
@@ -849,12 +849,16 @@ async fn database_faults_are_told_apart_by_their_sqlstate() {
     execute(&mut b, "ROLLBACK").await.unwrap();
 
     let (sleeping, terminated) = tokio::join!(execute(&mut a, "SELECT pg_sleep(30)"), async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                         WHERE query = 'SELECT pg_sleep(30)' AND pid <> pg_backend_pid()";
-        execute(&mut b, terminate).await
+        let sleeper = "FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' \
+                       AND state = 'active' AND pid <> pg_backend_pid()";
+        let count = format!("SELECT CAST(COUNT(*) AS TEXT) AS line {sleeper}");
+        while text_rows(&mut b, &count).await != ["1"] {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let terminated = "SELECT CAST(pg_terminate_backend(pid) AS TEXT) AS line";
+        text_rows(&mut b, &format!("{terminated} {sleeper}")).await
     });
-    terminated.unwrap();
+    assert_eq!(terminated, ["true"]);
     assert!(
         matches!(&sleeping, Err(Error::Unavailable(m)) if m.contains("cannot be reached")),
         "{sleeping:?}"
@@ -1088,51 +1092,62 @@ async fn hopperctl_retries_a_read_twice_and_a_write_never() {
     tokio::task::block_in_place(|| cluster.start());
 }
 
-on_both_backends! {
-    /// A client whose channel carries the shipped service config calls on while its replica is
-    /// stopped and started again, and never sees an error; a plain client beside it does.
-    async fn a_client_with_the_service_config_rides_through_a_replica_restart(backend: Backend) {
-        let db = TestDb::migrated(backend).await;
-        let mut replica = replica_with_a_task(&url_of(&db), &[]).await;
-        let endpoint = replica.endpoint();
-        let layer = RetryLayer::new(ServiceConfig::shipped());
-        let mut configured = pb::task_service_client::TaskServiceClient::new(
-            tower::ServiceBuilder::new().layer(layer).service(channel(&endpoint)),
-        );
-        let mut plain = Tasks::new(channel(&endpoint));
-        let (stop, stopping) = watch::channel(false);
-        let calls = tokio::spawn({
-            let stopping = stopping.clone();
-            async move {
-                let mut served = 0;
-                while !*stopping.borrow() {
-                    let task = configured.get_task(get_task("t")).await;
-                    let task = task.expect("no error through the config").into_inner().task;
-                    assert_eq!(task.unwrap().id, "t");
-                    served += 1;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                served
-            }
-        });
-        let plain_calls = tokio::spawn(async move {
-            let mut failures = 0;
+/// A client whose channel carries the shipped service config calls on while its replica is
+/// stopped and started again, and never sees an error; a plain client beside it does.
+async fn a_client_with_the_service_config_rides_through_a_replica_restart(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let mut replica = replica_with_a_task(&url_of(&db), &[]).await;
+    let endpoint = replica.endpoint();
+    let layer = RetryLayer::new(ServiceConfig::shipped());
+    let mut configured = pb::task_service_client::TaskServiceClient::new(
+        tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(channel(&endpoint)),
+    );
+    let mut plain = Tasks::new(channel(&endpoint));
+    let (stop, stopping) = watch::channel(false);
+    let calls = tokio::spawn({
+        let stopping = stopping.clone();
+        async move {
+            let (mut served, mut slowest) = (0, Duration::ZERO);
             while !*stopping.borrow() {
-                failures += usize::from(plain.get_task(get_task("t")).await.is_err());
+                let started = Instant::now();
+                let task = configured.get_task(get_task("t")).await;
+                let task = task.expect("no error through the config").into_inner().task;
+                assert_eq!(task.unwrap().id, "t");
+                slowest = slowest.max(started.elapsed());
+                served += 1;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            failures
-        });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        // Half a second without a server: long enough for the plain client to notice.
-        tokio::task::block_in_place(|| replica.stop_and_restart(Duration::from_millis(500)));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        stop.send(true).unwrap();
-        let (served, plain_failures) = (calls.await.unwrap(), plain_calls.await.unwrap());
-        assert!(plain_failures > 0, "the restart was an outage a plain client saw");
-        eprintln!(
-            "{served} calls through the config, none failed; \
-             the plain client failed {plain_failures} times"
-        );
-    }
+            (served, slowest)
+        }
+    });
+    let plain_calls = tokio::spawn(async move {
+        let mut failures = 0;
+        while !*stopping.borrow() {
+            failures += usize::from(plain.get_task(get_task("t")).await.is_err());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        failures
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Half a second without a server: long enough for the plain client to notice.
+    tokio::task::block_in_place(|| replica.stop_and_restart(Duration::from_millis(500)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(true).unwrap();
+    let ((served, slowest), plain_failures) = (calls.await.unwrap(), plain_calls.await.unwrap());
+    assert!(
+        plain_failures > 0,
+        "the restart was an outage a plain client saw"
+    );
+    assert!(
+        slowest > Duration::from_millis(300),
+        "a call through the config waited the outage out: {slowest:?}"
+    );
+    eprintln!(
+        "{served} calls through the config, none failed, the slowest took {slowest:?}; \
+         the plain client failed {plain_failures} times"
+    );
 }
+
+on_both_backends!(a_client_with_the_service_config_rides_through_a_replica_restart);

@@ -112,46 +112,123 @@ fn check<T>(outcome: Result<T, tonic::Status>) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+// rustfmt leaves macro bodies alone: these are formatted by hand.
 proptest! {
     #[test]
-    fn instance_requests_never_panic(who in caller(), id in text(), name in text(), parent in text(), scope in number(), status in number(), page in number(), token in text()) {
+    fn instance_requests_never_panic(
+        who in caller(),
+        (id, name, parent, token) in (text(), text(), text(), text()),
+        (scope, status, page) in (number(), number(), number()),
+    ) {
         let f = fixture();
         f.runtime.block_on(async {
-            let register = pb::RegisterInstanceRequest { id: id.clone(), name, scope, parent_id: parent.clone(), status, config: None, request_id: id.clone() };
-            check(f.instances.register_instance(from(&who, register)).await)?;
-            check(f.instances.get_instance(from(&who, pb::GetInstanceRequest { id: id.clone() })).await)?;
-            let list = pb::ListInstancesRequest { scope, parent_id: parent, status, page_size: page, page_token: token };
-            check(f.instances.list_instances(from(&who, list)).await)?;
-            check(f.instances.update_instance_status(from(&who, pb::UpdateInstanceStatusRequest { id, status })).await)
+            let i = &f.instances;
+            let register = pb::RegisterInstanceRequest {
+                id: id.clone(),
+                name,
+                scope,
+                parent_id: parent.clone(),
+                status,
+                config: None,
+                request_id: id.clone(),
+            };
+            check(i.register_instance(from(&who, register)).await)?;
+            let get = pb::GetInstanceRequest { id: id.clone() };
+            check(i.get_instance(from(&who, get)).await)?;
+            let list = pb::ListInstancesRequest {
+                scope,
+                parent_id: parent,
+                status,
+                page_size: page,
+                page_token: token,
+            };
+            check(i.list_instances(from(&who, list)).await)?;
+            let update = pb::UpdateInstanceStatusRequest { id, status };
+            check(i.update_instance_status(from(&who, update)).await)
         })?;
     }
 
     #[test]
-    fn task_requests_never_panic(who in caller(), id in text(), title in text(), instance in text(), parent in text(), page in number(), token in text()) {
+    fn task_requests_never_panic(
+        who in caller(),
+        (id, title, instance, parent, token) in (text(), text(), text(), text(), text()),
+        page in number(),
+    ) {
         let f = fixture();
         f.runtime.block_on(async {
-            let create = pb::CreateTaskRequest { id: id.clone(), title, description: String::new(), instance_id: instance, parent_task_id: parent, request_id: String::new() };
-            check(f.tasks.create_task(from(&who, create)).await)?;
-            check(f.tasks.get_task(from(&who, pb::GetTaskRequest { id: id.clone() })).await)?;
-            check(f.tasks.list_subtasks(from(&who, pb::ListSubtasksRequest { task_id: id.clone(), page_size: page, page_token: token })).await)?;
-            check(f.tasks.cancel_task(from(&who, pb::CancelTaskRequest { task_id: id })).await)
+            let t = &f.tasks;
+            let create = pb::CreateTaskRequest {
+                id: id.clone(),
+                title,
+                description: String::new(),
+                instance_id: instance,
+                parent_task_id: parent,
+                request_id: String::new(),
+            };
+            check(t.create_task(from(&who, create)).await)?;
+            check(t.get_task(from(&who, pb::GetTaskRequest { id: id.clone() })).await)?;
+            let subtasks = pb::ListSubtasksRequest {
+                task_id: id.clone(),
+                page_size: page,
+                page_token: token,
+            };
+            check(t.list_subtasks(from(&who, subtasks)).await)?;
+            check(t.cancel_task(from(&who, pb::CancelTaskRequest { task_id: id })).await)
         })?;
     }
 
     #[test]
-    fn delegation_requests_never_panic(who in caller(), task in text(), source in text(), target in text(), kind in number(), id in text(), reason in text(), page in number(), token in text(), after in proptest::option::of(any::<u64>()), kinds in proptest::collection::vec(number(), 0..3)) {
+    fn delegation_requests_never_panic(
+        who in caller(),
+        (task, source, target, id, reason, token) in
+            (text(), text(), text(), text(), text(), text()),
+        (kind, page) in (number(), number()),
+        after in proptest::option::of(any::<u64>()),
+        kinds in proptest::collection::vec(number(), 0..3),
+    ) {
         let f = fixture();
         f.runtime.block_on(async {
             let d = &f.delegations;
-            let create = pb::CreateDelegationRequest { task_id: task.clone(), source_instance_id: source, target_instance_id: target.clone(), delegation_type: kind, notes: reason.clone(), delegated_by: String::new(), request_id: String::new() };
+            let create = pb::CreateDelegationRequest {
+                task_id: task.clone(),
+                source_instance_id: source,
+                target_instance_id: target.clone(),
+                delegation_type: kind,
+                notes: reason.clone(),
+                delegated_by: String::new(),
+                request_id: String::new(),
+            };
             check(d.create_delegation(from(&who, create)).await)?;
-            check(d.get_delegation(from(&who, pb::GetDelegationRequest { id: id.clone() })).await)?;
-            check(d.reject_delegation(from(&who, pb::RejectDelegationRequest { id: id.clone(), reason })).await)?;
-            check(d.complete_delegation(from(&who, pb::CompleteDelegationRequest { id: id.clone(), result: None, notes: None })).await)?;
-            check(d.list_pending_delegations(from(&who, pb::ListPendingDelegationsRequest { instance_id: target, page_size: page, page_token: token.clone() })).await)?;
-            check(d.list_task_delegations(from(&who, pb::ListTaskDelegationsRequest { task_id: task.clone(), page_size: page, page_token: token })).await)?;
-            check(d.get_delegation_tree(from(&who, pb::GetDelegationTreeRequest { task_id: task.clone() })).await)?;
-            let watch = pb::WatchEventsRequest { instance_id: task, include_descendants: true, after_sequence: after, kinds };
+            let get = pb::GetDelegationRequest { id: id.clone() };
+            check(d.get_delegation(from(&who, get)).await)?;
+            let reject = pb::RejectDelegationRequest { id: id.clone(), reason };
+            check(d.reject_delegation(from(&who, reject)).await)?;
+            let complete = pb::CompleteDelegationRequest {
+                id: id.clone(),
+                result: None,
+                notes: None,
+            };
+            check(d.complete_delegation(from(&who, complete)).await)?;
+            let pending = pb::ListPendingDelegationsRequest {
+                instance_id: target,
+                page_size: page,
+                page_token: token.clone(),
+            };
+            check(d.list_pending_delegations(from(&who, pending)).await)?;
+            let listed = pb::ListTaskDelegationsRequest {
+                task_id: task.clone(),
+                page_size: page,
+                page_token: token,
+            };
+            check(d.list_task_delegations(from(&who, listed)).await)?;
+            let tree = pb::GetDelegationTreeRequest { task_id: task.clone() };
+            check(d.get_delegation_tree(from(&who, tree)).await)?;
+            let watch = pb::WatchEventsRequest {
+                instance_id: task,
+                include_descendants: true,
+                after_sequence: after,
+                kinds,
+            };
             check(d.watch_events(from(&who, watch)).await.map(drop))
         })?;
     }

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TestDb, text_rows};
+use common::{Backend, TestDb, text_rows};
 use hopper_delegation::store::DatabaseUrl;
 use serde_json::Value;
 
@@ -203,346 +203,771 @@ fn route_down(server: &str, task: &str) -> (String, String) {
     (to_web, to_ci)
 }
 
-on_both_backends! {
-    async fn the_seed_story_runs_through_hopperctl_alone(backend: Backend) {
-        let db = TestDb::migrated(backend).await;
-        let server = Server::start(&db, "127.0.0.1:0", &[]);
-        let url = server.url();
-        register_hierarchy(&url);
+async fn the_seed_story_runs_through_hopperctl_alone(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let server = Server::start(&db, "127.0.0.1:0", &[]);
+    let url = server.url();
+    register_hierarchy(&url);
 
-        ok(&url, &["tasks", "create", "--id", "release-42", "--title", "Ship release 42", "--at", "global"]);
-        let to_web = ok(&url, &["delegate", "release-42", "--from", "global", "--to", "web", "--by", "alice"]);
-        let to_web = to_web.trim();
-        assert_eq!(to_web.len(), 36, "the new delegation's id alone: {to_web:?}");
-        let accepted = ok(&url, &["accept", to_web]);
-        assert_eq!(accepted.trim(), format!("delegation {to_web}  accepted  global → web  (route, task release-42)"));
-        let created = json(&url, &["delegate", "release-42", "--from", "web", "--to", "web-ci", "--notes", "CI"]);
-        assert_eq!((created["status"].as_str(), created["notes"].as_str()), (Some("pending"), Some("CI")));
-        let to_ci = created["id"].as_str().unwrap().to_owned();
+    ok(
+        &url,
+        &[
+            "tasks",
+            "create",
+            "--id",
+            "release-42",
+            "--title",
+            "Ship release 42",
+            "--at",
+            "global",
+        ],
+    );
+    let to_web = ok(
+        &url,
+        &[
+            "delegate",
+            "release-42",
+            "--from",
+            "global",
+            "--to",
+            "web",
+            "--by",
+            "alice",
+        ],
+    );
+    let to_web = to_web.trim();
+    assert_eq!(
+        to_web.len(),
+        36,
+        "the new delegation's id alone: {to_web:?}"
+    );
+    let accepted = ok(&url, &["accept", to_web]);
+    assert_eq!(
+        accepted.trim(),
+        format!("delegation {to_web}  accepted  global → web  (route, task release-42)")
+    );
+    let created = json(
+        &url,
+        &[
+            "delegate",
+            "release-42",
+            "--from",
+            "web",
+            "--to",
+            "web-ci",
+            "--notes",
+            "CI",
+        ],
+    );
+    assert_eq!(
+        (created["status"].as_str(), created["notes"].as_str()),
+        (Some("pending"), Some("CI"))
+    );
+    let to_ci = created["id"].as_str().unwrap().to_owned();
 
-        let pending = ok(&url, &["pending", "web-ci"]);
-        let rows: Vec<&str> = pending.lines().collect();
-        assert_eq!(rows.len(), 2, "{pending}");
-        assert!(rows[0].starts_with("ID") && rows[1].starts_with(&to_ci), "{pending}");
-        assert!(rows[1].contains("release-42  route  web"), "{pending}");
-        ok(&url, &["accept", &to_ci]);
-        assert_eq!(ok(&url, &["pending", "web-ci"]).trim(), "no pending delegations for web-ci");
+    let pending = ok(&url, &["pending", "web-ci"]);
+    let rows: Vec<&str> = pending.lines().collect();
+    assert_eq!(rows.len(), 2, "{pending}");
+    assert!(
+        rows[0].starts_with("ID") && rows[1].starts_with(&to_ci),
+        "{pending}"
+    );
+    assert!(rows[1].contains("release-42  route  web"), "{pending}");
+    ok(&url, &["accept", &to_ci]);
+    assert_eq!(
+        ok(&url, &["pending", "web-ci"]).trim(),
+        "no pending delegations for web-ci"
+    );
 
-        let tree = ok(&url, &["instances", "tree"]);
-        assert_eq!(
-            tree.lines().collect::<Vec<_>>(),
-            [
-                "global          Global       global         running  pending 0  accepted 0",
-                "└── web         Web project  project        running  pending 0  accepted 1",
-                "    └── web-ci  Web CI run   orchestration  running  pending 0  accepted 1",
-            ]
-        );
-        let subtree = ok(&url, &["instances", "tree", "web"]);
-        assert!(subtree.starts_with("web  ") && subtree.lines().count() == 2, "{subtree}");
+    let tree = ok(&url, &["instances", "tree"]);
+    assert_eq!(
+        tree.lines().collect::<Vec<_>>(),
+        [
+            "global          Global       global         running  pending 0  accepted 0",
+            "└── web         Web project  project        running  pending 0  accepted 1",
+            "    └── web-ci  Web CI run   orchestration  running  pending 0  accepted 1",
+        ]
+    );
+    let subtree = ok(&url, &["instances", "tree", "web"]);
+    assert!(
+        subtree.starts_with("web  ") && subtree.lines().count() == 2,
+        "{subtree}"
+    );
 
-        let done = ok(&url, &["complete", &to_ci, "--result", r#"{"artifact": "web-42.tar.gz", "tests": 118}"#]);
-        let done: Vec<&str> = done.lines().collect();
-        assert_eq!(done.len(), 3, "{done:?}");
-        assert!(done[0].starts_with(&format!("delegation {to_ci}  completed  web → web-ci")), "{done:?}");
-        assert!(done[1].contains(&format!("bubbled up: completed {to_web}  completed  global → web")), "{done:?}");
-        assert_eq!(done[2], "task release-42 is done at global");
+    let done = ok(
+        &url,
+        &[
+            "complete",
+            &to_ci,
+            "--result",
+            r#"{"artifact": "web-42.tar.gz", "tests": 118}"#,
+        ],
+    );
+    let done: Vec<&str> = done.lines().collect();
+    assert_eq!(done.len(), 3, "{done:?}");
+    assert!(
+        done[0].starts_with(&format!("delegation {to_ci}  completed  web → web-ci")),
+        "{done:?}"
+    );
+    assert!(
+        done[1].contains(&format!(
+            "bubbled up: completed {to_web}  completed  global → web"
+        )),
+        "{done:?}"
+    );
+    assert_eq!(done[2], "task release-42 is done at global");
 
-        let task = json(&url, &["tasks", "show", "release-42"]);
-        assert_eq!(task["status"], "done");
-        assert_eq!(task["instance_id"], "global");
-        assert_eq!(task["result"], serde_json::json!({"artifact": "web-42.tar.gz", "tests": 118}));
+    let task = json(&url, &["tasks", "show", "release-42"]);
+    assert_eq!(task["status"], "done");
+    assert_eq!(task["instance_id"], "global");
+    assert_eq!(
+        task["result"],
+        serde_json::json!({"artifact": "web-42.tar.gz", "tests": 118})
+    );
 
-        let chain = ok(&url, &["chain", "release-42"]);
-        let lines: Vec<&str> = chain.lines().collect();
-        assert_eq!(lines[0], "task release-42: from global to global, 2 hops");
-        assert!(lines[1].starts_with("#  TYPE   HOP           STATUS     DELEGATED"), "{chain}");
-        assert!(lines[2].starts_with("1  route  global → web  completed  20"), "{chain}");
-        assert!(lines[3].starts_with("2  route  web → web-ci  completed  20"), "{chain}");
-        assert!(lines[3].contains(" UTC (just now)"), "{chain}");
-        let chain = json(&url, &["chain", "release-42"]);
-        let hops: Vec<(&str, &str, &str)> = chain["delegations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| (d["source_instance_id"].as_str().unwrap(), d["target_instance_id"].as_str().unwrap(), d["status"].as_str().unwrap()))
-            .collect();
-        assert_eq!(hops, [("global", "web", "completed"), ("web", "web-ci", "completed")]);
-        assert_eq!(chain["delegations"][0]["delegated_by"], "alice");
+    let chain = ok(&url, &["chain", "release-42"]);
+    let lines: Vec<&str> = chain.lines().collect();
+    assert_eq!(lines[0], "task release-42: from global to global, 2 hops");
+    assert!(
+        lines[1].starts_with("#  TYPE   HOP           STATUS     DELEGATED"),
+        "{chain}"
+    );
+    assert!(
+        lines[2].starts_with("1  route  global → web  completed  20"),
+        "{chain}"
+    );
+    assert!(
+        lines[3].starts_with("2  route  web → web-ci  completed  20"),
+        "{chain}"
+    );
+    assert!(lines[3].contains(" UTC (just now)"), "{chain}");
+    let chain = json(&url, &["chain", "release-42"]);
+    let hops: Vec<(&str, &str, &str)> = chain["delegations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["source_instance_id"].as_str().unwrap(),
+                d["target_instance_id"].as_str().unwrap(),
+                d["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        hops,
+        [
+            ("global", "web", "completed"),
+            ("web", "web-ci", "completed")
+        ]
+    );
+    assert_eq!(chain["delegations"][0]["delegated_by"], "alice");
 
-        // A parent split in two subtasks, drawn as a tree.
-        ok(&url, &["tasks", "create", "--id", "docs-7", "--title", "Write the docs", "--at", "global"]);
-        let split = ok(&url, &["delegate", "docs-7", "--from", "global", "--to", "web"]);
-        ok(&url, &["accept", split.trim()]);
-        ok(&url, &["tasks", "create", "--id", "docs-7.api", "--title", "API reference", "--parent", "docs-7"]);
-        ok(&url, &["tasks", "create", "--id", "docs-7.guide", "--title", "User guide", "--parent", "docs-7"]);
-        let api = ok(&url, &["delegate", "docs-7.api", "--from", "web", "--to", "web-ci", "--type", "decompose"]);
-        let tree = ok(&url, &["tree", "docs-7"]);
-        let expected = [
-            "docs-7             at web        pending   Write the docs".to_owned(),
-            format!("├── route          global → web  accepted  {}", split.trim()),
-            "├── docs-7.api     at web-ci     pending   API reference".to_owned(),
-            format!("│   └── decompose  web → web-ci  pending   {}", api.trim()),
-            "└── docs-7.guide   at web        pending   User guide".to_owned(),
-        ];
-        assert_eq!(tree.lines().collect::<Vec<_>>(), expected, "{tree}");
-        let tree = json(&url, &["tree", "docs-7"]);
-        assert_eq!(tree["task"]["id"], "docs-7");
-        assert_eq!(tree["subtasks"].as_array().unwrap().len(), 2);
-        assert_eq!(tree["delegations"].as_array().unwrap().len(), 2);
+    // A parent split in two subtasks, drawn as a tree.
+    ok(
+        &url,
+        &[
+            "tasks",
+            "create",
+            "--id",
+            "docs-7",
+            "--title",
+            "Write the docs",
+            "--at",
+            "global",
+        ],
+    );
+    let split = ok(
+        &url,
+        &["delegate", "docs-7", "--from", "global", "--to", "web"],
+    );
+    ok(&url, &["accept", split.trim()]);
+    ok(
+        &url,
+        &[
+            "tasks",
+            "create",
+            "--id",
+            "docs-7.api",
+            "--title",
+            "API reference",
+            "--parent",
+            "docs-7",
+        ],
+    );
+    ok(
+        &url,
+        &[
+            "tasks",
+            "create",
+            "--id",
+            "docs-7.guide",
+            "--title",
+            "User guide",
+            "--parent",
+            "docs-7",
+        ],
+    );
+    let api = ok(
+        &url,
+        &[
+            "delegate",
+            "docs-7.api",
+            "--from",
+            "web",
+            "--to",
+            "web-ci",
+            "--type",
+            "decompose",
+        ],
+    );
+    let tree = ok(&url, &["tree", "docs-7"]);
+    let expected = [
+        "docs-7             at web        pending   Write the docs".to_owned(),
+        format!(
+            "├── route          global → web  accepted  {}",
+            split.trim()
+        ),
+        "├── docs-7.api     at web-ci     pending   API reference".to_owned(),
+        format!("│   └── decompose  web → web-ci  pending   {}", api.trim()),
+        "└── docs-7.guide   at web        pending   User guide".to_owned(),
+    ];
+    assert_eq!(tree.lines().collect::<Vec<_>>(), expected, "{tree}");
+    let tree = json(&url, &["tree", "docs-7"]);
+    assert_eq!(tree["task"]["id"], "docs-7");
+    assert_eq!(tree["subtasks"].as_array().unwrap().len(), 2);
+    assert_eq!(tree["delegations"].as_array().unwrap().len(), 2);
 
-        let listed = ok(&url, &["instances", "list", "-o", "json"]);
-        let ids: Vec<String> = listed
-            .lines()
-            .map(|line| serde_json::from_str::<Value>(line).unwrap()["id"].as_str().unwrap().to_owned())
-            .collect();
-        assert_eq!(ids, ["global", "web", "web-ci"]);
-        server.stop();
-    }
+    let listed = ok(&url, &["instances", "list", "-o", "json"]);
+    let ids: Vec<String> = listed
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids, ["global", "web", "web-ci"]);
+    server.stop();
+}
 
-    async fn rejecting_cancelling_and_completing_in_place_through_hopperctl(backend: Backend) {
-        let db = TestDb::migrated(backend).await;
-        let server = Server::start(&db, "127.0.0.1:0", &[]);
-        let url = server.url();
-        register_hierarchy(&url);
-        let created = json(&url, &["instances", "register", "spare", "--name", "Spare", "--scope", "event", "--parent", "global"]);
-        assert_eq!((created["status"].as_str(), created["scope"].as_str()), (Some("created"), Some("event")));
+async fn rejecting_cancelling_and_completing_in_place_through_hopperctl(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let server = Server::start(&db, "127.0.0.1:0", &[]);
+    let url = server.url();
+    register_hierarchy(&url);
+    let created = json(
+        &url,
+        &[
+            "instances",
+            "register",
+            "spare",
+            "--name",
+            "Spare",
+            "--scope",
+            "event",
+            "--parent",
+            "global",
+        ],
+    );
+    assert_eq!(
+        (created["status"].as_str(), created["scope"].as_str()),
+        (Some("created"), Some("event"))
+    );
 
-        // web turns the task down; it is back at global.
-        ok(&url, &["tasks", "create", "--id", "r", "--title", "Refused", "--at", "global", "--description", "Try web"]);
-        let refused = ok(&url, &["delegate", "r", "--from", "global", "--to", "web"]);
-        let refused = refused.trim();
-        let out = ok(&url, &["reject", refused, "--reason", "busy this week"]);
-        assert_eq!(out.trim(), format!("delegation {refused}  rejected  global → web  (route, task r)"));
-        let again = ok(&url, &["delegate", "r", "--from", "global", "--to", "web"]);
-        let rejected = json(&url, &["reject", again.trim(), "--reason", "still busy"]);
-        assert_eq!((rejected["status"].as_str(), rejected["rejection_reason"].as_str()), (Some("rejected"), Some("still busy")));
-        let task = json(&url, &["tasks", "show", "r"]);
-        assert_eq!((task["instance_id"].as_str(), task["description"].as_str()), (Some("global"), Some("Try web")));
+    // web turns the task down; it is back at global.
+    ok(
+        &url,
+        &[
+            "tasks",
+            "create",
+            "--id",
+            "r",
+            "--title",
+            "Refused",
+            "--at",
+            "global",
+            "--description",
+            "Try web",
+        ],
+    );
+    let refused = ok(&url, &["delegate", "r", "--from", "global", "--to", "web"]);
+    let refused = refused.trim();
+    let out = ok(&url, &["reject", refused, "--reason", "busy this week"]);
+    assert_eq!(
+        out.trim(),
+        format!("delegation {refused}  rejected  global → web  (route, task r)")
+    );
+    let again = ok(&url, &["delegate", "r", "--from", "global", "--to", "web"]);
+    let rejected = json(&url, &["reject", again.trim(), "--reason", "still busy"]);
+    assert_eq!(
+        (
+            rejected["status"].as_str(),
+            rejected["rejection_reason"].as_str()
+        ),
+        (Some("rejected"), Some("still busy"))
+    );
+    let task = json(&url, &["tasks", "show", "r"]);
+    assert_eq!(
+        (task["instance_id"].as_str(), task["description"].as_str()),
+        (Some("global"), Some("Try web"))
+    );
 
-        // Calling off the top hop cancels the one below it too.
-        let (c_top, c_below) = route_down(&url, "c");
-        let out = ok(&url, &["cancel", &c_top]);
-        let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines[0], format!("delegation {c_top}  cancelled  global → web  (route, task c)"));
-        assert_eq!(lines[1], format!("  with it: cancelled {c_below}  cancelled  web → web-ci  (route, task c)"));
-        assert_eq!(lines[2], "task c is back at global");
+    // Calling off the top hop cancels the one below it too.
+    let (c_top, c_below) = route_down(&url, "c");
+    let out = ok(&url, &["cancel", &c_top]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("delegation {c_top}  cancelled  global → web  (route, task c)")
+    );
+    assert_eq!(
+        lines[1],
+        format!("  with it: cancelled {c_below}  cancelled  web → web-ci  (route, task c)")
+    );
+    assert_eq!(lines[2], "task c is back at global");
 
-        // A task cancelled with its subtask and the subtask's hop.
-        ok(&url, &["tasks", "create", "--id", "p", "--title", "Parent", "--at", "global"]);
-        ok(&url, &["tasks", "create", "--id", "p.1", "--title", "Child", "--parent", "p"]);
-        let hop = ok(&url, &["delegate", "p.1", "--from", "global", "--to", "web", "--type", "decompose"]);
-        let cancelled = json(&url, &["tasks", "cancel", "p"]);
-        assert_eq!(cancelled["task"]["status"], "cancelled");
-        assert_eq!(cancelled["cancelled_subtasks"][0]["id"], "p.1");
-        assert_eq!(cancelled["cancelled_delegations"][0]["id"], hop.trim());
+    // A task cancelled with its subtask and the subtask's hop.
+    ok(
+        &url,
+        &[
+            "tasks", "create", "--id", "p", "--title", "Parent", "--at", "global",
+        ],
+    );
+    ok(
+        &url,
+        &[
+            "tasks", "create", "--id", "p.1", "--title", "Child", "--parent", "p",
+        ],
+    );
+    let hop = ok(
+        &url,
+        &[
+            "delegate",
+            "p.1",
+            "--from",
+            "global",
+            "--to",
+            "web",
+            "--type",
+            "decompose",
+        ],
+    );
+    let cancelled = json(&url, &["tasks", "cancel", "p"]);
+    assert_eq!(cancelled["task"]["status"], "cancelled");
+    assert_eq!(cancelled["cancelled_subtasks"][0]["id"], "p.1");
+    assert_eq!(cancelled["cancelled_delegations"][0]["id"], hop.trim());
 
-        // Completed where it is: the hop that brought it completes and bubbles up.
-        let (top, below) = route_down(&url, "w");
-        let out = ok(&url, &["tasks", "complete", "w", "--result", r#"{"ok": true}"#]);
-        let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines[0], "task w is done");
-        assert!(lines[1].starts_with(&format!("  completed {below}  completed  web → web-ci")), "{out}");
-        assert!(lines[2].starts_with(&format!("  completed {top}  completed  global → web")), "{out}");
-        assert_eq!(json(&url, &["tasks", "show", "w"])["result"], serde_json::json!({"ok": true}));
+    // Completed where it is: the hop that brought it completes and bubbles up.
+    let (top, below) = route_down(&url, "w");
+    let out = ok(
+        &url,
+        &["tasks", "complete", "w", "--result", r#"{"ok": true}"#],
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "task w is done");
+    assert!(
+        lines[1].starts_with(&format!("  completed {below}  completed  web → web-ci")),
+        "{out}"
+    );
+    assert!(
+        lines[2].starts_with(&format!("  completed {top}  completed  global → web")),
+        "{out}"
+    );
+    assert_eq!(
+        json(&url, &["tasks", "show", "w"])["result"],
+        serde_json::json!({"ok": true})
+    );
 
-        // What happened at web-ci, replayed as text: one aligned line per event.
-        let mut watch = Watch(Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+    // What happened at web-ci, replayed as text: one aligned line per event.
+    let mut watch = Watch(
+        Command::new(env!("CARGO_BIN_EXE_hopperctl"))
             .args(["--server", &url, "watch", "web-ci", "--since", "0"])
             .stdout(Stdio::piped())
             .spawn()
-            .unwrap());
-        let lines = lines_of(watch.0.stdout.take().unwrap());
-        let next = || lines.recv_timeout(Duration::from_secs(30)).unwrap();
-        let (created, accepted, cancelled) = (next(), next(), next());
-        let hop = format!("{c_below}  web → web-ci  task c  20");
-        assert!(created.ends_with(" ago)") || created.ends_with("just now)"), "{created}");
-        // After the sequence: the kind, padded to the longest kind, and the hop.
-        let after_sequence = |line: &str| line.trim_start().split_once("  ").unwrap().1.to_owned();
-        assert!(after_sequence(&created).starts_with(&format!("delegation_created    {hop}")), "{created}");
-        assert!(after_sequence(&accepted).starts_with(&format!("delegation_accepted   {hop}")), "{accepted}");
-        assert!(after_sequence(&cancelled).starts_with(&format!("delegation_cancelled  {hop}")), "{cancelled}");
-        assert!(cancelled.ends_with(&format!(")  caused by {c_top}")), "{cancelled}");
-        let sequences: Vec<u64> = [&created, &accepted, &cancelled]
-            .iter()
-            .map(|line| line.split_whitespace().next().unwrap().parse().unwrap())
-            .collect();
-        assert!(sequences.windows(2).all(|w| w[0] < w[1]), "{sequences:?}");
-        signal(&watch.0, "INT");
-        assert!(watch.0.wait().unwrap().success());
-        server.stop();
-    }
+            .unwrap(),
+    );
+    let lines = lines_of(watch.0.stdout.take().unwrap());
+    let next = || lines.recv_timeout(Duration::from_secs(30)).unwrap();
+    let (created, accepted, cancelled) = (next(), next(), next());
+    let hop = format!("{c_below}  web → web-ci  task c  20");
+    assert!(
+        created.ends_with(" ago)") || created.ends_with("just now)"),
+        "{created}"
+    );
+    // After the sequence: the kind, padded to the longest kind, and the hop.
+    let after_sequence = |line: &str| line.trim_start().split_once("  ").unwrap().1.to_owned();
+    assert!(
+        after_sequence(&created).starts_with(&format!("delegation_created    {hop}")),
+        "{created}"
+    );
+    assert!(
+        after_sequence(&accepted).starts_with(&format!("delegation_accepted   {hop}")),
+        "{accepted}"
+    );
+    assert!(
+        after_sequence(&cancelled).starts_with(&format!("delegation_cancelled  {hop}")),
+        "{cancelled}"
+    );
+    assert!(
+        cancelled.ends_with(&format!(")  caused by {c_top}")),
+        "{cancelled}"
+    );
+    let sequences: Vec<u64> = [&created, &accepted, &cancelled]
+        .iter()
+        .map(|line| line.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert!(sequences.windows(2).all(|w| w[0] < w[1]), "{sequences:?}");
+    signal(&watch.0, "INT");
+    assert!(watch.0.wait().unwrap().success());
+    server.stop();
+}
 
-    async fn hopperctl_exit_codes_tell_refusals_usage_and_an_unreachable_server_apart(backend: Backend) {
-        let db = TestDb::migrated(backend).await;
-        let server = Server::start(&db, "127.0.0.1:0", &[]);
-        let url = server.url();
-        register_hierarchy(&url);
-        let (to_web, _) = route_down(&url, "t");
-        let before = snapshot(&db).await;
+async fn hopperctl_exit_codes_tell_refusals_usage_and_an_unreachable_server_apart(
+    backend: Backend,
+) {
+    let db = TestDb::migrated(backend).await;
+    let server = Server::start(&db, "127.0.0.1:0", &[]);
+    let url = server.url();
+    register_hierarchy(&url);
+    let (to_web, _) = route_down(&url, "t");
+    let before = snapshot(&db).await;
 
-        let refused = ctl(&url, &["accept", &to_web]);
-        assert_eq!(refused.status.code(), Some(1));
+    let refused = ctl(&url, &["accept", &to_web]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stderr),
+        format!("error: delegation {to_web} is accepted; it must be pending to accept\n")
+    );
+    assert!(refused.stdout.is_empty());
+    let unknown = ctl(&url, &["tasks", "show", "ghost"]);
+    assert_eq!(
+        (
+            unknown.status.code(),
+            String::from_utf8_lossy(&unknown.stderr).into_owned()
+        ),
+        (Some(1), "error: task ghost not found\n".into())
+    );
+    let invalid = ctl(&url, &["reject", &to_web, "--reason", " "]);
+    assert_eq!(invalid.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&invalid.stderr).starts_with("error: reason: "));
+
+    for usage in [
+        vec!["delegate", "t", "--from", "global"],
+        vec![
+            "delegate", "t", "--from", "global", "--to", "web", "--type", "sideways",
+        ],
+        vec!["complete", &to_web, "--result", "[1]"],
+        vec![
+            "instances",
+            "register",
+            "x",
+            "--name",
+            "X",
+            "--scope",
+            "galaxy",
+        ],
+        vec!["tasks", "create", "--title", "nowhere"],
+    ] {
+        let output = ctl(&url, &usage);
         assert_eq!(
-            String::from_utf8_lossy(&refused.stderr),
-            format!("error: delegation {to_web} is accepted; it must be pending to accept\n")
+            output.status.code(),
+            Some(2),
+            "{usage:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
         );
-        assert!(refused.stdout.is_empty());
-        let unknown = ctl(&url, &["tasks", "show", "ghost"]);
-        assert_eq!((unknown.status.code(), String::from_utf8_lossy(&unknown.stderr).into_owned()), (Some(1), "error: task ghost not found\n".into()));
-        let invalid = ctl(&url, &["reject", &to_web, "--reason", " "]);
-        assert_eq!(invalid.status.code(), Some(1));
-        assert!(String::from_utf8_lossy(&invalid.stderr).starts_with("error: reason: "));
-
-        for usage in [
-            vec!["delegate", "t", "--from", "global"],
-            vec!["delegate", "t", "--from", "global", "--to", "web", "--type", "sideways"],
-            vec!["complete", &to_web, "--result", "[1]"],
-            vec!["instances", "register", "x", "--name", "X", "--scope", "galaxy"],
-            vec!["tasks", "create", "--title", "nowhere"],
-        ] {
-            let output = ctl(&url, &usage);
-            assert_eq!(output.status.code(), Some(2), "{usage:?}: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        let unknown = ctl(&url, &["watch", "ghost"]);
-        assert_eq!((unknown.status.code(), String::from_utf8_lossy(&unknown.stderr).into_owned()), (Some(1), "error: instance ghost not found\n".into()));
-        let ahead = ctl(&url, &["watch", "global", "--since", "1000000"]);
-        assert_eq!(ahead.status.code(), Some(1), "OUT_OF_RANGE: {}", String::from_utf8_lossy(&ahead.stderr));
-        let help = ctl(&url, &["watch", "--help"]);
-        assert!(help.status.success() && String::from_utf8_lossy(&help.stdout).contains("--descendants"));
-        assert_eq!(snapshot(&db).await, before, "refusals changed nothing");
-
-        server.stop();
-        let watch = ctl(&url, &["watch", "global"]);
-        assert_eq!(watch.status.code(), Some(3), "a watch that cannot start says so");
-        let unreachable = ctl(&url, &["tasks", "show", "t"]);
-        assert_eq!(unreachable.status.code(), Some(3));
-        let stderr = String::from_utf8_lossy(&unreachable.stderr);
-        assert!(stderr.starts_with(&format!("error: cannot reach the server at {url}")), "{stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
+    let unknown = ctl(&url, &["watch", "ghost"]);
+    assert_eq!(
+        (
+            unknown.status.code(),
+            String::from_utf8_lossy(&unknown.stderr).into_owned()
+        ),
+        (Some(1), "error: instance ghost not found\n".into())
+    );
+    let ahead = ctl(&url, &["watch", "global", "--since", "1000000"]);
+    assert_eq!(
+        ahead.status.code(),
+        Some(1),
+        "OUT_OF_RANGE: {}",
+        String::from_utf8_lossy(&ahead.stderr)
+    );
+    let help = ctl(&url, &["watch", "--help"]);
+    assert!(
+        help.status.success() && String::from_utf8_lossy(&help.stdout).contains("--descendants")
+    );
+    assert_eq!(snapshot(&db).await, before, "refusals changed nothing");
 
-    async fn watch_follows_completions_bubbling_up_and_resumes_after_a_restart(backend: Backend) {
-        let db = TestDb::migrated(backend).await;
-        let server = Server::start(&db, "127.0.0.1:0", &[]);
-        let url = server.url();
-        register_hierarchy(&url);
+    server.stop();
+    let watch = ctl(&url, &["watch", "global"]);
+    assert_eq!(
+        watch.status.code(),
+        Some(3),
+        "a watch that cannot start says so"
+    );
+    let unreachable = ctl(&url, &["tasks", "show", "t"]);
+    assert_eq!(unreachable.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(
+        stderr.starts_with(&format!("error: cannot reach the server at {url}")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
 
-        let mut watch = Watch(Command::new(env!("CARGO_BIN_EXE_hopperctl"))
-            .args(["--server", &url, "watch", "global", "--descendants", "--since", "0", "-o", "json"])
+async fn watch_follows_completions_bubbling_up_and_resumes_after_a_restart(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let server = Server::start(&db, "127.0.0.1:0", &[]);
+    let url = server.url();
+    register_hierarchy(&url);
+
+    let mut watch = Watch(
+        Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+            .args([
+                "--server",
+                &url,
+                "watch",
+                "global",
+                "--descendants",
+                "--since",
+                "0",
+                "-o",
+                "json",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap());
-        let events = lines_of(watch.0.stdout.take().unwrap());
+            .unwrap(),
+    );
+    let events = lines_of(watch.0.stdout.take().unwrap());
 
-        let (_, to_ci) = route_down(&url, "first");
-        ok(&url, &["complete", &to_ci]);
-        let mut seen = until_task_completed(&events, "first");
-        let kinds: Vec<&str> = seen.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-        assert_eq!(kinds[kinds.len() - 3..], ["delegation_completed", "delegation_completed", "task_completed"]);
-        assert_eq!(seen[seen.len() - 2]["caused_by_delegation_id"], to_ci.as_str(), "the Project hop bubbled from the CI hop");
+    let (_, to_ci) = route_down(&url, "first");
+    ok(&url, &["complete", &to_ci]);
+    let mut seen = until_task_completed(&events, "first");
+    let kinds: Vec<&str> = seen.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds[kinds.len() - 3..],
+        [
+            "delegation_completed",
+            "delegation_completed",
+            "task_completed"
+        ]
+    );
+    assert_eq!(
+        seen[seen.len() - 2]["caused_by_delegation_id"],
+        to_ci.as_str(),
+        "the Project hop bubbled from the CI hop"
+    );
 
-        // A second watcher, of web-ci only and without --since: its cursor comes from the
-        // progress mark the server sends once it has joined (within the 200 ms interval).
-        let mut quiet = Watch(Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+    // A second watcher, of web-ci only and without --since: its cursor comes from the
+    // progress mark the server sends once it has joined (within the 200 ms interval).
+    let mut quiet = Watch(
+        Command::new(env!("CARGO_BIN_EXE_hopperctl"))
             .args(["--server", &url, "watch", "web-ci", "-o", "json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap());
-        let quiet_events = lines_of(quiet.0.stdout.take().unwrap());
-        std::thread::sleep(Duration::from_secs(1));
+            .unwrap(),
+    );
+    let quiet_events = lines_of(quiet.0.stdout.take().unwrap());
+    std::thread::sleep(Duration::from_secs(1));
 
-        // The server goes away; the next lifecycle is written through another server on the
-        // same database while both watchers are cut off; then the first comes back. Only a
-        // replay from each watcher's cursor can show them what happened meanwhile.
-        let last_before = seen.last().unwrap()["sequence"].as_i64().unwrap();
-        let addr = server.addr.clone();
-        server.stop();
-        let meanwhile = Server::start(&db, "127.0.0.1:0", &[]);
-        let (_, to_ci) = route_down(&meanwhile.url(), "second");
-        ok(&meanwhile.url(), &["complete", &to_ci]);
-        meanwhile.stop();
-        let server = Server::start(&db, &addr, &[]);
-        seen.extend(until_task_completed(&events, "second"));
-        let kinds: Vec<Value> = (0..3).map(|_| next_event(&quiet_events)["kind"].clone()).collect();
-        assert_eq!(kinds, ["delegation_created", "delegation_accepted", "delegation_completed"], "only what happened at web-ci after it started");
+    // The server goes away; the next lifecycle is written through another server on the
+    // same database while both watchers are cut off; then the first comes back. Only a
+    // replay from each watcher's cursor can show them what happened meanwhile.
+    let last_before = seen.last().unwrap()["sequence"].as_i64().unwrap();
+    let addr = server.addr.clone();
+    server.stop();
+    let meanwhile = Server::start(&db, "127.0.0.1:0", &[]);
+    let (_, to_ci) = route_down(&meanwhile.url(), "second");
+    ok(&meanwhile.url(), &["complete", &to_ci]);
+    meanwhile.stop();
+    let server = Server::start(&db, &addr, &[]);
+    seen.extend(until_task_completed(&events, "second"));
+    let kinds: Vec<Value> = (0..3)
+        .map(|_| next_event(&quiet_events)["kind"].clone())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "delegation_created",
+            "delegation_accepted",
+            "delegation_completed"
+        ],
+        "only what happened at web-ci after it started"
+    );
 
-        signal(&watch.0, "INT");
-        assert!(watch.0.wait().unwrap().success(), "Ctrl-C exits 0");
-        let mut stderr = String::new();
-        watch.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-        let resumed: Vec<&str> = stderr.lines().filter(|l| l.contains("resuming after")).collect();
-        assert_eq!(resumed, [format!("hopperctl: reconnected to {url}; resuming after sequence {last_before}")], "{stderr}");
-        signal(&quiet.0, "INT");
-        assert!(quiet.0.wait().unwrap().success());
-        assert!(quiet_events.try_recv().is_err(), "nothing more for web-ci");
+    signal(&watch.0, "INT");
+    assert!(watch.0.wait().unwrap().success(), "Ctrl-C exits 0");
+    let mut stderr = String::new();
+    watch
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let resumed: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("resuming after"))
+        .collect();
+    assert_eq!(
+        resumed,
+        [format!(
+            "hopperctl: reconnected to {url}; resuming after sequence {last_before}"
+        )],
+        "{stderr}"
+    );
+    signal(&quiet.0, "INT");
+    assert!(quiet.0.wait().unwrap().success());
+    assert!(quiet_events.try_recv().is_err(), "nothing more for web-ci");
 
-        let printed: Vec<i64> = seen.iter().map(|e| e["sequence"].as_i64().unwrap()).collect();
-        let mut conn = db.pool().conn().await.unwrap();
-        let logged: Vec<i64> = text_rows(&mut conn, "SELECT CAST(sequence AS TEXT) AS line FROM delegation_events ORDER BY sequence")
-            .await
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        assert_eq!(printed, logged, "every event of the log, once, in order");
-        assert_eq!(printed.iter().collect::<BTreeSet<_>>().len(), printed.len());
-        server.stop();
-    }
+    let printed: Vec<i64> = seen
+        .iter()
+        .map(|e| e["sequence"].as_i64().unwrap())
+        .collect();
+    let mut conn = db.pool().conn().await.unwrap();
+    let logged: Vec<i64> = text_rows(
+        &mut conn,
+        "SELECT CAST(sequence AS TEXT) AS line FROM delegation_events ORDER BY sequence",
+    )
+    .await
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    assert_eq!(printed, logged, "every event of the log, once, in order");
+    assert_eq!(printed.iter().collect::<BTreeSet<_>>().len(), printed.len());
+    server.stop();
+}
 
-    async fn metrics_are_served_and_move_with_requests_and_logs_carry_the_rpc_span(backend: Backend) {
-        let db = TestDb::migrated(backend).await;
-        let server = Server::start(&db, "127.0.0.1:0", &["--metrics-listen", "127.0.0.1:0", "--log-format", "json", "--max-connections", "7"]);
-        let url = server.url();
-        let metrics = server.metrics.clone().unwrap();
-        let before = scrape(&metrics);
-        assert_eq!(value(&before, "hopper_db_pool_connections{state=\"max\"}"), 7.0);
-        assert_eq!(value(&before, "hopper_watch_subscribers"), 0.0);
+async fn metrics_are_served_and_move_with_requests_and_logs_carry_the_rpc_span(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let server = Server::start(
+        &db,
+        "127.0.0.1:0",
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--max-connections",
+            "7",
+        ],
+    );
+    let url = server.url();
+    let metrics = server.metrics.clone().unwrap();
+    let before = scrape(&metrics);
+    assert_eq!(
+        value(&before, "hopper_db_pool_connections{state=\"max\"}"),
+        7.0
+    );
+    assert_eq!(value(&before, "hopper_watch_subscribers"), 0.0);
 
-        register_hierarchy(&url);
-        let mut watch = Watch(Command::new(env!("CARGO_BIN_EXE_hopperctl"))
-            .args(["--server", &url, "watch", "web-ci", "--since", "0", "-o", "json"])
+    register_hierarchy(&url);
+    let mut watch = Watch(
+        Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+            .args([
+                "--server", &url, "watch", "web-ci", "--since", "0", "-o", "json",
+            ])
             .stdout(Stdio::piped())
             .spawn()
-            .unwrap());
-        let events = lines_of(watch.0.stdout.take().unwrap());
-        let (_, to_ci) = route_down(&url, "m");
-        ok(&url, &["complete", &to_ci, "--result", r#"{"secret": "s3cr3t-result"}"#]);
-        let _ = ctl(&url, &["tasks", "show", "ghost"]);
-        // The CI hop's created, accepted and completed events reach the web-ci watcher.
-        let kinds: Vec<Value> = (0..3).map(|_| next_event(&events)["kind"].clone()).collect();
-        assert_eq!(kinds, ["delegation_created", "delegation_accepted", "delegation_completed"]);
+            .unwrap(),
+    );
+    let events = lines_of(watch.0.stdout.take().unwrap());
+    let (_, to_ci) = route_down(&url, "m");
+    ok(
+        &url,
+        &[
+            "complete",
+            &to_ci,
+            "--result",
+            r#"{"secret": "s3cr3t-result"}"#,
+        ],
+    );
+    let _ = ctl(&url, &["tasks", "show", "ghost"]);
+    // The CI hop's created, accepted and completed events reach the web-ci watcher.
+    let kinds: Vec<Value> = (0..3)
+        .map(|_| next_event(&events)["kind"].clone())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "delegation_created",
+            "delegation_accepted",
+            "delegation_completed"
+        ]
+    );
 
-        let after = scrape(&metrics);
-        for name in [
-            "hopper_rpc_requests_total", "hopper_rpc_duration_seconds", "hopper_watch_subscribers",
-            "hopper_event_log_head_sequence", "hopper_events_delivered_total",
-            "hopper_db_pool_connections", "hopper_bubbled_hops",
-        ] {
-            assert!(after.contains(&format!("# TYPE {}", name.trim_end_matches("_total"))), "{name} in\n{after}");
-        }
-        let count = |text: &str, method: &str, code: &str| value(text, &format!("hopper_rpc_requests_total{{method=\"{method}\",code=\"{code}\"}}"));
-        assert_eq!(count(&after, "RegisterInstance", "OK"), 3.0);
-        assert_eq!(count(&after, "AcceptDelegation", "OK"), 2.0);
-        assert_eq!(count(&after, "CompleteDelegation", "OK"), 1.0);
-        assert_eq!(count(&after, "GetTask", "NotFound"), 1.0);
-        assert_eq!(value(&after, "hopper_rpc_duration_seconds_count{method=\"CreateDelegation\"}"), 2.0);
-        assert_eq!(value(&after, "hopper_watch_subscribers"), 1.0);
-        let mut conn = db.pool().conn().await.unwrap();
-        let head = text_rows(&mut conn, "SELECT CAST(MAX(sequence) AS TEXT) AS line FROM delegation_events").await;
-        assert_eq!(value(&after, "hopper_event_log_head_sequence"), head[0].parse::<f64>().unwrap());
-        assert!(value(&after, "hopper_events_delivered_total") >= 3.0);
-        assert_eq!(value(&after, "hopper_bubbled_hops_count"), 1.0);
-        assert_eq!(value(&after, "hopper_bubbled_hops_sum"), 1.0, "the CI hop's completion bubbled to one more");
+    let after = scrape(&metrics);
+    for name in [
+        "hopper_rpc_requests_total",
+        "hopper_rpc_duration_seconds",
+        "hopper_watch_subscribers",
+        "hopper_event_log_head_sequence",
+        "hopper_events_delivered_total",
+        "hopper_db_pool_connections",
+        "hopper_bubbled_hops",
+    ] {
+        assert!(
+            after.contains(&format!("# TYPE {}", name.trim_end_matches("_total"))),
+            "{name} in\n{after}"
+        );
+    }
+    let count = |text: &str, method: &str, code: &str| {
+        value(
+            text,
+            &format!("hopper_rpc_requests_total{{method=\"{method}\",code=\"{code}\"}}"),
+        )
+    };
+    assert_eq!(count(&after, "RegisterInstance", "OK"), 3.0);
+    assert_eq!(count(&after, "AcceptDelegation", "OK"), 2.0);
+    assert_eq!(count(&after, "CompleteDelegation", "OK"), 1.0);
+    assert_eq!(count(&after, "GetTask", "NotFound"), 1.0);
+    assert_eq!(
+        value(
+            &after,
+            "hopper_rpc_duration_seconds_count{method=\"CreateDelegation\"}"
+        ),
+        2.0
+    );
+    assert_eq!(value(&after, "hopper_watch_subscribers"), 1.0);
+    let mut conn = db.pool().conn().await.unwrap();
+    let head = text_rows(
+        &mut conn,
+        "SELECT CAST(MAX(sequence) AS TEXT) AS line FROM delegation_events",
+    )
+    .await;
+    assert_eq!(
+        value(&after, "hopper_event_log_head_sequence"),
+        head[0].parse::<f64>().unwrap()
+    );
+    assert!(value(&after, "hopper_events_delivered_total") >= 3.0);
+    assert_eq!(value(&after, "hopper_bubbled_hops_count"), 1.0);
+    assert_eq!(
+        value(&after, "hopper_bubbled_hops_sum"),
+        1.0,
+        "the CI hop's completion bubbled to one more"
+    );
 
-        signal(&watch.0, "INT");
-        assert!(watch.0.wait().unwrap().success());
-        server_log_has_span(&server, &to_ci);
-        for line in server.stop() {
-            assert!(!line.contains("s3cr3t-result"), "a result body in the log: {line}");
-        }
+    signal(&watch.0, "INT");
+    assert!(watch.0.wait().unwrap().success());
+    server_log_has_span(&server, &to_ci);
+    for line in server.stop() {
+        assert!(
+            !line.contains("s3cr3t-result"),
+            "a result body in the log: {line}"
+        );
     }
 }
+
+on_both_backends!(
+    the_seed_story_runs_through_hopperctl_alone,
+    rejecting_cancelling_and_completing_in_place_through_hopperctl,
+    hopperctl_exit_codes_tell_refusals_usage_and_an_unreachable_server_apart,
+    watch_follows_completions_bubbling_up_and_resumes_after_a_restart,
+    metrics_are_served_and_move_with_requests_and_logs_carry_the_rpc_span
+);
 
 /// The JSON log has a line for the CompleteDelegation with its span's fields, and no result.
 fn server_log_has_span(server: &Server, delegation: &str) {

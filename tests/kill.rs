@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::{TestDb, hierarchy, hop, task, text_rows};
+use common::{Backend, TestDb, hierarchy, hop, task, text_rows};
 use hopper_delegation::{
     domain::{DelegationStatus, DelegationType, EventKind, TaskStatus},
     proto as pb,
@@ -72,48 +72,79 @@ async fn complete_and_kill(url: &str, last: String, delay: Duration) -> bool {
     completing.await.unwrap().is_ok()
 }
 
-on_both_backends! {
-    async fn a_kill_mid_bubbling_leaves_all_or_nothing(backend: Backend) {
-        let test_db = TestDb::migrated(backend).await;
-        let db = test_db.pool();
-        hierarchy(&db).await;
-        let url = match &test_db.url {
-            DatabaseUrl::Postgres(url) => url.clone(),
-            DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
-        };
-        let mut seen = Vec::new();
-        // Kills earlier and later in the completion: before it starts, during it, after it.
-        for (round, millis) in [5u64, 40, 80, 160, 320, 1000].into_iter().enumerate() {
-            let task_id = format!("t{round}");
-            let last = chain(&db, &task_id).await;
-            let answered = complete_and_kill(&url, last, Duration::from_millis(millis)).await;
+async fn a_kill_mid_bubbling_leaves_all_or_nothing(backend: Backend) {
+    let test_db = TestDb::migrated(backend).await;
+    let db = test_db.pool();
+    hierarchy(&db).await;
+    let url = match &test_db.url {
+        DatabaseUrl::Postgres(url) => url.clone(),
+        DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+    };
+    let mut seen = Vec::new();
+    // Kills earlier and later in the completion: before it starts, during it, after it.
+    for (round, millis) in [5u64, 40, 80, 160, 320, 1000].into_iter().enumerate() {
+        let task_id = format!("t{round}");
+        let last = chain(&db, &task_id).await;
+        let answered = complete_and_kill(&url, last, Duration::from_millis(millis)).await;
 
-            let listing = delegations::Listing::OfTask(&task_id);
-            let page = PageRequest { size: 1000, token: String::new() };
-            let all = delegations::list(&db, listing, &page).await.unwrap();
-            let count = |status| all.items.iter().filter(|d| d.status == status).count();
-            let (completed, accepted) = (count(DelegationStatus::Completed), count(DelegationStatus::Accepted));
-            let task = tasks::get(&db, &task_id).await.unwrap();
-            let scope = events::Scope { instance_id: "global".into(), include_descendants: true };
-            db.sequence_events().await.unwrap(); // whatever the killed server left queued
-            let log = events::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX).await.unwrap();
-            let done_events = log
-                .iter()
-                .filter(|e| e.task_id == task_id)
-                .filter(|e| matches!(e.kind, EventKind::DelegationCompleted | EventKind::TaskCompleted))
-                .count();
-            if completed == 0 {
-                assert_eq!((accepted, task.status, done_events), (HOPS, TaskStatus::Pending, 0), "{millis} ms");
-                assert!(!answered, "{millis} ms: answered but nothing was written");
-            } else {
-                assert_eq!((completed, task.status, done_events), (HOPS, TaskStatus::Done, HOPS + 1), "{millis} ms");
-            }
-            seen.push(format!("{millis} ms: {}", if completed == 0 { "nothing" } else { "all" }));
+        let listing = delegations::Listing::OfTask(&task_id);
+        let page = PageRequest {
+            size: 1000,
+            token: String::new(),
+        };
+        let all = delegations::list(&db, listing, &page).await.unwrap();
+        let count = |status| all.items.iter().filter(|d| d.status == status).count();
+        let (completed, accepted) = (
+            count(DelegationStatus::Completed),
+            count(DelegationStatus::Accepted),
+        );
+        let task = tasks::get(&db, &task_id).await.unwrap();
+        let scope = events::Scope {
+            instance_id: "global".into(),
+            include_descendants: true,
+        };
+        db.sequence_events().await.unwrap(); // whatever the killed server left queued
+        let log = events::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
+            .await
+            .unwrap();
+        let done_events = log
+            .iter()
+            .filter(|e| e.task_id == task_id)
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    EventKind::DelegationCompleted | EventKind::TaskCompleted
+                )
+            })
+            .count();
+        if completed == 0 {
+            assert_eq!(
+                (accepted, task.status, done_events),
+                (HOPS, TaskStatus::Pending, 0),
+                "{millis} ms"
+            );
+            assert!(!answered, "{millis} ms: answered but nothing was written");
+        } else {
+            assert_eq!(
+                (completed, task.status, done_events),
+                (HOPS, TaskStatus::Done, HOPS + 1),
+                "{millis} ms"
+            );
         }
-        eprintln!("{backend:?}: SIGKILL after {}", seen.join(", "));
-        if let DatabaseUrl::Sqlite(_) = &test_db.url {
-            let check = text_rows(&mut db.conn().await.unwrap(), "SELECT integrity_check AS line FROM pragma_integrity_check").await;
-            assert_eq!(check, ["ok"]);
-        }
+        seen.push(format!(
+            "{millis} ms: {}",
+            if completed == 0 { "nothing" } else { "all" }
+        ));
+    }
+    eprintln!("{backend:?}: SIGKILL after {}", seen.join(", "));
+    if let DatabaseUrl::Sqlite(_) = &test_db.url {
+        let check = text_rows(
+            &mut db.conn().await.unwrap(),
+            "SELECT integrity_check AS line FROM pragma_integrity_check",
+        )
+        .await;
+        assert_eq!(check, ["ok"]);
     }
 }
+
+on_both_backends!(a_kill_mid_bubbling_leaves_all_or_nothing);

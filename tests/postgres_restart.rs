@@ -218,7 +218,8 @@ async fn the_service_rides_out_a_postgres_restart() {
         .collect();
     assert_eq!(delivered, logged);
     eprintln!(
-        "PostgreSQL restarted; the subscriber resumed {resumes} times and got all {} events once, in order",
+        "PostgreSQL restarted; the subscriber resumed {resumes} times \
+         and got all {} events once, in order",
         delivered.len()
     );
     stop.send(()).unwrap();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestDb, hierarchy, hop, race, task};
+use common::{Backend, TestDb, hierarchy, hop, race, task};
 use hopper_delegation::{
     domain::{DelegationType, EventKind},
     error::Error,
@@ -13,48 +13,78 @@ use hopper_delegation::{
 
 const TRIALS: usize = 1000;
 
-on_both_backends! {
-    async fn a_thousand_conflicting_pairs_have_one_winner_each(backend: Backend) {
-        let test_db = TestDb::migrated(backend).await;
-        let db = test_db.pool();
-        hierarchy(&db).await;
-        task(&db, "t", "global").await;
-        let mut winners = Vec::with_capacity(TRIALS);
-        for trial in 0..TRIALS {
-            let d = delegations::create(&db, hop("t", "global", "project", DelegationType::Route)).await.unwrap();
-            let outcomes = race(2, |side| {
-                let (db, id) = (db.clone(), d.id.clone());
-                async move {
-                    if side == 0 {
-                        delegations::accept(&db, &id).await.map(|_| EventKind::DelegationAccepted)
-                    } else {
-                        delegations::reject(&db, &id, "no").await.map(|_| EventKind::DelegationRejected)
-                    }
+async fn a_thousand_conflicting_pairs_have_one_winner_each(backend: Backend) {
+    let test_db = TestDb::migrated(backend).await;
+    let db = test_db.pool();
+    hierarchy(&db).await;
+    task(&db, "t", "global").await;
+    let mut winners = Vec::with_capacity(TRIALS);
+    for trial in 0..TRIALS {
+        let d = delegations::create(&db, hop("t", "global", "project", DelegationType::Route))
+            .await
+            .unwrap();
+        let outcomes = race(2, |side| {
+            let (db, id) = (db.clone(), d.id.clone());
+            async move {
+                if side == 0 {
+                    delegations::accept(&db, &id)
+                        .await
+                        .map(|_| EventKind::DelegationAccepted)
+                } else {
+                    delegations::reject(&db, &id, "no")
+                        .await
+                        .map(|_| EventKind::DelegationRejected)
                 }
-            })
-            .await;
-            let won: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().ok().copied()).collect();
-            assert_eq!(won.len(), 1, "trial {trial}: {outcomes:?}");
-            assert!(outcomes.iter().any(|o| matches!(o, Err(Error::FailedPrecondition(_)))), "trial {trial}");
-            if won[0] == EventKind::DelegationAccepted {
-                // Put the task back at global for the next trial.
-                delegations::cancel(&db, &d.id).await.unwrap();
             }
-            winners.push((d.id, won[0]));
-        }
-        let scope = events::Scope { instance_id: "global".into(), include_descendants: true };
-        db.sequence_events().await.unwrap();
-        let log = events::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX).await.unwrap();
-        for (id, kind) in &winners {
-            let recorded: Vec<_> = log
+        })
+        .await;
+        let won: Vec<_> = outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().ok().copied())
+            .collect();
+        assert_eq!(won.len(), 1, "trial {trial}: {outcomes:?}");
+        assert!(
+            outcomes
                 .iter()
-                .filter(|e| e.delegation_id.as_deref() == Some(id.as_str()))
-                .filter(|e| matches!(e.kind, EventKind::DelegationAccepted | EventKind::DelegationRejected))
-                .map(|e| e.kind)
-                .collect();
-            assert_eq!(recorded, [*kind], "delegation {id}");
+                .any(|o| matches!(o, Err(Error::FailedPrecondition(_)))),
+            "trial {trial}"
+        );
+        if won[0] == EventKind::DelegationAccepted {
+            // Put the task back at global for the next trial.
+            delegations::cancel(&db, &d.id).await.unwrap();
         }
-        let accepted = winners.iter().filter(|(_, k)| *k == EventKind::DelegationAccepted).count();
-        eprintln!("{backend:?}: {TRIALS} trials, accept won {accepted}, reject won {}", TRIALS - accepted);
+        winners.push((d.id, won[0]));
     }
+    let scope = events::Scope {
+        instance_id: "global".into(),
+        include_descendants: true,
+    };
+    db.sequence_events().await.unwrap();
+    let log = events::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
+        .await
+        .unwrap();
+    for (id, kind) in &winners {
+        let recorded: Vec<_> = log
+            .iter()
+            .filter(|e| e.delegation_id.as_deref() == Some(id.as_str()))
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    EventKind::DelegationAccepted | EventKind::DelegationRejected
+                )
+            })
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(recorded, [*kind], "delegation {id}");
+    }
+    let accepted = winners
+        .iter()
+        .filter(|(_, k)| *k == EventKind::DelegationAccepted)
+        .count();
+    eprintln!(
+        "{backend:?}: {TRIALS} trials, accept won {accepted}, reject won {}",
+        TRIALS - accepted
+    );
 }
+
+on_both_backends!(a_thousand_conflicting_pairs_have_one_winner_each);

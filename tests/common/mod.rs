@@ -9,6 +9,7 @@
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
 pub mod cluster;
+pub mod rpc;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -45,26 +46,23 @@ pub enum Backend {
     Postgres,
 }
 
-/// Expands each test body once per backend: `mod NAME { fn sqlite(); fn postgres(); }`.
+/// Runs each named `async fn NAME(backend: Backend)` as two tests, `NAME::sqlite` and
+/// `NAME::postgres` (the latter skipped with a message when no PostgreSQL answers, unless
+/// `CI=true` or `HOPPER_REQUIRE_POSTGRES=1`). The bodies are plain functions, so rustfmt
+/// formats them.
 #[macro_export]
 macro_rules! on_both_backends {
-    ($($(#[$meta:meta])* async fn $name:ident($backend:ident: Backend) $body:block)+) => {$(
-        $(#[$meta])*
+    ($($name:ident),+ $(,)?) => {$(
         mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-
-            async fn body($backend: $crate::common::Backend) $body
-
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn sqlite() {
-                body($crate::common::Backend::Sqlite).await
+                super::$name($crate::common::Backend::Sqlite).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn postgres() {
                 if $crate::common::postgres_available().await {
-                    body($crate::common::Backend::Postgres).await
+                    super::$name($crate::common::Backend::Postgres).await
                 }
             }
         }
