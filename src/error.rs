@@ -96,12 +96,7 @@ impl From<DieselError> for Error {
     /// The database's own words go to the log only: a client learns what happened and what to
     /// do, never the text of a driver or a server (which can name tables, values or hosts).
     fn from(err: DieselError) -> Self {
-        let fault = match &err {
-            DieselError::DatabaseError(kind, info) => Fault::of(kind, info.message()),
-            DieselError::BrokenTransactionManager => Fault::Unreachable,
-            _ => Fault::Bug,
-        };
-        match fault {
+        match Fault::of_error(&err) {
             Fault::Unreachable => {
                 tracing::warn!(error = %err, "database connection lost");
                 Self::Unavailable("the database cannot be reached; retry later".into())
@@ -120,8 +115,8 @@ impl From<DieselError> for Error {
             Fault::Full => {
                 tracing::error!(error = %err, "the database is out of space");
                 Self::ResourceExhausted(
-                    "the database is out of space (its disk or size limit is full); nothing was \
-                     written; retry once space is freed"
+                    "the database is out of space (its disk is full); nothing was written; \
+                     retry once space is freed"
                         .into(),
                 )
             }
@@ -139,17 +134,29 @@ enum Fault {
     Busy,
     /// The database rolled the transaction back to resolve a conflict: retry now.
     Conflict,
-    /// No room to write.
+    /// No room to write: the disk is full.
     Full,
     /// Ours: a query or a row the code did not expect.
     Bug,
 }
 
 impl Fault {
+    fn of_error(err: &DieselError) -> Self {
+        match err {
+            DieselError::DatabaseError(kind, info) => Self::of(kind, info.message()),
+            DieselError::BrokenTransactionManager => Self::Unreachable,
+            // A COMMIT that failed and a rollback that failed after it: the commit's error
+            // says what happened.
+            DieselError::RollbackErrorOnCommit { commit_error, .. } => Self::of_error(commit_error),
+            _ => Self::Bug,
+        }
+    }
+
     /// PostgreSQL errors by their SQLSTATE, which `store::pg_connect` writes in front of the
     /// message (diesel-async hides it otherwise), never by their text, which follows the
-    /// server's `lc_messages`. SQLite has no SQLSTATE; its result codes reach diesel only as
-    /// their fixed English strings (`sqlite3_errstr`), which SQLite never translates.
+    /// server's `lc_messages`. SQLite has no SQLSTATE and diesel passes on only its message
+    /// (`sqlite3_errmsg`), which SQLite writes in English only; each starts with the words of
+    /// its result code, sometimes followed by details.
     fn of(kind: &DatabaseErrorKind, message: &str) -> Self {
         if let Some(code) = crate::store::sqlstate(message) {
             return Self::of_sqlstate(code);
@@ -161,11 +168,23 @@ impl Fault {
             | DatabaseErrorKind::ReadOnlyTransaction => return Self::Unreachable,
             _ => {}
         }
-        match message {
-            "database is locked" | "database table is locked" => Self::Busy,
-            "database or disk is full" => Self::Full,
-            "disk I/O error" | "unable to open database file" => Self::Unreachable,
-            _ => Self::Bug,
+        let starts = |prefixes: &[&str]| prefixes.iter().any(|p| message.starts_with(p));
+        if starts(&[
+            "database is locked",
+            "database table is locked",
+            "database schema is locked",
+        ]) {
+            Self::Busy
+        } else if starts(&["database or disk is full"]) {
+            Self::Full
+        } else if starts(&[
+            "disk I/O error",
+            "unable to open database file",
+            "attempt to write a readonly database",
+        ]) {
+            Self::Unreachable
+        } else {
+            Self::Bug
         }
     }
 
@@ -336,6 +355,24 @@ mod tests {
         assert!(matches!(serialization, Error::Aborted(_)));
         let busy = db_error(DatabaseErrorKind::Unknown, "database is locked");
         assert!(matches!(busy, Error::Unavailable(m) if m.contains("busy")));
+        let schema = db_error(
+            DatabaseErrorKind::Unknown,
+            "database schema is locked: main",
+        );
+        assert!(matches!(schema, Error::Unavailable(m) if m.contains("busy")));
+        let read_only = db_error(
+            DatabaseErrorKind::Unknown,
+            "attempt to write a readonly database",
+        );
+        assert!(matches!(read_only, Error::Unavailable(_)));
+        let failed_commit = DieselError::RollbackErrorOnCommit {
+            rollback_error: Box::new(DieselError::BrokenTransactionManager),
+            commit_error: Box::new(DieselError::DatabaseError(
+                DatabaseErrorKind::SerializationFailure,
+                Box::new("could not serialize access".to_owned()),
+            )),
+        };
+        assert!(matches!(Error::from(failed_commit), Error::Aborted(_)));
         let sqlite_full = db_error(DatabaseErrorKind::Unknown, "database or disk is full");
         assert!(matches!(sqlite_full, Error::ResourceExhausted(m) if m.contains("out of space")));
     }

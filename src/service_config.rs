@@ -77,9 +77,18 @@ pub struct RetryPolicy {
 }
 
 impl ServiceConfig {
-    /// Parses a service config in gRPC's JSON form.
+    /// Parses a service config in gRPC's JSON form, with the limits of gRPC's retry design:
+    /// `maxAttempts` above 1 (above 5 counts as 5), backoffs and the multiplier above zero, at
+    /// least one retryable code.
     pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str(json)
+        let mut config: Self = serde_json::from_str(json)?;
+        for method in &mut config.method_config {
+            if let Some(policy) = &mut method.retry_policy {
+                policy.validate().map_err(serde::de::Error::custom)?;
+                policy.max_attempts = policy.max_attempts.min(5);
+            }
+        }
+        Ok(config)
     }
 
     /// The config shipped with the protos ([`SERVICE_CONFIG`]).
@@ -115,6 +124,24 @@ impl ServiceConfig {
             }
         }
         self
+    }
+}
+
+impl RetryPolicy {
+    fn validate(&self) -> Result<(), &'static str> {
+        if self.max_attempts < 2 {
+            return Err("retryPolicy.maxAttempts must be above 1");
+        }
+        if self.initial_backoff.is_zero() || self.max_backoff.is_zero() {
+            return Err("retryPolicy backoffs must be above zero");
+        }
+        if !(self.backoff_multiplier > 0.0 && self.backoff_multiplier.is_finite()) {
+            return Err("retryPolicy.backoffMultiplier must be above zero");
+        }
+        if self.retryable_status_codes.is_empty() {
+            return Err("retryPolicy.retryableStatusCodes must name a code");
+        }
+        Ok(())
     }
 }
 
@@ -170,8 +197,10 @@ fn codes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Code>, D::Error> {
         .collect()
 }
 
-/// A tower layer applying a [`ServiceConfig`] to the unary calls it names; other calls
-/// (streams, unnamed methods) pass through untouched.
+/// A tower layer applying a [`ServiceConfig`] to the calls it names; other calls pass through
+/// untouched. A named call is buffered whole to be sent again, so name unary methods only; and
+/// as `waitForReady` here also resends a call whose connection broke before any answer came,
+/// name only methods that are safe to repeat (the shipped config does).
 #[derive(Debug, Clone)]
 pub struct RetryLayer(Arc<ServiceConfig>);
 
@@ -221,9 +250,17 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let method = self.config.method(request.uri().path()).cloned();
         Box::pin(async move {
-            match method {
-                Some(method) => with_retries(inner, method, request).await,
-                None => inner.call(request).await.map_err(Into::into),
+            let Some(method) = method else {
+                return inner.call(request).await.map_err(Into::into);
+            };
+            let Some(timeout) = method.timeout else {
+                return with_retries(inner, method, request).await;
+            };
+            match tokio::time::timeout(timeout, with_retries(inner, method, request)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(Box::new(tonic::Status::deadline_exceeded(format!(
+                    "no answer within the service config's timeout of {timeout:?}"
+                ))) as BoxError),
             }
         })
     }
@@ -245,7 +282,8 @@ where
     let body: Bytes = body.collect().await?.to_bytes();
     let policy = method.retry_policy.as_ref();
     let mut attempts = 0;
-    let mut bound = policy.map_or(Duration::ZERO, |p| p.initial_backoff);
+    // Without a policy, waiting for ready still pauses between connection attempts.
+    let mut bound = policy.map_or(Duration::from_millis(100), |p| p.initial_backoff);
     let mut first = true;
     loop {
         let request = http::Request::from_parts(parts.clone(), Body::new(Full::new(body.clone())));
@@ -342,11 +380,32 @@ mod tests {
         assert_eq!(method.timeout, Some(Duration::from_millis(1500)));
         assert!(config.method("/b.S/Anything").is_none());
         assert!(config.method("no-slash").is_none());
+        let many = ServiceConfig::from_json(
+            r#"{"methodConfig": [{"name": [{"service": "a.S"}], "retryPolicy": {"maxAttempts": 9,
+                "initialBackoff": "1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "ABORTED"]}}]}"#,
+        )
+        .unwrap();
+        let policy = many.method("/a.S/M").unwrap().retry_policy.clone().unwrap();
+        assert_eq!(policy.max_attempts, 5, "gRPC caps attempts at 5");
+        assert_eq!(
+            policy.retryable_status_codes,
+            [Code::Unavailable, Code::Aborted]
+        );
         for bad in [
             r#"{"methodConfig": [{"name": [], "timeout": "soon"}]}"#,
             r#"{"methodConfig": [{"name": [], "retryPolicy": {"maxAttempts": 2,
                 "initialBackoff": "1s", "maxBackoff": "2s", "backoffMultiplier": 2,
                 "retryableStatusCodes": ["SOMETIMES"]}}]}"#,
+            r#"{"methodConfig": [{"name": [], "retryPolicy": {"maxAttempts": 1,
+                "initialBackoff": "1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#,
+            r#"{"methodConfig": [{"name": [], "retryPolicy": {"maxAttempts": 3,
+                "initialBackoff": "1s", "maxBackoff": "2s", "backoffMultiplier": -2,
+                "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#,
+            r#"{"methodConfig": [{"name": [], "retryPolicy": {"maxAttempts": 3,
+                "initialBackoff": "0s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#,
         ] {
             assert!(ServiceConfig::from_json(bad).is_err(), "{bad}");
         }

@@ -99,16 +99,19 @@ pub fn is_transient(status: &Status) -> bool {
     ) || std::error::Error::source(status).is_some()
 }
 
-/// Whether a status is a refusal that no retry can change: the request, the caller or the
-/// cursor is wrong. `watch` ends on these only and resumes after anything else (UNAVAILABLE,
-/// ABORTED, DEADLINE_EXCEEDED, a reset connection, a GOAWAY, even INTERNAL).
+/// Whether a status is a refusal that no retry can change: the request, the caller, the state
+/// or the cursor is wrong (the README's table of codes). `watch` ends on these only and
+/// resumes after anything else (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED, a reset connection, a
+/// GOAWAY, even INTERNAL).
 pub fn is_refusal(status: &Status) -> bool {
     std::error::Error::source(status).is_none()
         && matches!(
             status.code(),
             Code::InvalidArgument
                 | Code::NotFound
+                | Code::AlreadyExists
                 | Code::PermissionDenied
+                | Code::FailedPrecondition
                 | Code::OutOfRange
                 | Code::Unauthenticated
                 | Code::Unimplemented
@@ -223,6 +226,8 @@ mod tests {
         for code in [
             Code::InvalidArgument,
             Code::NotFound,
+            Code::AlreadyExists,
+            Code::FailedPrecondition,
             Code::PermissionDenied,
             Code::OutOfRange,
             Code::Unauthenticated,

@@ -40,9 +40,11 @@ pub struct WatchArgs {
 }
 
 /// Watches until Ctrl-C or a closed standard output (success), or a refusal no retry can
-/// change (NOT_FOUND, PERMISSION_DENIED, OUT_OF_RANGE, INVALID_ARGUMENT, UNAUTHENTICATED);
-/// every other ending of a stream (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED, a reset, a GOAWAY)
-/// is resumed after the cursor, with backoff.
+/// change (NOT_FOUND, PERMISSION_DENIED, OUT_OF_RANGE, INVALID_ARGUMENT, UNAUTHENTICATED, …:
+/// `connect::is_refusal`). Once a stream has delivered, every other ending (UNAVAILABLE,
+/// ABORTED, DEADLINE_EXCEEDED, a reset, a GOAWAY) is resumed after the cursor, with backoff;
+/// failing to open the very first stream ends the command (exit 3): the server or the address
+/// may be wrong, and the user should hear so.
 pub async fn run(target: &Target, args: WatchArgs, printer: &Printer) -> Result<(), Failure> {
     tokio::select! {
         result = follow(target, args, printer) => result,

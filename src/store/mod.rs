@@ -446,7 +446,7 @@ impl Db {
             DatabaseUrl::Sqlite(path) => {
                 let mut config = fast_recycling::<SqliteConn>();
                 // A lock another program holds beyond the timeout makes a write UNAVAILABLE.
-                let busy = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+                let busy = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
                 config.custom_setup = Box::new(move |url| setup_sqlite(url, busy).boxed());
                 let manager = AsyncDieselConnectionManager::new_with_config(
                     DatabaseUrl::sqlite_path(path),
@@ -839,7 +839,7 @@ where
 /// Opens one SQLite connection the way the service needs it: WAL so readers never block the
 /// writer, a busy timeout (`--db-timeout`) so writers wait for a lock another program holds
 /// instead of failing at once, and foreign keys enforced.
-async fn setup_sqlite(path: &str, busy_timeout_ms: u32) -> diesel::ConnectionResult<SqliteConn> {
+async fn setup_sqlite(path: &str, busy_timeout_ms: i32) -> diesel::ConnectionResult<SqliteConn> {
     let mut conn = SqliteConn::establish(path).await?;
     conn.batch_execute(&format!(
         "PRAGMA busy_timeout = {busy_timeout_ms};

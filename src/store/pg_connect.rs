@@ -16,8 +16,12 @@ use std::{
 
 use diesel::{ConnectionError, ConnectionResult};
 use diesel_async::AsyncPgConnection;
+use socket2::TcpKeepalive;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_postgres::{Config, NoTls, config::Host};
+use tokio_postgres::{
+    Config, NoTls, SimpleQueryMessage,
+    config::{Host, SslMode, TargetSessionAttrs},
+};
 
 /// The prefix the tap writes in front of an error's message; `error.rs` reads it back.
 const SQLSTATE_PREFIX: &str = "SQLSTATE ";
@@ -31,65 +35,121 @@ pub(crate) fn sqlstate(message: &str) -> Option<&str> {
 }
 
 /// Opens a connection to `url` (TCP or a Unix socket directory, no TLS, as
-/// `AsyncPgConnection::establish` does) with its server messages read through a [`Tap`].
+/// `AsyncPgConnection::establish` does) with its server messages read through a [`Tap`]. Like
+/// tokio-postgres's own `connect`, it tries the URL's hosts (or `hostaddr`s) in turn, sets TCP
+/// keepalives and `tcp_user_timeout` as the URL says, and honours `target_session_attrs`.
 pub(crate) async fn connect(url: &str) -> ConnectionResult<AsyncPgConnection> {
     let config: Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| ConnectionError::InvalidConnectionUrl(e.to_string()))?;
-    let socket = open(&config).await.map_err(|e| {
-        ConnectionError::BadConnection(format!("cannot connect to PostgreSQL: {e}"))
-    })?;
+    if !matches!(config.get_ssl_mode(), SslMode::Disable | SslMode::Prefer) {
+        return Err(ConnectionError::InvalidConnectionUrl(
+            "sslmode: TLS to PostgreSQL is not supported; use sslmode=prefer or disable".into(),
+        ));
+    }
+    let mut last = "the URL names no host".to_owned();
+    for (host, port) in hosts(&config) {
+        match connect_to(&config, &host, port).await {
+            Ok(client) => return AsyncPgConnection::try_from(client).await,
+            Err(err) => last = err,
+        }
+    }
+    Err(ConnectionError::BadConnection(format!(
+        "cannot connect to PostgreSQL: {last}"
+    )))
+}
+
+/// The URL's hosts with their ports: the `hostaddr`s if it gives them, else the `host`s.
+fn hosts(config: &Config) -> Vec<(Host, u16)> {
+    let ports = config.get_ports();
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    let addrs = config.get_hostaddrs();
+    if addrs.is_empty() {
+        let hosts = config.get_hosts().iter().cloned();
+        hosts.enumerate().map(|(i, host)| (host, port(i))).collect()
+    } else {
+        let addrs = addrs.iter().map(|addr| Host::Tcp(addr.to_string()));
+        addrs.enumerate().map(|(i, host)| (host, port(i))).collect()
+    }
+}
+
+/// One host: the socket, the start-up, and the session check; the client, whose connection
+/// runs on a task of its own (as tokio-postgres intends) until the client is dropped or the
+/// socket closes. A client whose connection has ended is "closed", which the pool checks
+/// before handing it out again.
+async fn connect_to(
+    config: &Config,
+    host: &Host,
+    port: u16,
+) -> Result<tokio_postgres::Client, String> {
+    let attempt = open(config, host, port);
+    let socket = match config.get_connect_timeout() {
+        Some(limit) => tokio::time::timeout(*limit, attempt)
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+        None => attempt.await,
+    };
+    let socket = socket.map_err(|e| format!("{host:?} port {port}: {e}"))?;
     let (client, connection) = config
         .connect_raw(Tap::new(socket), NoTls)
         .await
-        .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
-    // The connection's I/O runs on a task of its own, as tokio-postgres intends; it ends when
-    // the client is dropped or the socket closes, and a client whose connection has ended is
-    // "closed", which the pool checks before handing it out again.
+        .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %err, "PostgreSQL connection ended");
         }
     });
-    AsyncPgConnection::try_from(client).await
+    let wanted = config.get_target_session_attrs();
+    if wanted != TargetSessionAttrs::Any {
+        let read_only = client
+            .simple_query("SHOW transaction_read_only")
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find_map(|message| match message {
+                SimpleQueryMessage::Row(row) => row.get(0).map(|v| v == "on"),
+                _ => None,
+            });
+        let fits = match wanted {
+            TargetSessionAttrs::ReadWrite => read_only == Some(false),
+            _ => read_only == Some(true),
+        };
+        if !fits {
+            return Err(format!("{host:?} does not match target_session_attrs"));
+        }
+    }
+    Ok(client)
 }
 
 /// A socket of either kind.
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
 
-/// Connects to the first of the URL's hosts that answers, each within `connect_timeout`.
-async fn open(config: &Config) -> io::Result<Box<dyn Socket>> {
-    let ports = config.get_ports();
-    let timeout = config.get_connect_timeout().copied();
-    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "the URL names no host");
-    for (i, host) in config.get_hosts().iter().enumerate() {
-        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-        let attempt = async {
-            Ok::<Box<dyn Socket>, io::Error>(match host {
-                Host::Tcp(name) => {
-                    let stream = tokio::net::TcpStream::connect((name.as_str(), port)).await?;
-                    stream.set_nodelay(true)?;
-                    Box::new(stream)
+/// Connects to one host, with the URL's TCP keepalive and user timeout settings.
+async fn open(config: &Config, host: &Host, port: u16) -> io::Result<Box<dyn Socket>> {
+    Ok(match host {
+        Host::Tcp(name) => {
+            let stream = tokio::net::TcpStream::connect((name.as_str(), port)).await?;
+            stream.set_nodelay(true)?;
+            let socket = socket2::SockRef::from(&stream);
+            if config.get_keepalives() {
+                let mut keepalive = TcpKeepalive::new().with_time(config.get_keepalives_idle());
+                if let Some(interval) = config.get_keepalives_interval() {
+                    keepalive = keepalive.with_interval(interval);
                 }
-                Host::Unix(dir) => {
-                    let path = dir.join(format!(".s.PGSQL.{port}"));
-                    Box::new(tokio::net::UnixStream::connect(path).await?)
+                if let Some(retries) = config.get_keepalives_retries() {
+                    keepalive = keepalive.with_retries(retries);
                 }
-            })
-        };
-        let outcome = match timeout {
-            Some(limit) => tokio::time::timeout(limit, attempt)
-                .await
-                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
-            None => attempt.await,
-        };
-        match outcome {
-            Ok(socket) => return Ok(socket),
-            Err(err) => last = err,
+                socket.set_tcp_keepalive(&keepalive)?;
+            }
+            socket.set_tcp_user_timeout(config.get_tcp_user_timeout().copied())?;
+            Box::new(stream)
         }
-    }
-    Err(last)
+        Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            Box::new(tokio::net::UnixStream::connect(path).await?)
+        }
+    })
 }
 
 /// Where the tap is in the stream of backend messages (a type byte, a 4-byte length that counts
@@ -236,7 +296,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tap<S> {
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
             let filled = read.filled().len();
             if filled == 0 {
-                return Poll::Ready(Ok(())); // end of stream
+                // The end of the stream: clean between messages, not inside one.
+                return Poll::Ready(match &this.state {
+                    State::Header(header) if header.is_empty() => Ok(()),
+                    _ => Err(io::ErrorKind::UnexpectedEof.into()),
+                });
             }
             let scratch = std::mem::take(&mut this.scratch);
             this.scan(&scratch[..filled]);
