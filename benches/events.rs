@@ -11,18 +11,10 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::{
-    sync::atomic::Ordering,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use common::{Backend, TestServer, hierarchy, hop, postgres_available, task};
-use hopper_delegation::{
-    domain::DelegationType,
-    proto as pb,
-    repository::delegations,
-    store::{Db, events::SKIP_SEQUENCER_FOR_TESTS},
-};
+use hopper_delegation::{domain::DelegationType, proto as pb, repository::delegations, store::Db};
 
 const WRITERS: usize = 8;
 const ROUNDS: usize = 100;
@@ -63,18 +55,17 @@ async fn sequencer_cost() {
     let server = TestServer::start(Backend::Postgres).await;
     let db = server.db.pool();
     hierarchy(&db).await;
+    let at_insert = db.clone().numbering_at_insert();
     let (mut with, mut without) = (Vec::new(), Vec::new());
     for run in 0..2 * REPEATS {
         let sequenced = (run % 4 == 0) || (run % 4 == 3);
-        SKIP_SEQUENCER_FOR_TESTS.store(!sequenced, Ordering::Relaxed);
-        let took = write(&db, run).await;
+        let took = write(if sequenced { &db } else { &at_insert }, run).await;
         if sequenced {
             with.push(took)
         } else {
             without.push(took)
         }
     }
-    SKIP_SEQUENCER_FOR_TESTS.store(false, Ordering::Relaxed);
     let (with, without) = (median(with), median(without));
     println!(
         "postgres: {} transitions by {WRITERS} writers: through the sequencer {with:?}, numbered at insert {without:?}: ratio {:.2}",

@@ -1,13 +1,12 @@
 //! PostgreSQL only: sequence order is commit order, so a tailing reader never skips an event;
 //! and an event committed through one replica reaches a subscriber of another.
 //!
-//! The sequencer can be bypassed (`SKIP_SEQUENCER_FOR_TESTS`: writers number events at insert,
-//! as before it existed) to show the hole it closes. That switch is process-wide, so the tests
-//! that touch it run in this binary, one after another.
+//! The sequencer can be bypassed (`Db::numbering_at_insert`: that handle's writers number events
+//! at insert, as before it existed) to show the hole it closes.
 
 mod common;
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::time::Duration;
 
 use common::{Backend, TestDb, TestServer, hierarchy, hop, postgres_available, task};
 use hopper_delegation::{
@@ -17,12 +16,9 @@ use hopper_delegation::{
     server::Config,
     store::{
         Db,
-        events::{self, NewEvent, SKIP_SEQUENCER_FOR_TESTS, Scope},
+        events::{self, NewEvent, Scope},
     },
 };
-
-/// The ordering switch is process-wide: every test here holds this while it runs.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn everything() -> Scope {
     Scope {
@@ -66,7 +62,6 @@ async fn two_writers_and_a_tailing_reader(db: &Db, event: &NewEvent) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sequence_order_is_commit_order_on_postgres() {
-    let _serial = SERIAL.lock().await;
     if !postgres_available().await {
         return;
     }
@@ -81,9 +76,8 @@ async fn sequence_order_is_commit_order_on_postgres() {
 
     // Numbered at insert, A holds the lower sequence, B commits the higher one first, and the
     // reader skips A's event for ever.
-    SKIP_SEQUENCER_FOR_TESTS.store(true, Ordering::Relaxed);
-    let delivered = two_writers_and_a_tailing_reader(&db, &event).await;
-    SKIP_SEQUENCER_FOR_TESTS.store(false, Ordering::Relaxed);
+    let at_insert = db.clone().numbering_at_insert();
+    let delivered = two_writers_and_a_tailing_reader(&at_insert, &event).await;
     assert_eq!(
         delivered, 1,
         "numbered at insert, the reader should have skipped an event"
@@ -96,10 +90,18 @@ async fn sequence_order_is_commit_order_on_postgres() {
 
 /// Eight writers make transitions on their own tasks while a subscriber streams everything
 /// from the start; returns (sequences delivered, sequences in the log).
-async fn concurrent_writers_and_a_subscriber(rounds: usize) -> (Vec<u64>, Vec<u64>) {
+async fn concurrent_writers_and_a_subscriber(
+    rounds: usize,
+    at_insert: bool,
+) -> (Vec<u64>, Vec<u64>) {
     let mut server = TestServer::start(Backend::Postgres).await;
     let db = server.db.pool();
     hierarchy(&db).await;
+    let db = if at_insert {
+        db.numbering_at_insert()
+    } else {
+        db
+    };
     const WRITERS: usize = 8;
     for w in 0..WRITERS {
         task(&db, &format!("t{w}"), "global").await;
@@ -170,11 +172,10 @@ async fn concurrent_writers_and_a_subscriber(rounds: usize) -> (Vec<u64>, Vec<u6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_never_open_a_gap_for_a_subscriber() {
-    let _serial = SERIAL.lock().await;
     if !postgres_available().await {
         return;
     }
-    let (delivered, logged) = concurrent_writers_and_a_subscriber(100).await;
+    let (delivered, logged) = concurrent_writers_and_a_subscriber(100, false).await;
     assert_eq!(logged.len(), 8 * 100 * 2);
     assert!(
         delivered.windows(2).all(|w| w[0] < w[1]),
@@ -186,18 +187,15 @@ async fn concurrent_writers_never_open_a_gap_for_a_subscriber() {
 }
 
 /// The same run with events numbered at insert: the subscriber misses events. Ignored by
-/// default (it flips the process-wide switch and depends on timing); run it with
+/// default (it depends on timing); run it with
 /// `cargo test --test event_ordering -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "demonstrates the failure the sequencer prevents"]
 async fn numbered_at_insert_concurrent_writers_open_gaps() {
-    let _serial = SERIAL.lock().await;
     if !postgres_available().await {
         return;
     }
-    SKIP_SEQUENCER_FOR_TESTS.store(true, Ordering::Relaxed);
-    let (delivered, logged) = concurrent_writers_and_a_subscriber(300).await;
-    SKIP_SEQUENCER_FOR_TESTS.store(false, Ordering::Relaxed);
+    let (delivered, logged) = concurrent_writers_and_a_subscriber(300, true).await;
     let missed = logged.len() - delivered.len();
     eprintln!(
         "numbered at insert: {missed} of {} events never delivered",
@@ -208,7 +206,6 @@ async fn numbered_at_insert_concurrent_writers_open_gaps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_event_written_through_one_replica_reaches_a_subscriber_of_another() {
-    let _serial = SERIAL.lock().await;
     if !postgres_available().await {
         return;
     }

@@ -9,8 +9,6 @@
 //! time across replicas under an advisory lock) moves the committed rows into the log in
 //! insertion order, numbering them as it goes. Readers read only the log.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use chrono::NaiveDateTime;
 use diesel::{
     prelude::*,
@@ -31,11 +29,6 @@ use crate::domain::EventKind;
 /// The PostgreSQL channel on which the sequencer of any replica announces newly numbered
 /// events, waking the event streams of every replica.
 pub const CHANNEL: &str = "hopper_events";
-
-/// Makes PostgreSQL writers number their events at insert, with no sequencer: the design
-/// before the queue, whose hole `tests/event_ordering.rs` shows. Only for that test.
-#[doc(hidden)]
-pub static SKIP_SEQUENCER_FOR_TESTS: AtomicBool = AtomicBool::new(false);
 
 /// One entry of the log.
 #[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable)]
@@ -132,9 +125,10 @@ pub async fn append(tx: &mut Tx, events: &[NewEvent]) -> QueryResult<()> {
         return Ok(());
     }
     tx.appended = true;
+    let queued = !tx.db.number_at_insert;
     let conn: &mut Conn = tx;
     if let Conn::Pg(c) = conn
-        && !AtomicBool::load(&SKIP_SEQUENCER_FOR_TESTS, Ordering::Relaxed)
+        && queued
     {
         // unnest keeps the array order, so the queue's ids follow the order of `events`.
         const QUEUE: &str = "

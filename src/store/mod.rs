@@ -148,6 +148,9 @@ pub struct Db {
     sequencer: Option<deadpool::Pool<AsyncPgConnection>>,
     /// How long a request waits for a connection, or on SQLite for its writer turn.
     timeout: Duration,
+    /// PostgreSQL: this handle's writers number their events at insert, with no sequencer
+    /// ([`Db::numbering_at_insert`]).
+    number_at_insert: bool,
 }
 
 /// A [`Db`] that its background tasks hold: once every `Db` clone is gone, [`WeakDb::upgrade`]
@@ -172,6 +175,7 @@ impl WeakDb {
             lineages: self.lineages.clone(),
             sequencer: self.sequencer.clone(),
             timeout: self.timeout,
+            number_at_insert: false,
         })
     }
 }
@@ -473,11 +477,21 @@ impl Db {
             lineages: Arc::default(),
             sequencer,
             timeout,
+            number_at_insert: false,
         };
         if let (Pool::Pg(_), Ok(runtime)) = (&db.pool, tokio::runtime::Handle::try_current()) {
             runtime.spawn(sequencer::run(db.downgrade()));
         }
         Ok(db)
+    }
+
+    /// The same database, but on PostgreSQL this handle's writers number their events at
+    /// insert instead of queueing them for the sequencer: the design before the queue, whose
+    /// hole (a reader skips an event that commits late) `tests/event_ordering.rs` shows and
+    /// whose cost `benches/events.rs` compares. Never for serving.
+    pub fn numbering_at_insert(mut self) -> Self {
+        self.number_at_insert = true;
+        self
     }
 
     /// A handle that does not keep the `Db` alive (for its own background tasks).
