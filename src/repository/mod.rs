@@ -12,7 +12,7 @@ use chrono::DateTime;
 use crate::{
     domain::limits,
     error::Error,
-    store::{Conn, delegations::Cursor, idempotency, is_unique_violation, now},
+    store::{Conn, Cursor, idempotency, is_unique_violation, now},
 };
 
 /// One page of a listing.

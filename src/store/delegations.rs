@@ -9,7 +9,9 @@ use diesel_async::RunQueryDsl;
 
 use std::sync::LazyLock;
 
-use super::{Bind, Conn, is_member, literals, schema::task_delegations as td, sql, with_conn};
+use super::{
+    Bind, Conn, Cursor, is_member, literals, schema::task_delegations as td, sql, with_conn,
+};
 use crate::domain::{DelegationStatus, DelegationType, TaskStatus};
 
 /// One hop of a task between two instances.
@@ -93,9 +95,6 @@ impl Change<'_> {
         }
     }
 }
-
-/// Where a page of delegations starts: after this `(delegated_at, id)`.
-pub type Cursor = (NaiveDateTime, String);
 
 /// Which delegations [`list`] reads.
 #[derive(Debug, Clone, Copy)]

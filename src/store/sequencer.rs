@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use super::WeakDb;
+use super::pool::WeakDb;
 
 /// How often the sequencer looks at the queue when nothing woke it.
 pub(super) const IDLE: Duration = Duration::from_secs(1);

@@ -9,7 +9,7 @@ use diesel_async::RunQueryDsl;
 
 use std::sync::LazyLock;
 
-use super::{Bind, Conn, delegations::Cursor, literals, schema::tasks, sql, with_conn};
+use super::{Bind, Conn, Cursor, literals, schema::tasks, sql, with_conn};
 use crate::domain::{DelegationStatus, InstanceStatus, TaskStatus};
 
 /// One task.
