@@ -320,7 +320,6 @@ async fn retention(db: Db, config: Config) {
 }
 
 async fn prune(db: &Db, cutoff: chrono::NaiveDateTime) -> Result<usize, crate::error::Error> {
-    let mut tx = db.begin().await?;
-    let outcome = events::prune(&mut tx, cutoff).await.map_err(Into::into);
-    tx.finish(outcome).await
+    db.write(async |tx| Ok(events::prune(tx, cutoff).await?))
+        .await
 }

@@ -80,9 +80,7 @@ pub struct Cancellation {
 
 /// Sends a task from its current instance to another one.
 pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
-    let mut tx = db.begin().await?;
-    let conn: &mut Tx = &mut tx;
-    let outcome = async {
+    db.write(async |conn| {
         // Locks in the one order every write takes them: the task family, then the request id.
         let not_found = || Error::not_found("task", &new.task_id);
         if !tasks::lock(conn, &new.task_id).await? {
@@ -147,9 +145,8 @@ pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
         events::append(conn, &[created]).await?;
         tasks::move_to(conn, &delegation.task_id, target, at).await?;
         Ok(delegation)
-    }
-    .await;
-    tx.finish(outcome).await
+    })
+    .await
 }
 
 /// Reads one delegation.
@@ -265,9 +262,7 @@ async fn transition(
 
 /// The target takes the task on.
 pub async fn accept(db: &Db, id: &str) -> Result<Delegation, Error> {
-    let mut tx = db.begin().await?;
-    let conn: &mut Tx = &mut tx;
-    let outcome = async {
+    db.write(async |conn| {
         lock(conn, id).await?;
         let at = now();
         let change = Change {
@@ -275,16 +270,13 @@ pub async fn accept(db: &Db, id: &str) -> Result<Delegation, Error> {
             ..Change::at(at)
         };
         transition(conn, id, Transition::Accept, change, None).await
-    }
-    .await;
-    tx.finish(outcome).await
+    })
+    .await
 }
 
 /// The target refuses the task, which goes back to the source.
 pub async fn reject(db: &Db, id: &str, reason: &str) -> Result<Delegation, Error> {
-    let mut tx = db.begin().await?;
-    let conn: &mut Tx = &mut tx;
-    let outcome = async {
+    db.write(async |conn| {
         lock(conn, id).await?;
         let at = now();
         let change = Change {
@@ -294,9 +286,8 @@ pub async fn reject(db: &Db, id: &str, reason: &str) -> Result<Delegation, Error
         let rejected = transition(conn, id, Transition::Reject, change, None).await?;
         tasks::move_to(conn, &rejected.task_id, &rejected.source_instance_id, at).await?;
         Ok(rejected)
-    }
-    .await;
-    tx.finish(outcome).await
+    })
+    .await
 }
 
 /// Completes a delegation and bubbles the completion up its chain; when the origin completes,
@@ -308,14 +299,11 @@ pub async fn complete(
     result: Option<&serde_json::Value>,
     notes: Option<&str>,
 ) -> Result<Completion, Error> {
-    let mut tx = db.begin().await?;
-    let conn: &mut Tx = &mut tx;
-    let outcome = async {
+    db.write(async |conn| {
         lock(conn, id).await?;
         complete_in(conn, id, result, notes).await
-    }
-    .await;
-    tx.finish(outcome).await
+    })
+    .await
 }
 
 /// Completes delegation `id` (under its family's lock), bubbles up its task's chain, and then
@@ -509,15 +497,12 @@ fn transition_allowed(delegation: &Delegation, transition: Transition) -> Result
 /// subtasks), and every unfinished subtask created below it; each task concerned goes back to
 /// the source of its topmost cancelled hop.
 pub async fn cancel(db: &Db, id: &str) -> Result<Cancellation, Error> {
-    let mut tx = db.begin().await?;
-    let conn: &mut Tx = &mut tx;
-    let outcome = async {
+    db.write(async |conn| {
         lock(conn, id).await?;
         let delegation = find(conn, id).await?;
         cancel_in(conn, &delegation).await
-    }
-    .await;
-    tx.finish(outcome).await
+    })
+    .await
 }
 
 /// [`cancel`] under the family lock.

@@ -34,10 +34,9 @@ pub struct NewInstance {
 
 /// Registers an instance under an existing parent.
 pub async fn register(db: &Db, new: NewInstance) -> Result<Instance, Error> {
-    let mut tx = db.begin().await?;
-    let outcome = async {
+    db.write(async |tx| {
         let request_id = new.request_id.as_deref();
-        if let Some(original) = replay(&mut tx, request_id, "RegisterInstance", &new).await? {
+        if let Some(original) = replay(tx, request_id, "RegisterInstance", &new).await? {
             return Ok(original);
         }
         let at = now();
@@ -52,18 +51,17 @@ pub async fn register(db: &Db, new: NewInstance) -> Result<Instance, Error> {
             updated_at: at,
         };
         if let Some(parent) = &instance.parent_id
-            && instances::find(&mut tx, parent).await?.is_none()
+            && instances::find(tx, parent).await?.is_none()
         {
             return Err(Error::not_found("parent instance", parent));
         }
-        instances::insert(&mut tx, &instance)
+        instances::insert(tx, &instance)
             .await
             .map_err(taken("instance", &instance.id))?;
-        remember(&mut tx, request_id, &instance).await?;
+        remember(tx, request_id, &instance).await?;
         Ok(instance)
-    }
-    .await;
-    tx.finish(outcome).await
+    })
+    .await
 }
 
 /// Reads one instance.

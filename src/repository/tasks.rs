@@ -22,7 +22,7 @@ use crate::{
     },
     error::Error,
     store::{
-        Conn, Db, Tx,
+        Conn, Db,
         delegations::{self, Change, Delegation, Tree},
         events::{self, NewEvent},
         instances, now,
@@ -98,11 +98,10 @@ pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, E
             })?;
         return Ok(task);
     }
-    let mut tx = db.begin().await?;
-    let outcome = async {
+    db.write(async |tx| {
         let parent = match &new.parent_task_id {
             Some(parent_id) => Some(
-                tasks::lock_family(&mut tx, parent_id)
+                tasks::lock_family(tx, parent_id)
                     .await?
                     .ok_or_else(|| Error::not_found("parent task", parent_id))?,
             ),
@@ -118,9 +117,9 @@ pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, E
             at: &instance_id,
             subtask_of: new.parent_task_id.as_deref(),
         };
-        access::authorize(&mut tx, caller, action).await?;
+        access::authorize(tx, caller, action).await?;
         let request_id = new.request_id.as_deref();
-        if let Some(original) = replay(&mut tx, request_id, "CreateTask", &new).await? {
+        if let Some(original) = replay(tx, request_id, "CreateTask", &new).await? {
             return Ok(original);
         }
         match &parent {
@@ -132,7 +131,7 @@ pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, E
                         parent.status
                     )));
                 }
-                in_place(&mut tx, parent_id).await?;
+                in_place(tx, parent_id).await?;
                 if let Some(wanted) = new.instance_id.as_ref().filter(|w| **w != instance_id) {
                     return Err(Error::precondition(format!(
                         "parent task {parent_id} is at instance {instance_id}, not {wanted}; \
@@ -141,20 +140,19 @@ pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, E
                 }
             }
             None => {
-                if instances::find(&mut tx, &instance_id).await?.is_none() {
+                if instances::find(tx, &instance_id).await?.is_none() {
                     return Err(Error::not_found("instance", instance_id));
                 }
             }
         }
         let task = new_task(&new, instance_id);
-        tasks::insert(&mut tx, &task)
+        tasks::insert(tx, &task)
             .await
             .map_err(taken("task", &task.id))?;
-        remember(&mut tx, request_id, &task).await?;
+        remember(tx, request_id, &task).await?;
         Ok(task)
-    }
-    .await;
-    tx.finish(outcome).await
+    })
+    .await
 }
 
 /// The task `new` asks for, PENDING at `instance_id`.
@@ -224,9 +222,7 @@ pub async fn complete_as(
     id: &str,
     result: Option<&serde_json::Value>,
 ) -> Result<TaskCompletion, Error> {
-    let mut tx = db.begin().await?;
-    let conn: &mut Tx = &mut tx;
-    let outcome = async {
+    db.write(async |conn| {
         if !tasks::lock(conn, id).await? {
             return Err(Error::not_found("task", id));
         }
@@ -261,18 +257,15 @@ pub async fn complete_as(
                 })
             }
         }
-    }
-    .await;
-    tx.finish(outcome).await
+    })
+    .await
 }
 
 /// Cancels a task: its active delegations (cascading down its chain and into its subtasks),
 /// and every unfinished subtask at any depth, with one event per cancelled delegation. A
 /// parent whose last open subtask this was completes with the others' results.
 pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
-    let mut tx = db.begin().await?;
-    let conn: &mut Tx = &mut tx;
-    let outcome = async {
+    db.write(async |conn| {
         let task = locked(conn, id).await?;
         lifecycle::check_unfinished(id, task.status)?;
         let chain = delegations::current_chain(conn, id).await?;
@@ -324,9 +317,8 @@ pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
             cancelled_delegations,
             cancelled_subtasks,
         })
-    }
-    .await;
-    tx.finish(outcome).await
+    })
+    .await
 }
 
 /// Locks the task's family and reads the task.

@@ -5,7 +5,7 @@
 //! - `url.rs`: `--database-url` ([`DatabaseUrl`]) and SQLite's lock file ([`SqliteOwner`]).
 //! - `pool.rs`: [`Db`], the pools, [`Conn`] and `with_conn!`, which expands one query body in
 //!   each arm of [`Conn`], so diesel type-checks it against both backends.
-//! - `tx.rs`: transactions ([`Db::begin`], [`Tx`]) and SQLite's writer turn.
+//! - `tx.rs`: transactions ([`Db::write`], [`Tx`]) and SQLite's writer turn.
 //! - `sql.rs`: raw SQL written once for both backends ([`sql`]), list literals, the paging
 //!   [`Cursor`], the stored [`now`].
 //! - One file per table: [`delegations`], [`tasks`], [`instances`], [`idempotency`]; the event

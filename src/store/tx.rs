@@ -1,5 +1,6 @@
-//! Transactions: [`Db::begin`] and the [`Tx`] it returns, which commits or rolls back once
-//! ([`Tx::finish`]) and rolls itself back if dropped; on SQLite, this process's writer turn.
+//! Transactions: [`Db::write`], where every write of the service runs, and the [`Tx`] it
+//! hands the work, which commits or rolls back once and rolls itself back if dropped; on
+//! SQLite, this process's writer turn.
 
 use diesel_async::{
     AsyncConnection, AsyncPgConnection, TransactionManager, pooled_connection::deadpool,
@@ -37,7 +38,21 @@ impl Db {
         }
     }
 
-    /// Starts a transaction on a pooled connection; end it with [`Tx::finish`].
+    /// Runs `work` in one transaction: committed if it returns `Ok`, rolled back otherwise (or
+    /// if the request is dropped half-way); the outcome, or the commit's error, is returned.
+    /// Every write of the service goes through here.
+    pub async fn write<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut Tx) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut tx = self.begin().await?;
+        let outcome = work(&mut tx).await;
+        tx.finish(outcome).await
+    }
+
+    /// Starts a transaction on a pooled connection; end it with [`Tx::finish`]. The service
+    /// writes through [`Db::write`]; tests that must hold two transactions open at once (to
+    /// interleave their commits) start them here.
     ///
     /// SQLite transactions start with `BEGIN IMMEDIATE`, taking the write lock up front: a
     /// deferred `BEGIN` that reads and then writes fails with "database is locked" under
