@@ -62,7 +62,7 @@ use diesel::{
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use futures::StreamExt as _;
 use hopper_delegation::{
-    events::Hub,
+    fanout::Hub,
     proto::{
         self as pb, delegation_service_client::DelegationServiceClient,
         instance_service_client::InstanceServiceClient, task_service_client::TaskServiceClient,

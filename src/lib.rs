@@ -10,7 +10,8 @@
 //! - [`auth`]: who is calling (bearer tokens, client certificates); the rules of what each
 //!   caller may do are in [`repository::access`].
 //! - [`rpc`]: one file per gRPC service; parses requests, converts records. No database here.
-//! - [`events`]: WatchEvents: one live tail per process, and each subscriber's stream.
+//! - [`fanout`]: WatchEvents' fan-out: one live tail per process reading the event log, and
+//!   each subscriber's stream.
 //! - [`repository`]: one function per operation; each write is one transaction.
 //! - [`domain`]: the vocabulary and the lifecycle state machine ([`domain::lifecycle`]); pure.
 //! - [`store`]: diesel-async on PostgreSQL or SQLite; one query body for both backends.
@@ -27,7 +28,7 @@ pub mod auth;
 pub mod ctl;
 pub mod domain;
 pub mod error;
-pub mod events;
+pub mod fanout;
 pub mod repository;
 pub mod rpc;
 pub mod server;

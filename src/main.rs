@@ -7,10 +7,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hopper_delegation::{
     auth::{Authenticator, Tokens},
-    events::{Hub, Limits},
+    fanout::{Hub, TailLimits},
     server,
     store::{self, DatabaseUrl, Db, Migrate},
-    telemetry,
 };
 use tokio::net::TcpListener;
 
@@ -65,14 +64,14 @@ struct ServeArgs {
     #[arg(long, env = "HOPPER_PROGRESS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     progress_interval: Duration,
     /// Events the live tail keeps in memory for streams that join or fall behind.
-    #[arg(long, env = "HOPPER_WATCH_WINDOW_EVENTS", default_value_t = Limits::default().window_events)]
+    #[arg(long, env = "HOPPER_WATCH_WINDOW_EVENTS", default_value_t = TailLimits::default().window_events)]
     watch_window_events: usize,
     /// Bytes (approximate) the live tail keeps in memory at most.
-    #[arg(long, env = "HOPPER_WATCH_WINDOW_BYTES", default_value_t = Limits::default().window_bytes)]
+    #[arg(long, env = "HOPPER_WATCH_WINDOW_BYTES", default_value_t = TailLimits::default().window_bytes)]
     watch_window_bytes: usize,
     /// Events waiting for one WatchEvents client before its stream is detached from the live
     /// tail and catches up from the log on its own.
-    #[arg(long, env = "HOPPER_WATCH_BUFFER", default_value_t = Limits::default().buffer)]
+    #[arg(long, env = "HOPPER_WATCH_BUFFER", default_value_t = TailLimits::default().buffer)]
     watch_buffer: usize,
     /// Events older than this are pruned from the event log.
     #[arg(long, env = "HOPPER_EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
@@ -168,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(address = %listener.local_addr()?, "serving gRPC");
             let config = server::Config {
                 progress_interval: args.progress_interval,
-                watch: Limits {
+                watch: TailLimits {
                     window_events: args.watch_window_events,
                     window_bytes: args.watch_window_bytes,
                     buffer: args.watch_buffer,
@@ -197,7 +196,7 @@ async fn serve_metrics(addr: SocketAddr, hub: Hub) -> anyhow::Result<server::Bac
         .with_context(|| format!("could not listen for metrics on {addr}"))?;
     tracing::info!(address = %listener.local_addr()?, "serving metrics at /metrics");
     Ok(server::Background(tokio::spawn(async move {
-        if let Err(err) = telemetry::serve_metrics(listener, hub).await {
+        if let Err(err) = server::serve_metrics(listener, hub).await {
             tracing::warn!(error = %err, "the metrics listener stopped");
         }
     })))

@@ -25,7 +25,7 @@ use tower::util::MapResponseLayer;
 
 use crate::{
     auth::Authenticator,
-    events::{Hub, Limits},
+    fanout::{Hub, TailLimits},
     proto::{
         self,
         server::{
@@ -34,8 +34,8 @@ use crate::{
         },
     },
     rpc::{DelegationApi, InstanceApi, TaskApi},
-    store::{self, Db, events, now},
-    telemetry::RpcLayer,
+    store::{self, Db, event_log, now},
+    telemetry::{self, RpcLayer},
 };
 
 /// Tunables of a running server.
@@ -44,7 +44,7 @@ pub struct Config {
     /// A silent event stream gets a progress mark this often.
     pub progress_interval: Duration,
     /// The live tail's window and each subscriber's buffer.
-    pub watch: Limits,
+    pub watch: TailLimits,
     /// Events older than this are deleted.
     pub event_retention: Duration,
     /// How often retention runs.
@@ -61,7 +61,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             progress_interval: Duration::from_secs(5),
-            watch: Limits::default(),
+            watch: TailLimits::default(),
             event_retention: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
@@ -320,6 +320,39 @@ async fn retention(db: Db, config: Config) {
 }
 
 async fn prune(db: &Db, cutoff: chrono::NaiveDateTime) -> Result<usize, crate::error::Error> {
-    db.write(async |tx| Ok(events::prune(tx, cutoff).await?))
+    db.write(async |tx| Ok(event_log::prune(tx, cutoff).await?))
         .await
+}
+
+/// Serves `/metrics` over HTTP/1.1 on `listener` until the task is dropped: the process's
+/// counters, and gauges read from `hub` and its database at each scrape.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Hub) -> std::io::Result<()> {
+    use axum::{Router, http::header::CONTENT_TYPE, routing::get};
+    let app = Router::new().route(
+        "/metrics",
+        get(move || async move {
+            let text = telemetry::metrics().render(&gauges(&hub).await);
+            let openmetrics = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+            ([(CONTENT_TYPE, openmetrics)], text)
+        }),
+    );
+    axum::serve(listener, app).await
+}
+
+/// The gauges now. If the database cannot be reached, the log's head is left unknown.
+async fn gauges(hub: &Hub) -> telemetry::Gauges {
+    let mut log_head = None;
+    if let Ok(mut conn) = hub.db().conn().await
+        && let Ok(log) = event_log::bounds(&mut conn).await
+    {
+        log_head = Some(log.head);
+    }
+    let pool = hub.db().pool_status();
+    telemetry::Gauges {
+        subscribers: hub.active_streams(),
+        log_head,
+        pool_idle: pool.available,
+        pool_in_use: pool.size.saturating_sub(pool.available),
+        pool_max: pool.max_size,
+    }
 }

@@ -1,10 +1,11 @@
-//! What the server tells its operators: Prometheus metrics (served at `/metrics` with
-//! `serve --metrics-listen`) and a tracing span around every RPC.
+//! What the server tells its operators: Prometheus metrics (served at `/metrics` by
+//! `server::serve_metrics` with `serve --metrics-listen`) and a tracing span around every RPC.
+//! A leaf: it depends on the proto descriptors only, on no layer above.
 //!
 //! Counters and histograms are process-wide ([`metrics`]): one server per process in
 //! production, and a process-wide registry is what a scrape sees. Gauges (subscribers, the
-//! log's head, pool connections) are read from the server's own state at scrape time, so they
-//! cost the request path nothing.
+//! log's head, pool connections) are read by the server at scrape time and handed to
+//! [`Metrics::render`], so they cost the request path nothing.
 //!
 //! The RPC span carries `method`, and, once known, `caller` (set by [`crate::auth`]) and the
 //! `task_id` / `delegation_id` the request names (set by [`crate::rpc`]). Never a token or a
@@ -29,11 +30,8 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::net::TcpListener;
 use tonic::{Code, Status};
 use tracing::{Instrument, field::Empty};
-
-use crate::{events::Hub, store::events::bounds};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Rpc {
@@ -151,21 +149,17 @@ impl Metrics {
         self.bubbled.observe(hops as f64);
     }
 
-    /// The exposition text, with the gauges read from `hub` and its database now. If the
-    /// database cannot be reached, the log's head keeps its last value.
-    pub async fn render(&self, hub: &Hub) -> String {
+    /// The exposition text, with the gauges as the server read them at scrape time.
+    pub fn render(&self, gauges: &Gauges) -> String {
         self.subscribers
-            .set(i64::try_from(hub.active_streams()).unwrap_or(i64::MAX));
-        if let Ok(mut conn) = hub.db().conn().await
-            && let Ok(log) = bounds(&mut conn).await
-        {
-            self.head.set(log.head);
+            .set(i64::try_from(gauges.subscribers).unwrap_or(i64::MAX));
+        if let Some(head) = gauges.log_head {
+            self.head.set(head);
         }
-        let pool = hub.db().pool_status();
         for (state, count) in [
-            ("idle", pool.available),
-            ("in_use", pool.size.saturating_sub(pool.available)),
-            ("max", pool.max_size),
+            ("idle", gauges.pool_idle),
+            ("in_use", gauges.pool_in_use),
+            ("max", gauges.pool_max),
         ] {
             self.pool
                 .get_or_create(&State { state })
@@ -178,23 +172,20 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` over HTTP/1.1 on `listener` until the task is dropped.
-pub async fn serve_metrics(listener: TcpListener, hub: Hub) -> std::io::Result<()> {
-    use axum::{Router, http::header::CONTENT_TYPE, routing::get};
-    let app = Router::new().route(
-        "/metrics",
-        get(move || async move {
-            let text = metrics().render(&hub).await;
-            (
-                [(
-                    CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )],
-                text,
-            )
-        }),
-    );
-    axum::serve(listener, app).await
+/// The gauges, which the server reads from its state when `/metrics` is scraped (so they cost
+/// requests nothing).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    /// Open WatchEvents streams.
+    pub subscribers: usize,
+    /// The newest event sequence; `None` keeps the last value (the database did not answer).
+    pub log_head: Option<i64>,
+    /// Database pool connections not checked out.
+    pub pool_idle: usize,
+    /// Database pool connections checked out.
+    pub pool_in_use: usize,
+    /// The most connections the pool opens.
+    pub pool_max: usize,
 }
 
 /// A tower layer around the whole gRPC server: a span per request, and its count and duration

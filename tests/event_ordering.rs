@@ -16,12 +16,12 @@ use hopper_delegation::{
     server::Config,
     store::{
         Db,
-        events::{self, NewEvent, Scope},
+        event_log::{self, NewEvent, Watched},
     },
 };
 
-fn everything() -> Scope {
-    Scope {
+fn everything() -> Watched {
+    Watched {
         instance_id: "global".into(),
         include_descendants: true,
     }
@@ -33,28 +33,28 @@ fn everything() -> Scope {
 /// the reader delivered in the end.
 async fn two_writers_and_a_tailing_reader(db: &Db, event: &NewEvent) -> usize {
     db.sequence_events().await.unwrap();
-    let head = events::bounds(&mut db.conn().await.unwrap())
+    let head = event_log::bounds(&mut db.conn().await.unwrap())
         .await
         .unwrap()
         .head;
     let mut writer_a = db.begin().await.unwrap();
-    events::append(&mut writer_a, std::slice::from_ref(event))
+    event_log::append(&mut writer_a, std::slice::from_ref(event))
         .await
         .unwrap();
     let mut writer_b = db.begin().await.unwrap();
-    events::append(&mut writer_b, std::slice::from_ref(event))
+    event_log::append(&mut writer_b, std::slice::from_ref(event))
         .await
         .unwrap();
     writer_b.finish(Ok(())).await.unwrap();
     db.sequence_events().await.unwrap();
     let mut conn = db.conn().await.unwrap();
-    let early = events::read(&mut conn, Some(&everything()), head, 100)
+    let early = event_log::read(&mut conn, Some(&everything()), head, 100)
         .await
         .unwrap();
     let cursor = early.last().map_or(head, |e| e.sequence);
     writer_a.finish(Ok(())).await.unwrap();
     db.sequence_events().await.unwrap();
-    let late = events::read(&mut conn, Some(&everything()), cursor, 100)
+    let late = event_log::read(&mut conn, Some(&everything()), cursor, 100)
         .await
         .unwrap();
     early.len() + late.len()
@@ -139,7 +139,7 @@ async fn concurrent_writers_and_a_subscriber(
         writer.await.unwrap();
     }
     db.sequence_events().await.unwrap();
-    let head = events::bounds(&mut db.conn().await.unwrap())
+    let head = event_log::bounds(&mut db.conn().await.unwrap())
         .await
         .unwrap()
         .head;
@@ -159,7 +159,7 @@ async fn concurrent_writers_and_a_subscriber(
         }
     }
     let mut conn = db.conn().await.unwrap();
-    let logged = events::read(&mut conn, Some(&everything()), 0, i64::MAX)
+    let logged = event_log::read(&mut conn, Some(&everything()), 0, i64::MAX)
         .await
         .unwrap();
     let logged = logged

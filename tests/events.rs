@@ -10,14 +10,14 @@ use common::{Backend, TestDb, TestServer, rpc};
 use futures::StreamExt;
 use hopper_delegation::{
     domain::EventKind as DomainKind,
-    events::Limits,
+    fanout::TailLimits,
     proto::{
         self as pb, EventKind, Scope, delegation_service_client::DelegationServiceClient,
         watch_events_response::Payload,
     },
     repository::delegations::NewDelegation,
     server::Config,
-    store::{Db, events},
+    store::{Db, event_log},
 };
 use tonic::{Code, Streaming};
 
@@ -466,7 +466,7 @@ async fn write_hops(db: Db, rounds: usize, notes: usize) {
 /// The log's head, once every event written is numbered.
 async fn log_head(db: &Db) -> i64 {
     db.sequence_events().await.unwrap();
-    events::bounds(&mut db.conn().await.unwrap())
+    event_log::bounds(&mut db.conn().await.unwrap())
         .await
         .unwrap()
         .head
@@ -509,14 +509,14 @@ async fn logged(
     after: i64,
     head: i64,
 ) -> Vec<i64> {
-    let scope = events::Scope {
+    let scope = event_log::Watched {
         instance_id: instance.into(),
         include_descendants: descendants,
     };
     let wanted = |kind: DomainKind| {
         kinds.is_empty() || kinds.iter().any(|k| *k == pb::EventKind::from(kind))
     };
-    events::read(&mut db.conn().await.unwrap(), Some(&scope), after, i64::MAX)
+    event_log::read(&mut db.conn().await.unwrap(), Some(&scope), after, i64::MAX)
         .await
         .unwrap()
         .into_iter()
@@ -529,7 +529,7 @@ async fn logged(
 async fn small_window(backend: Backend) -> TestServer {
     let config = Config {
         progress_interval: Duration::from_millis(200),
-        watch: Limits {
+        watch: TailLimits {
             window_events: 40,
             window_bytes: usize::MAX,
             buffer: 8,

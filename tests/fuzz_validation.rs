@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use common::{Backend, TestDb};
 use hopper_delegation::{
     auth::Caller,
-    events::Hub,
+    fanout::Hub,
     proto::{
         self as pb,
         server::{

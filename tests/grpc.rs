@@ -688,7 +688,7 @@ async fn an_unreachable_database_answers_unavailable(backend: Backend) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let hub = hopper_delegation::events::Hub::new(db, std::time::Duration::from_secs(5));
+    let hub = hopper_delegation::fanout::Hub::new(db, std::time::Duration::from_secs(5));
     let config = hopper_delegation::server::Config::default();
     let served = tokio::spawn(hopper_delegation::server::run(
         listener,

@@ -14,7 +14,7 @@ use hopper_delegation::{
     domain::{DelegationStatus, DelegationType, EventKind, TaskStatus},
     proto as pb,
     repository::{PageRequest, delegations, tasks},
-    store::{DatabaseUrl, events},
+    store::{DatabaseUrl, event_log},
 };
 
 const HOPS: usize = 600;
@@ -99,12 +99,12 @@ async fn a_kill_mid_bubbling_leaves_all_or_nothing(backend: Backend) {
             count(DelegationStatus::Accepted),
         );
         let task = tasks::get(&db, &task_id).await.unwrap();
-        let scope = events::Scope {
+        let scope = event_log::Watched {
             instance_id: "global".into(),
             include_descendants: true,
         };
         db.sequence_events().await.unwrap(); // whatever the killed server left queued
-        let log = events::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
+        let log = event_log::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
             .await
             .unwrap();
         let done_events = log

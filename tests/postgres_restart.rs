@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use hopper_delegation::{
-    events::Hub,
+    fanout::Hub,
     proto::{self as pb, watch_events_response::Payload},
     server::{self, Config},
-    store::{self, Db, Migrate, events},
+    store::{self, Db, Migrate, event_log},
 };
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -205,17 +205,18 @@ async fn the_service_rides_out_a_postgres_restart() {
         .await
         .expect("all events delivered")
         .unwrap();
-    let scope = events::Scope {
+    let scope = event_log::Watched {
         instance_id: "global".into(),
         include_descendants: true,
     };
     db.sequence_events().await.unwrap();
-    let logged: Vec<u64> = events::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| u64::try_from(e.sequence).unwrap())
-        .collect();
+    let logged: Vec<u64> =
+        event_log::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| u64::try_from(e.sequence).unwrap())
+            .collect();
     assert_eq!(delivered, logged);
     eprintln!(
         "PostgreSQL restarted; the subscriber resumed {resumes} times \

@@ -8,7 +8,7 @@ use hopper_delegation::{
     domain::{DelegationType, EventKind},
     error::Error,
     repository::delegations,
-    store::events,
+    store::event_log,
 };
 
 const TRIALS: usize = 1000;
@@ -55,12 +55,12 @@ async fn a_thousand_conflicting_pairs_have_one_winner_each(backend: Backend) {
         }
         winners.push((d.id, won[0]));
     }
-    let scope = events::Scope {
+    let scope = event_log::Watched {
         instance_id: "global".into(),
         include_descendants: true,
     };
     db.sequence_events().await.unwrap();
-    let log = events::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
+    let log = event_log::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
         .await
         .unwrap();
     for (id, kind) in &winners {

@@ -19,7 +19,7 @@ use hopper_delegation::{
     store::{
         Db,
         delegations::Delegation,
-        events::{self, Event},
+        event_log::{self, Event},
     },
 };
 use serde_json::json;
@@ -47,12 +47,12 @@ async fn project_holds_t(backend: Backend) -> (TestDb, Db, Delegation) {
 }
 
 async fn all_events(db: &Db) -> Vec<Event> {
-    let scope = events::Scope {
+    let scope = event_log::Watched {
         instance_id: "global".into(),
         include_descendants: true,
     };
     db.sequence_events().await.unwrap();
-    events::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
+    event_log::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
         .await
         .unwrap()
 }

@@ -28,7 +28,7 @@ use std::{
 use std::fmt::Write as _;
 
 use futures::StreamExt as _;
-use hopper_delegation::store::events;
+use hopper_delegation::store::event_log;
 use tokio::task::JoinHandle;
 
 use super::*;
@@ -280,7 +280,7 @@ struct LogEvent {
 async fn log_after(db: &Db, after: i64) -> BTreeMap<i64, LogEvent> {
     db.sequence_events().await.unwrap();
     let mut conn = db.conn().await.unwrap();
-    events::read(&mut conn, None, after, i64::MAX)
+    event_log::read(&mut conn, None, after, i64::MAX)
         .await
         .unwrap()
         .into_iter()
@@ -306,7 +306,7 @@ async fn with_subscribers(
     seconds: f64,
 ) -> FanoutRun {
     db.sequence_events().await.unwrap();
-    let start = events::bounds(&mut db.conn().await.unwrap())
+    let start = event_log::bounds(&mut db.conn().await.unwrap())
         .await
         .unwrap()
         .head;

@@ -18,7 +18,7 @@ use crate::{
     store::{
         Conn, Db, Tx,
         delegations::{self, Change, Delegation},
-        events::{self, NewEvent},
+        event_log::{self, NewEvent},
         now,
         tasks::{self, Task},
     },
@@ -142,7 +142,7 @@ pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
         delegations::insert(conn, &delegation).await?;
         remember(conn, request_id, &delegation).await?;
         let created = NewEvent::of(EventKind::DelegationCreated, &delegation, None);
-        events::append(conn, &[created]).await?;
+        event_log::append(conn, &[created]).await?;
         tasks::move_to(conn, &delegation.task_id, target, at).await?;
         Ok(delegation)
     })
@@ -256,7 +256,7 @@ async fn transition(
             "delegation {id} changed under the family lock"
         )));
     };
-    events::append(conn, &[NewEvent::of(transition.event(), &changed, cause)]).await?;
+    event_log::append(conn, &[NewEvent::of(transition.event(), &changed, cause)]).await?;
     Ok(changed)
 }
 
@@ -414,7 +414,7 @@ async fn complete_and_bubble(
     } else {
         None
     };
-    events::append(conn, &log).await?;
+    event_log::append(conn, &log).await?;
     Ok((delegation, completed_ancestors, finished))
 }
 
@@ -483,7 +483,7 @@ pub(super) async fn finish_in_place(
     result: Option<&serde_json::Value>,
 ) -> Result<Task, Error> {
     let done = tasks::finish(conn, &task.id, &task.instance_id, result, now()).await?;
-    events::append(conn, &[NewEvent::task_completed_in_place(&done)]).await?;
+    event_log::append(conn, &[NewEvent::task_completed_in_place(&done)]).await?;
     Ok(done)
 }
 
@@ -556,7 +556,7 @@ pub(super) async fn cancel_in(
         .iter()
         .map(|hop| NewEvent::of(EventKind::DelegationCancelled, hop, Some(&delegation.id)))
         .collect();
-    events::append(conn, &log).await?;
+    event_log::append(conn, &log).await?;
     Ok(Cancellation {
         delegation,
         cancelled_descendants,

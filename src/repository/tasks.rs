@@ -24,7 +24,7 @@ use crate::{
     store::{
         Conn, Db,
         delegations::{self, Change, Delegation, Tree},
-        events::{self, NewEvent},
+        event_log::{self, NewEvent},
         instances, now,
         tasks::{self, Task},
     },
@@ -305,7 +305,7 @@ pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
                     )
                 })
                 .collect();
-            events::append(conn, &log).await?;
+            event_log::append(conn, &log).await?;
             return_tasks(conn, &hops, HashSet::new(), at).await?;
             cancelled_delegations.extend(hops);
         }

@@ -13,7 +13,7 @@ use crate::{
     auth::Caller,
     domain::{DelegationType, EventKind, limits},
     error::Error,
-    events::{Hub, Item, Subscription},
+    fanout::{Hub, Item, Subscription},
     proto::{
         self as pb, server::delegation_service_server::DelegationService,
         watch_events_response::Payload,
@@ -25,7 +25,7 @@ use crate::{
     },
     store::{
         Db,
-        events::{Event, Scope},
+        event_log::{Event, Watched},
     },
     telemetry,
 };
@@ -61,7 +61,7 @@ impl DelegationService for DelegationApi {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let subscription = Subscription {
-            scope: Scope {
+            scope: Watched {
                 instance_id: id("instance_id", r.instance_id)?,
                 include_descendants: r.include_descendants,
             },

@@ -6,7 +6,7 @@ use std::time::Duration;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::StreamExt;
 
-use super::{DatabaseUrl, Db, events};
+use super::{DatabaseUrl, Db, event_log};
 
 /// Keeps a LISTEN connection to PostgreSQL and signals [`Db::appended`] whenever a sequencer of
 /// any replica numbers events, reconnecting after failures. A lost notification only delays a
@@ -18,7 +18,7 @@ pub async fn listen_for_events(db: Db) {
     loop {
         match AsyncPgConnection::establish(url).await {
             Ok(mut conn) => match conn
-                .batch_execute(&format!("LISTEN {}", events::CHANNEL))
+                .batch_execute(&format!("LISTEN {}", event_log::CHANNEL))
                 .await
             {
                 Ok(()) => {

@@ -9,13 +9,13 @@
 //! - `sql.rs`: raw SQL written once for both backends ([`sql`]), list literals, the paging
 //!   [`Cursor`], the stored [`now`].
 //! - One file per table: [`delegations`], [`tasks`], [`instances`], [`idempotency`]; the event
-//!   log in [`events`], numbered on PostgreSQL by `sequencer.rs`; [`schema`] declares them.
+//!   log in [`event_log`], numbered on PostgreSQL by `sequencer.rs`; [`schema`] declares them.
 //! - `listen.rs`: LISTEN / NOTIFY between replicas; `migrate.rs`: the embedded migrations, the
 //!   only code that differs per backend (`migrations/postgres`, `migrations/sqlite`).
 //! - `pg_connect.rs`: PostgreSQL connections whose errors carry their SQLSTATE.
 
 pub mod delegations;
-pub mod events;
+pub mod event_log;
 pub mod idempotency;
 pub mod instances;
 mod listen;

@@ -13,7 +13,7 @@ use diesel_async::{
 use futures_util::FutureExt;
 use tokio::sync::watch;
 
-use super::{DatabaseUrl, events, instances, pg_connect, sequencer};
+use super::{DatabaseUrl, event_log, instances, pg_connect, sequencer};
 use crate::error::Error;
 
 /// SQLite runs its blocking calls on tokio's blocking pool through this wrapper.
@@ -255,11 +255,11 @@ impl Db {
         };
         let mut conn = Conn::Pg(sequencer.get().await.map_err(unavailable)?);
         loop {
-            let moved = events::sequence(&mut conn).await?;
+            let moved = event_log::sequence(&mut conn).await?;
             if moved > 0 {
                 self.signal_appended();
             }
-            if moved < events::SEQUENCE_BATCH {
+            if moved < event_log::SEQUENCE_BATCH {
                 return Ok(());
             }
         }

@@ -2,7 +2,7 @@
 //!
 //! Writers append their events to `event_queue` and commit in parallel, sharing fsyncs; the
 //! sequencer moves the committed ones into the log with increasing sequence numbers
-//! ([`crate::store::events::sequence`]). Each [`Db`] on PostgreSQL runs one for as long as the `Db` lives,
+//! ([`crate::store::event_log::sequence`]). Each [`Db`] on PostgreSQL runs one for as long as the `Db` lives,
 //! and across replicas an advisory lock lets one at a time work. It wakes after every commit
 //! through its own pool, so a burst of commits is numbered in one transaction, and every
 //! [`IDLE`] in case another process committed events and died before numbering them. The

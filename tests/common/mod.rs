@@ -17,7 +17,7 @@ use diesel::{QueryableByName, sql_types::Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use hopper_delegation::{
     domain::{DelegationType, InstanceStatus, Scope},
-    events::Hub,
+    fanout::Hub,
     proto::{
         delegation_service_client::DelegationServiceClient,
         instance_service_client::InstanceServiceClient, task_service_client::TaskServiceClient,

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     error::Error,
-    store::{events, events::Scope},
+    store::{event_log, event_log::Watched},
 };
 
 /// Events read from the log per query while catching up.
@@ -54,7 +54,7 @@ pub(super) fn open(
 
 struct Subscriber {
     hub: Hub,
-    scope: Scope,
+    scope: Watched,
     filter: Arc<Filter>,
     /// Every matching event up to here has been delivered.
     cursor: i64,
@@ -162,7 +162,7 @@ impl Subscriber {
             Join::Behind => {}
         }
         let mut conn = self.hub.0.db.conn().await?;
-        let page = match events::page(&mut conn, Some(&self.scope), self.cursor, PAGE).await? {
+        let page = match event_log::page(&mut conn, Some(&self.scope), self.cursor, PAGE).await? {
             Ok(page) => page,
             Err(bounds) => return check_cursor(self.cursor, bounds),
         };

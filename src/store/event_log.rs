@@ -193,9 +193,10 @@ pub async fn sequence(conn: &mut Conn) -> QueryResult<i64> {
     Ok(moved)
 }
 
-/// Which events a stream carries.
+/// Which instances' events a reader wants: one instance's, or also those of every instance
+/// below it (not to be confused with `domain::Scope`, an instance's place in the tree).
 #[derive(Debug, Clone)]
-pub struct Scope {
+pub struct Watched {
     /// The instance watched.
     pub instance_id: String,
     /// Also every instance below it, including ones registered later.
@@ -206,7 +207,7 @@ pub struct Scope {
 /// most `limit`.
 pub async fn read(
     conn: &mut Conn,
-    scope: Option<&Scope>,
+    scope: Option<&Watched>,
     after: i64,
     limit: i64,
 ) -> QueryResult<Vec<Event>> {
@@ -260,7 +261,7 @@ pub struct Page {
 /// page nothing up to that head remains unseen.
 pub async fn page(
     conn: &mut Conn,
-    scope: Option<&Scope>,
+    scope: Option<&Watched>,
     after: i64,
     limit: i64,
 ) -> QueryResult<Result<Page, Bounds>> {

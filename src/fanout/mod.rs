@@ -1,4 +1,5 @@
-//! Event streams for `WatchEvents`: one live tail per process, fanned out in memory.
+//! The fan-out of `WatchEvents`: one live tail per process reads the event log
+//! (`store::event_log`) and hands each event to the streams it concerns, in memory.
 //!
 //! ```text
 //!             commits (local signal, NOTIFY from other replicas, idle interval)
@@ -46,8 +47,8 @@ use crate::{
     domain::EventKind,
     error::Error,
     store::{
-        Db, events,
-        events::{Event, Scope},
+        Db, event_log,
+        event_log::{Event, Watched},
         instances,
     },
 };
@@ -99,7 +100,7 @@ impl SharedEvent {
 #[derive(Debug, Clone)]
 pub struct Subscription {
     /// Which instances' events.
-    pub scope: Scope,
+    pub scope: Watched,
     /// Replay after this sequence; `None` for new events only.
     pub after: Option<i64>,
     /// Only these kinds; empty for all.
@@ -108,7 +109,7 @@ pub struct Subscription {
 
 /// What the tail keeps and how much a subscriber may fall behind before it is detached.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct TailLimits {
     /// Events kept in the window, at most.
     pub window_events: usize,
     /// Approximate bytes kept in the window, at most.
@@ -117,7 +118,7 @@ pub struct Limits {
     pub buffer: usize,
 }
 
-impl Default for Limits {
+impl Default for TailLimits {
     fn default() -> Self {
         Self {
             window_events: 10_000,
@@ -145,11 +146,11 @@ struct Inner {
 impl Hub {
     /// Streams from `db`, marking progress after `progress_interval` of silence.
     pub fn new(db: Db, progress_interval: Duration) -> Self {
-        Self::with_limits(db, progress_interval, Limits::default())
+        Self::with_limits(db, progress_interval, TailLimits::default())
     }
 
     /// [`Hub::new`] with a window and buffers of the given size.
-    pub fn with_limits(db: Db, progress_interval: Duration, limits: Limits) -> Self {
+    pub fn with_limits(db: Db, progress_interval: Duration, limits: TailLimits) -> Self {
         Self(Arc::new(Inner {
             db,
             progress_interval,
@@ -197,7 +198,7 @@ impl Hub {
         if instances::find(&mut conn, instance_id).await?.is_none() {
             return Err(Error::not_found("instance", instance_id));
         }
-        let bounds = events::bounds(&mut conn).await?;
+        let bounds = event_log::bounds(&mut conn).await?;
         drop(conn);
         let cursor = match subscription.after {
             None => bounds.head,
@@ -215,7 +216,7 @@ impl Hub {
         self.0
             .started
             .get_or_try_init(|| async {
-                let head = events::bounds(&mut self.0.db.conn().await?).await?.head;
+                let head = event_log::bounds(&mut self.0.db.conn().await?).await?.head;
                 self.0.tail.start_at(head);
                 tokio::spawn(tail::run(Arc::downgrade(&self.0)));
                 Ok::<_, Error>(())
@@ -225,7 +226,7 @@ impl Hub {
     }
 }
 
-fn check_cursor(after: i64, bounds: events::Bounds) -> Result<(), Error> {
+fn check_cursor(after: i64, bounds: event_log::Bounds) -> Result<(), Error> {
     if after < bounds.pruned_through {
         return Err(Error::OutOfRange(format!(
             "events after sequence {after} were pruned; the oldest available is {}: re-read \

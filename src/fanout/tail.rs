@@ -16,11 +16,11 @@ use std::{
 
 use tokio::{sync::mpsc, time::Instant};
 
-use super::{Inner, Limits, SharedEvent, Subscription};
+use super::{Inner, SharedEvent, Subscription, TailLimits};
 use crate::{
     domain::EventKind,
     error::Error,
-    store::{Conn, Db, events, events::Event},
+    store::{Conn, Db, event_log, event_log::Event},
 };
 
 /// How often the tail looks at the log when nothing woke it.
@@ -185,11 +185,11 @@ struct State {
 /// The window and the subscribers joined to it.
 pub(super) struct Tail {
     state: Mutex<State>,
-    limits: Limits,
+    limits: TailLimits,
 }
 
 impl Tail {
-    pub(super) fn new(limits: Limits) -> Self {
+    pub(super) fn new(limits: TailLimits) -> Self {
         Self {
             state: Mutex::default(),
             limits,
@@ -430,12 +430,12 @@ async fn read_new(inner: &Inner) -> Result<(), Error> {
         let mut conn = inner.db.conn().await?;
         if inner.tail.subscribers() == 0 {
             // Nobody to offer events to: move to the head with an empty window.
-            let head = events::bounds(&mut conn).await?.head;
+            let head = event_log::bounds(&mut conn).await?.head;
             if inner.tail.skip_to(head) {
                 return Ok(());
             }
         }
-        let page = match events::tail(&mut conn, after, PAGE).await? {
+        let page = match event_log::tail(&mut conn, after, PAGE).await? {
             Ok(page) => page,
             Err(bounds) => {
                 tracing::warn!(
@@ -477,7 +477,7 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
-    use crate::store::events::Scope;
+    use crate::store::event_log::Watched;
 
     fn event(sequence: i64, source: &str, target: &str) -> Entry {
         let event = Event {
@@ -502,7 +502,7 @@ mod tests {
 
     fn filter(instance: &str, descendants: bool) -> Arc<Filter> {
         Arc::new(Filter::new(&Subscription {
-            scope: Scope {
+            scope: Watched {
                 instance_id: instance.into(),
                 include_descendants: descendants,
             },
@@ -517,7 +517,7 @@ mod tests {
 
     /// A window of 3 over events 1..=5 (all of "global" → "leaf"): it holds 3, 4, 5.
     fn tail(buffer: usize) -> Tail {
-        let limits = Limits {
+        let limits = TailLimits {
             window_events: 3,
             window_bytes: usize::MAX,
             buffer,
