@@ -44,6 +44,8 @@ pub mod telemetry;
 pub mod proto {
     tonic::include_proto!("hopper.delegation.v1");
 
+    pub mod json;
+
     /// The generated servers, sending `WatchEventsResponse` pre-encoded ([`crate::rpc::Encoded`]).
     pub mod server {
         include!(concat!(env!("OUT_DIR"), "/server/hopper.delegation.v1.rs"));

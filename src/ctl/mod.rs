@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use crate::{
     domain::{DelegationType, InstanceStatus, Scope},
     proto as pb,
-    rpc::json::to_struct,
+    proto::json::to_struct,
 };
 use connect::{Clients, Failure, Target};
 use render::{Cell, Format, Printer};
@@ -833,7 +833,7 @@ fn draw_tree<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rpc::json::from_struct;
+    use crate::proto::json::from_struct;
 
     #[test]
     fn flags_take_the_domain_words_and_list_them_when_wrong() {

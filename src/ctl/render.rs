@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
 use serde_json::{Value, json};
 
-use crate::{proto as pb, rpc::json};
+use crate::proto::{self as pb, json};
 
 /// Text or JSON, chosen with `-o`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -2,12 +2,12 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{FromProto, all, id, json, page, text};
+use super::{FromProto, all, id, page, text};
 use crate::{
     auth::Caller,
     domain::{InstanceStatus, Scope, limits},
     error::Error,
-    proto::{self as pb, server::instance_service_server::InstanceService},
+    proto::{self as pb, json, server::instance_service_server::InstanceService},
     repository::{
         access::{self, Action},
         instances::{self, NewInstance},

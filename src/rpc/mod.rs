@@ -4,7 +4,6 @@
 
 mod delegations;
 mod instances;
-pub mod json;
 mod tasks;
 
 pub use delegations::DelegationApi;
@@ -78,7 +77,7 @@ use prost_types::Timestamp;
 use crate::{
     domain::{self, limits},
     error::Error,
-    proto as pb,
+    proto::{self as pb, json},
     repository::PageRequest,
     store::{delegations::Delegation, instances::Instance, tasks::Task},
 };

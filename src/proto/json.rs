@@ -1,4 +1,5 @@
-//! `google.protobuf.Struct` <-> `serde_json::Value`.
+//! `google.protobuf.Struct` <-> `serde_json::Value`, beside the proto: the server converts
+//! requests and records with it, and hopperctl its `--result` flags and `-o json` output.
 //!
 //! Protobuf numbers are doubles: a whole number that a double holds exactly comes back as a
 //! JSON integer, so `{"a": 1}` sent through grpcurl is stored as `1`, not `1.0`.
