@@ -143,7 +143,8 @@ impl Interceptor for Bearer {
     }
 }
 
-type Authed = InterceptedService<Retry<Channel>, Bearer>;
+/// A channel with the service config's retries and the bearer token.
+pub(super) type Authed = InterceptedService<Retry<Channel>, Bearer>;
 
 /// The three service clients over one connection.
 pub struct Clients {

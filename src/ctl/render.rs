@@ -342,6 +342,89 @@ pub fn event_json(e: &pb::DelegationEvent) -> Value {
     })
 }
 
+pub(super) fn header(names: &[&str]) -> Vec<Cell> {
+    names.iter().map(|name| Cell::dim(*name)).collect()
+}
+
+pub(super) fn show_instance(i: &pb::Instance, p: &Printer) {
+    if p.format == Format::Json {
+        return p.json(&instance_json(i));
+    }
+    p.fields(&[
+        ("instance", Cell::plain(&i.id)),
+        ("name", Cell::plain(&i.name)),
+        ("scope", Cell::plain(scope(i.scope))),
+        ("status", Cell::status(instance_status(i.status))),
+        (
+            "parent",
+            Cell::plain(if i.parent_id.is_empty() {
+                "-"
+            } else {
+                &i.parent_id
+            }),
+        ),
+        ("config", Cell::plain(document_text(i.config.as_ref()))),
+        ("registered", Cell::plain(p.time(i.created_at.as_ref()))),
+    ]);
+}
+
+pub(super) fn show_task(t: &pb::Task, p: &Printer) {
+    if p.format == Format::Json {
+        return p.json(&task_json(t));
+    }
+    let mut fields = vec![
+        ("task", Cell::plain(&t.id)),
+        ("title", Cell::plain(&t.title)),
+        ("status", Cell::status(task_status(t.status))),
+        ("at", Cell::plain(&t.instance_id)),
+    ];
+    if !t.parent_task_id.is_empty() {
+        fields.push(("parent", Cell::plain(&t.parent_task_id)));
+    }
+    if !t.description.is_empty() {
+        fields.push(("description", Cell::plain(&t.description)));
+    }
+    fields.extend([
+        ("result", Cell::plain(document_text(t.result.as_ref()))),
+        ("created", Cell::plain(p.time(t.created_at.as_ref()))),
+        ("updated", Cell::plain(p.time(t.updated_at.as_ref()))),
+    ]);
+    p.fields(&fields);
+}
+
+/// One line for a delegation that just changed: `delegation ID accepted: a → b (route, task T)`.
+pub(super) fn changed(d: &pb::Delegation, p: &Printer) {
+    if p.format == Format::Json {
+        return p.json(&delegation_json(d));
+    }
+    p.table(&[hop_row("delegation", d)]);
+}
+
+pub(super) fn hop_row(label: &str, d: &pb::Delegation) -> Vec<Cell> {
+    vec![
+        Cell::plain(format!("{label} {}", d.id)),
+        Cell::status(delegation_status(d.status)),
+        Cell::plain(format!(
+            "{} → {}",
+            d.source_instance_id, d.target_instance_id
+        )),
+        Cell::plain(format!(
+            "({}, task {})",
+            delegation_type(d.delegation_type),
+            d.task_id
+        )),
+    ]
+}
+
+/// The delegations a completion or cancellation took with it, one line each.
+pub(super) fn hops_done(label: &str, ds: &[pb::Delegation], p: &Printer) {
+    let rows: Vec<Vec<Cell>> = ds
+        .iter()
+        .map(|d| hop_row(&format!("  {label}"), d))
+        .collect();
+    p.table(&rows);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

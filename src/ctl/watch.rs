@@ -35,7 +35,7 @@ pub struct WatchArgs {
     #[arg(long)]
     pub since: Option<u64>,
     /// Only these kinds (comma-separated), e.g. `delegation_completed,task_completed`.
-    #[arg(long, value_delimiter = ',', value_parser = super::parse_word::<EventKind>)]
+    #[arg(long, value_delimiter = ',', value_parser = super::args::parse_word::<EventKind>)]
     pub kinds: Vec<EventKind>,
 }
 
