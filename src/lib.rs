@@ -3,20 +3,29 @@
 //!
 //! # Layout
 //!
-//! Requests flow `rpc` -> `repository` -> (`domain` rules, `store` queries):
+//! Requests flow `rpc` -> `repository` -> (`domain` rules, `store` queries); events flow
+//! `repository` (appended in the change's transaction) -> `store::event_log` -> `fanout` (one
+//! live tail per process) -> each subscriber's WatchEvents stream.
 //!
-//! - `proto/hopper/delegation/v1/*.proto`, compiled by `build.rs` into [`proto`].
-//! - [`server`]: assembles the services, health and reflection; owns shutdown.
+//! - `proto/hopper/delegation/v1/*.proto`, compiled by `build.rs` into [`proto`]; beside it
+//!   [`proto::json`] (Struct <-> JSON) and `service_config.json`, the retries clients use.
+//! - [`server`]: assembles the services, health, reflection and the `/metrics` scrape; owns
+//!   shutdown.
 //! - [`auth`]: who is calling (bearer tokens, client certificates); the rules of what each
 //!   caller may do are in [`repository::access`].
 //! - [`rpc`]: one file per gRPC service; parses requests, converts records. No database here.
 //! - [`fanout`]: WatchEvents' fan-out: one live tail per process reading the event log, and
-//!   each subscriber's stream.
-//! - [`repository`]: one function per operation; each write is one transaction.
-//! - [`domain`]: the vocabulary and the lifecycle state machine ([`domain::lifecycle`]); pure.
-//! - [`store`]: diesel-async on PostgreSQL or SQLite; one query body for both backends.
-//! - [`error`]: the one error type and its one mapping to gRPC status codes.
-//! - [`telemetry`]: Prometheus metrics (`serve --metrics-listen`) and a tracing span per RPC.
+//!   each subscriber's stream (one that falls behind is detached and catches up from the log
+//!   by itself).
+//! - [`repository`]: one function per operation; each write is one [`store::Db::write`].
+//! - [`domain`]: the vocabulary and the lifecycle state machine ([`domain::lifecycle`]: which
+//!   transitions exist, e.g. that a completed hop cannot be cancelled); pure.
+//! - [`store`]: the queries and the connections, one job per file (`url`, `pool`, `tx` where
+//!   a transaction starts and ends, `sql`, a file per table, `event_log` and `sequencer`,
+//!   which numbers PostgreSQL's events in commit order, `listen`, `migrate`, `pg_connect`).
+//! - [`error`]: the one error type and its one mapping to gRPC status codes (database faults
+//!   by SQLSTATE).
+//! - [`telemetry`]: Prometheus metrics and a tracing span per RPC; a leaf.
 //! - [`service_config`]: the gRPC service config shipped for clients (retries, waiting for a
 //!   connection) and a tower layer that applies it to a tonic channel.
 //! - [`ctl`]: `hopperctl`, the operator's client (`src/bin/hopperctl.rs` runs it).
