@@ -313,12 +313,61 @@ pub fn check_local_completion(task: &LocalCompletion<'_>) -> Result<(), Error> {
     let id = task.task_id;
     check_unfinished(id, task.status)?;
     if let Some(pending) = task.pending_delegation {
-        return Err(Error::precondition(format!(
-            "task {id} is on its way: delegation {pending} is pending"
-        )));
+        return Err(on_its_way(id, pending));
     }
     if task.open_subtasks > 0 {
         return Err(still_open(id, task.open_subtasks));
+    }
+    Ok(())
+}
+
+/// A task that a pending delegation is taking elsewhere.
+fn on_its_way(task_id: &str, pending: &str) -> Error {
+    Error::precondition(format!(
+        "task {task_id} is on its way: delegation {pending} is pending"
+    ))
+}
+
+/// Whether a parent task may complete from its subtasks now: a finished one, or one on its way
+/// elsewhere (a pending delegation), does not, and completion bubbles no further up the
+/// subtask tree; otherwise [`aggregate`] says whether every subtask has finished, and how.
+pub fn completes_from_subtasks(status: TaskStatus, pending_delegation: Option<&str>) -> bool {
+    !status.is_final() && pending_delegation.is_none()
+}
+
+/// What the subtask rules need to know about the parent task, read under its family's lock.
+#[derive(Debug)]
+pub struct NewSubtask<'a> {
+    /// The parent task.
+    pub parent_id: &'a str,
+    /// Its status.
+    pub parent_status: TaskStatus,
+    /// The instance where it is.
+    pub parent_at: &'a str,
+    /// Its pending delegation, if it has one.
+    pub pending_delegation: Option<&'a str>,
+    /// The instance the request names for the subtask, if any.
+    pub wanted_at: Option<&'a str>,
+}
+
+/// Checks the rules for creating a subtask: its parent is unfinished (a finished task takes no
+/// subtasks), not on its way elsewhere, and the subtask is made where the parent is.
+pub fn check_new_subtask(new: &NewSubtask<'_>) -> Result<(), Error> {
+    let (parent, at) = (new.parent_id, new.parent_at);
+    if new.parent_status.is_final() {
+        return Err(Error::precondition(format!(
+            "parent task {parent} is {}; a finished task takes no subtasks",
+            new.parent_status
+        )));
+    }
+    if let Some(pending) = new.pending_delegation {
+        return Err(on_its_way(parent, pending));
+    }
+    if let Some(wanted) = new.wanted_at.filter(|wanted| *wanted != at) {
+        return Err(Error::precondition(format!(
+            "parent task {parent} is at instance {at}, not {wanted}; \
+             a subtask is created where its parent task is"
+        )));
     }
     Ok(())
 }
@@ -599,5 +648,45 @@ mod tests {
             refusal(facts(TaskStatus::InProgress, None, 3)),
             "task t has 3 open subtasks; it completes when they do"
         );
+    }
+
+    #[test]
+    fn a_subtask_needs_an_unfinished_parent_in_place_and_is_made_where_it_is() {
+        let new = |status, pending, wanted| NewSubtask {
+            parent_id: "p",
+            parent_status: status,
+            parent_at: "project",
+            pending_delegation: pending,
+            wanted_at: wanted,
+        };
+        assert!(check_new_subtask(&new(TaskStatus::InProgress, None, None)).is_ok());
+        assert!(check_new_subtask(&new(TaskStatus::Pending, None, Some("project"))).is_ok());
+        let refused = |n: NewSubtask<'_>| check_new_subtask(&n).unwrap_err().to_string();
+        assert_eq!(
+            refused(new(TaskStatus::Done, None, None)),
+            "parent task p is done; a finished task takes no subtasks"
+        );
+        assert_eq!(
+            refused(new(TaskStatus::Cancelled, Some("d1"), None)),
+            "parent task p is cancelled; a finished task takes no subtasks"
+        );
+        assert_eq!(
+            refused(new(TaskStatus::Pending, Some("d1"), None)),
+            "task p is on its way: delegation d1 is pending"
+        );
+        assert_eq!(
+            refused(new(TaskStatus::Pending, None, Some("orch"))),
+            "parent task p is at instance project, not orch; \
+             a subtask is created where its parent task is"
+        );
+    }
+
+    #[test]
+    fn a_parent_completes_from_its_subtasks_only_when_unfinished_and_in_place() {
+        assert!(completes_from_subtasks(TaskStatus::InProgress, None));
+        assert!(completes_from_subtasks(TaskStatus::Blocked, None));
+        assert!(!completes_from_subtasks(TaskStatus::Done, None));
+        assert!(!completes_from_subtasks(TaskStatus::Cancelled, None));
+        assert!(!completes_from_subtasks(TaskStatus::Pending, Some("d1")));
     }
 }

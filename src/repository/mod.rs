@@ -3,6 +3,7 @@
 //! anywhere writes nothing.
 
 pub mod access;
+mod completion;
 pub mod delegations;
 pub mod instances;
 pub mod tasks;

@@ -1,4 +1,6 @@
-//! Creating and reading tasks.
+//! Tasks: creating them (and subtasks, under the rules of `lifecycle::check_new_subtask`),
+//! reading them, and completing or cancelling one where it is, through the machinery shared
+//! with the delegation operations (`completion.rs`).
 
 use std::collections::HashSet;
 
@@ -8,17 +10,16 @@ use diesel::result::{DatabaseErrorKind, Error::DatabaseError};
 use super::{
     Page, PageRequest,
     access::{self, Action},
+    completion::{cancel_in, complete_in, complete_parents, finish_in_place, return_tasks},
     decode_cursor,
-    delegations::{
-        Cancellation, cancel_in, complete_in, complete_parents, finish_in_place, return_tasks,
-    },
+    delegations::Cancellation,
     encode_cursor, new_id, remember, replay, taken,
 };
 use crate::{
     auth::Caller,
     domain::{
         DelegationStatus, TaskStatus,
-        lifecycle::{self, LocalCompletion},
+        lifecycle::{self, LocalCompletion, NewSubtask},
     },
     error::Error,
     store::{
@@ -124,20 +125,14 @@ pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, E
         }
         match &parent {
             Some(parent) => {
-                let parent_id = &parent.id;
-                if parent.status.is_final() {
-                    return Err(Error::precondition(format!(
-                        "parent task {parent_id} is {}; a finished task takes no subtasks",
-                        parent.status
-                    )));
-                }
-                in_place(tx, parent_id).await?;
-                if let Some(wanted) = new.instance_id.as_ref().filter(|w| **w != instance_id) {
-                    return Err(Error::precondition(format!(
-                        "parent task {parent_id} is at instance {instance_id}, not {wanted}; \
-                         a subtask is created where its parent task is"
-                    )));
-                }
+                let pending = delegations::pending_of_task(tx, &parent.id).await?;
+                lifecycle::check_new_subtask(&NewSubtask {
+                    parent_id: &parent.id,
+                    parent_status: parent.status,
+                    parent_at: &instance_id,
+                    pending_delegation: pending.as_deref(),
+                    wanted_at: new.instance_id.as_deref(),
+                })?;
             }
             None => {
                 if instances::find(tx, &instance_id).await?.is_none() {
@@ -326,14 +321,4 @@ async fn locked(conn: &mut Conn, id: &str) -> Result<Task, Error> {
     tasks::lock_family(conn, id)
         .await?
         .ok_or_else(|| Error::not_found("task", id))
-}
-
-/// FAILED_PRECONDITION if the task is on its way somewhere (a pending delegation).
-async fn in_place(conn: &mut Conn, id: &str) -> Result<(), Error> {
-    match delegations::pending_of_task(conn, id).await? {
-        Some(pending) => Err(Error::precondition(format!(
-            "task {id} is on its way: delegation {pending} is pending"
-        ))),
-        None => Ok(()),
-    }
 }
