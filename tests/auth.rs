@@ -6,7 +6,11 @@
 
 mod common;
 
-use common::{Backend, Clients, TestDb, TestServer, hierarchy, snapshot, test_tokens, token_of};
+use common::{
+    Backend, Clients, TestDb, TestServer, hierarchy,
+    rpc::{self, new_task, route, watch},
+    snapshot, test_tokens, token_of,
+};
 use hopper_delegation::{auth::Authenticator, proto as pb, server::Config};
 use tonic::Code;
 
@@ -46,45 +50,13 @@ async fn server(backend: common::Backend) -> TestServer {
     server
 }
 
+/// An Orchestration instance `id` under `parent`.
 fn register(id: &str, parent: &str) -> pb::RegisterInstanceRequest {
-    pb::RegisterInstanceRequest {
-        id: id.into(),
-        name: id.into(),
-        scope: pb::Scope::Orchestration.into(),
-        parent_id: parent.into(),
-        ..Default::default()
-    }
-}
-
-fn new_task(id: &str, at: &str) -> pb::CreateTaskRequest {
-    pb::CreateTaskRequest {
-        id: id.into(),
-        title: id.into(),
-        instance_id: at.into(),
-        ..Default::default()
-    }
-}
-
-fn route(task: &str, source: &str, target: &str) -> pb::CreateDelegationRequest {
-    pb::CreateDelegationRequest {
-        task_id: task.into(),
-        source_instance_id: source.into(),
-        target_instance_id: target.into(),
-        delegation_type: pb::DelegationType::Route.into(),
-        ..Default::default()
-    }
+    rpc::register(id, pb::Scope::Orchestration, parent)
 }
 
 fn id_of<T: Into<String>>(id: T) -> pb::GetDelegationRequest {
     pb::GetDelegationRequest { id: id.into() }
-}
-
-fn watch(instance: &str, include_descendants: bool) -> pb::WatchEventsRequest {
-    pb::WatchEventsRequest {
-        instance_id: instance.into(),
-        include_descendants,
-        ..Default::default()
-    }
 }
 
 /// Each caller of the tree, by its token.

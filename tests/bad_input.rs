@@ -7,30 +7,25 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Backend, TestServer, snapshot};
+use common::{Backend, TestServer, rpc, snapshot};
 use hopper_delegation::proto::{self as pb, DelegationType, InstanceStatus, Scope};
 use prost_types::{Struct, Value, value::Kind};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
+/// [`rpc::register`] with a name of its own: the corpus tries bad ones.
 fn register(id: &str, name: &str, scope: Scope, parent: &str) -> pb::RegisterInstanceRequest {
     pb::RegisterInstanceRequest {
-        id: id.into(),
         name: name.into(),
-        scope: scope.into(),
-        parent_id: parent.into(),
-        status: InstanceStatus::Running.into(),
-        ..Default::default()
+        ..rpc::register(id, scope, parent)
     }
 }
 
+/// [`rpc::route`] with a raw type number: the corpus tries unknown ones.
 fn hop(task: &str, source: &str, target: &str, kind: i32) -> pb::CreateDelegationRequest {
     pb::CreateDelegationRequest {
-        task_id: task.into(),
-        source_instance_id: source.into(),
-        target_instance_id: target.into(),
         delegation_type: kind,
-        ..Default::default()
+        ..rpc::route(task, source, target)
     }
 }
 

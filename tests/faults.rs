@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Backend, TestDb, cluster::Cluster, text_rows};
+use common::{Backend, TestDb, cluster::Cluster, rpc, text_rows};
 use hopper_delegation::{
     error::Error,
     proto::{self as pb, watch_events_response::Payload},
@@ -533,14 +533,7 @@ async fn register(endpoint: &str) {
         ("o1", pb::Scope::Orchestration, "p1"),
         ("o2", pb::Scope::Orchestration, "p2"),
     ] {
-        let request = pb::RegisterInstanceRequest {
-            id: id.into(),
-            name: id.to_uppercase(),
-            scope: scope.into(),
-            parent_id: parent.into(),
-            status: pb::InstanceStatus::Running.into(),
-            ..Default::default()
-        };
+        let request = rpc::register(id, scope, parent);
         instances.register_instance(request).await.unwrap();
     }
 }
@@ -879,13 +872,7 @@ async fn replica_with_a_task(database_url: &str, extra: &[&str]) -> Replica {
     let replica = Replica::start_with(database_url, extra);
     let endpoint = replica.endpoint();
     let mut instances = pb::instance_service_client::InstanceServiceClient::new(channel(&endpoint));
-    let global = pb::RegisterInstanceRequest {
-        id: "global".into(),
-        name: "Global".into(),
-        scope: pb::Scope::Global.into(),
-        status: pb::InstanceStatus::Running.into(),
-        ..Default::default()
-    };
+    let global = rpc::register("global", pb::Scope::Global, "");
     instances.register_instance(global).await.unwrap();
     Tasks::new(channel(&endpoint))
         .create_task(new_task("t", ""))
