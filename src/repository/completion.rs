@@ -148,7 +148,12 @@ pub(super) async fn complete_parents(
         let parent = tasks::find(conn, &id)
             .await?
             .ok_or_else(|| Error::not_found("task", &id))?;
-        let pending = delegations::pending_of_task(conn, &id).await?;
+        // A finished parent stops the climb before anything else is read.
+        let pending = if parent.status.is_final() {
+            None
+        } else {
+            delegations::pending_of_task(conn, &id).await?
+        };
         if !lifecycle::completes_from_subtasks(parent.status, pending.as_deref()) {
             break;
         }
@@ -203,7 +208,7 @@ pub(super) async fn finish_in_place(
     Ok(done)
 }
 
-/// [`cancel`] under the family lock.
+/// `delegations::cancel` under the family lock.
 pub(super) async fn cancel_in(
     conn: &mut Tx,
     delegation: &Delegation,

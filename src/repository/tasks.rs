@@ -125,7 +125,12 @@ pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, E
         }
         match &parent {
             Some(parent) => {
-                let pending = delegations::pending_of_task(tx, &parent.id).await?;
+                // A finished parent is refused before anything else is read.
+                let pending = if parent.status.is_final() {
+                    None
+                } else {
+                    delegations::pending_of_task(tx, &parent.id).await?
+                };
                 lifecycle::check_new_subtask(&NewSubtask {
                     parent_id: &parent.id,
                     parent_status: parent.status,

@@ -1,6 +1,6 @@
-//! Transactions: [`Db::write`], where every write of the service runs, and the [`Tx`] it
-//! hands the work, which commits or rolls back once and rolls itself back if dropped; on
-//! SQLite, this process's writer turn.
+//! Transactions: [`Db::write`], where every multi-statement write of the service runs, and
+//! the [`Tx`] it hands the work, which commits or rolls back once and rolls itself back if
+//! dropped; on SQLite, this process's writer turn.
 
 use diesel_async::{
     AsyncConnection, AsyncPgConnection, TransactionManager, pooled_connection::deadpool,
@@ -40,7 +40,8 @@ impl Db {
 
     /// Runs `work` in one transaction: committed if it returns `Ok`, rolled back otherwise (or
     /// if the request is dropped half-way); the outcome, or the commit's error, is returned.
-    /// Every write of the service goes through here.
+    /// Every write of the service of more than one statement goes through here (a single
+    /// statement runs on its own, through [`Db::conn_for_write`]).
     pub async fn write<T>(
         &self,
         work: impl AsyncFnOnce(&mut Tx) -> Result<T, Error>,
