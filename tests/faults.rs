@@ -860,13 +860,6 @@ async fn database_faults_are_told_apart_by_their_sqlstate() {
     assert!(matches!(bug, Err(Error::Internal(_))), "{bug:?}");
 }
 
-fn url_of(db: &TestDb) -> String {
-    match &db.url {
-        DatabaseUrl::Postgres(url) => url.clone(),
-        DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
-    }
-}
-
 /// A replica (with `extra` arguments) with nothing but `global` registered and a task `t`.
 async fn replica_with_a_task(database_url: &str, extra: &[&str]) -> Replica {
     let replica = Replica::start_with(database_url, extra);
@@ -1003,7 +996,7 @@ async fn a_database_file_locked_by_another_program_makes_writes_unavailable() {
     let DatabaseUrl::Sqlite(path) = &test_db.url else {
         unreachable!()
     };
-    let replica = replica_with_a_task(&url_of(&test_db), &[]).await;
+    let replica = replica_with_a_task(&test_db.url_arg(), &[]).await;
     let mut tasks = Tasks::new(channel(&replica.endpoint()));
     let mut other = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
     other.batch_execute("BEGIN EXCLUSIVE").unwrap();
@@ -1083,7 +1076,7 @@ async fn hopperctl_retries_a_read_twice_and_a_write_never() {
 /// stopped and started again, and never sees an error; a plain client beside it does.
 async fn a_client_with_the_service_config_rides_through_a_replica_restart(backend: Backend) {
     let db = TestDb::migrated(backend).await;
-    let mut replica = replica_with_a_task(&url_of(&db), &[]).await;
+    let mut replica = replica_with_a_task(&db.url_arg(), &[]).await;
     let endpoint = replica.endpoint();
     let layer = RetryLayer::new(ServiceConfig::shipped());
     let mut configured = pb::task_service_client::TaskServiceClient::new(

@@ -15,7 +15,6 @@ use std::{
 };
 
 use common::{Backend, TestDb, text_rows};
-use hopper_delegation::store::DatabaseUrl;
 use serde_json::Value;
 
 /// The server binary, serving `db` on `addr` (`127.0.0.1:0` the first time).
@@ -28,17 +27,10 @@ struct Server {
     log: mpsc::Receiver<String>,
 }
 
-fn url_of(db: &TestDb) -> String {
-    match &db.url {
-        DatabaseUrl::Postgres(url) => url.clone(),
-        DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
-    }
-}
-
 impl Server {
     fn start(db: &TestDb, addr: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hopper-delegation"))
-            .args(["serve", "--listen", addr, "--database-url", &url_of(db)])
+            .args(["serve", "--listen", addr, "--database-url", &db.url_arg()])
             .args(["--progress-interval", "200ms"])
             .args(extra)
             .env("RUST_LOG", "info,hopper_delegation=debug")

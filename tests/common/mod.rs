@@ -161,6 +161,14 @@ impl TestDb {
         }
     }
 
+    /// The URL as `--database-url` takes it.
+    pub fn url_arg(&self) -> String {
+        match &self.url {
+            DatabaseUrl::Postgres(url) => url.clone(),
+            DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+        }
+    }
+
     /// A pool on this database.
     pub fn pool(&self) -> Db {
         Db::open(&self.url, 16).expect("pool")
