@@ -14,7 +14,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Backend, TestServer, hierarchy, hop, postgres_available, task};
-use hopper_delegation::{domain::DelegationType, proto as pb, repository::delegations, store::Db};
+use hopper_delegation::{
+    auth::Caller, domain::DelegationType, proto as pb, repository::delegations, store::Db,
+};
 
 const WRITERS: usize = 8;
 const ROUNDS: usize = 100;
@@ -34,8 +36,10 @@ async fn write(db: &Db, run: usize) -> Duration {
                 let task_id = format!("r{run}-w{w}");
                 for _ in 0..ROUNDS {
                     let hop = hop(&task_id, "global", "project", DelegationType::Route);
-                    let d = delegations::create(&db, hop).await.unwrap();
-                    delegations::reject(&db, &d.id, "again").await.unwrap();
+                    let d = delegations::create(&db, &Caller::Admin, hop).await.unwrap();
+                    delegations::reject(&db, &Caller::Admin, &d.id, "again")
+                        .await
+                        .unwrap();
                 }
             })
         })

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{Backend, TestDb, bulk_subtasks, hierarchy, hop, postgres_available, task};
 use hopper_delegation::{
+    auth::Caller,
     domain::DelegationType,
     repository::{delegations, tasks},
     store::Db,
@@ -42,14 +43,16 @@ async fn measure(backend: Backend) {
         } else {
             ("project", "global", DelegationType::Escalate)
         };
-        let d = delegations::create(&db, hop("deep", source, target, kind))
+        let d = delegations::create(&db, &Caller::Admin, hop("deep", source, target, kind))
             .await
             .unwrap();
-        delegations::accept(&db, &d.id).await.unwrap();
+        delegations::accept(&db, &Caller::Admin, &d.id)
+            .await
+            .unwrap();
     }
     let chain = median_of(|| async {
         assert_eq!(
-            delegations::chain(&db, "deep")
+            delegations::chain(&db, &Caller::Admin, "deep")
                 .await
                 .unwrap()
                 .delegations
@@ -63,7 +66,11 @@ async fn measure(backend: Backend) {
     bulk_subtasks(&db, "wide", 100, 99).await;
     let tree = median_of(|| async {
         assert_eq!(
-            tasks::tree(&db, "wide").await.unwrap().tasks.len(),
+            tasks::tree(&db, &Caller::Admin, "wide")
+                .await
+                .unwrap()
+                .tasks
+                .len(),
             1 + 100 + 100 * 99
         );
     })

@@ -17,8 +17,9 @@
 //! - [`fanout`]: WatchEvents' fan-out: one live tail per process reading the event log, and
 //!   each subscriber's stream (one that falls behind is detached and catches up from the log
 //!   by itself).
-//! - [`repository`]: one function per operation; each write is one transaction
-//!   ([`store::Db::write`]) or a single statement.
+//! - [`repository`]: one function per operation, taking the caller; each authorizes itself
+//!   first ([`repository::access`], on its own connection or transaction) and each write is
+//!   one transaction ([`store::Db::write`]) or a single statement.
 //! - [`domain`]: the vocabulary and the lifecycle state machine ([`domain::lifecycle`]: which
 //!   transitions exist, e.g. that a completed hop cannot be cancelled); pure.
 //! - [`store`]: the queries and the connections, one job per file (`url`, `pool`, `tx` where

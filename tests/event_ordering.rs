@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::{Backend, TestDb, TestServer, hierarchy, hop, postgres_available, task};
 use hopper_delegation::{
+    auth::Caller,
     domain::{DelegationType, EventKind},
     proto::{self as pb, watch_events_response::Payload},
     repository::delegations,
@@ -69,9 +70,13 @@ async fn sequence_order_is_commit_order_on_postgres() {
     let db = test_db.pool();
     hierarchy(&db).await;
     task(&db, "t", "global").await;
-    let d = delegations::create(&db, hop("t", "global", "project", DelegationType::Route))
-        .await
-        .unwrap();
+    let d = delegations::create(
+        &db,
+        &Caller::Admin,
+        hop("t", "global", "project", DelegationType::Route),
+    )
+    .await
+    .unwrap();
     let event = NewEvent::of(EventKind::DelegationCreated, &d, None);
 
     // Numbered at insert, A holds the lower sequence, B commits the higher one first, and the
@@ -126,11 +131,14 @@ async fn concurrent_writers_and_a_subscriber(
                 for _ in 0..rounds {
                     let d = delegations::create(
                         &db,
+                        &Caller::Admin,
                         hop(&task_id, "global", "project", DelegationType::Route),
                     )
                     .await
                     .unwrap();
-                    delegations::reject(&db, &d.id, "again").await.unwrap();
+                    delegations::reject(&db, &Caller::Admin, &d.id, "again")
+                        .await
+                        .unwrap();
                 }
             })
         })

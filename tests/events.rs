@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::{Backend, TestDb, TestServer, rpc};
 use futures::StreamExt;
 use hopper_delegation::{
+    auth::Caller,
     domain::EventKind as DomainKind,
     fanout::TailLimits,
     proto::{
@@ -369,12 +370,17 @@ async fn a_slow_consumer_loses_nothing(backend: Backend) {
             "project",
             hopper_delegation::domain::DelegationType::Route,
         );
-        let d = hopper_delegation::repository::delegations::create(&db, hop)
+        let d = hopper_delegation::repository::delegations::create(&db, &Caller::Admin, hop)
             .await
             .unwrap();
-        hopper_delegation::repository::delegations::reject(&db, &d.id, &format!("round {round}"))
-            .await
-            .unwrap();
+        hopper_delegation::repository::delegations::reject(
+            &db,
+            &Caller::Admin,
+            &d.id,
+            &format!("round {round}"),
+        )
+        .await
+        .unwrap();
     }
     let mut previous = 0;
     for i in 0..2000 {
@@ -455,8 +461,8 @@ async fn write_hops(db: Db, rounds: usize, notes: usize) {
                 notes: Some("n".repeat(notes)).filter(|n| !n.is_empty()),
                 ..common::hop(task, source, target, Route)
             };
-            let d = delegations::create(&db, hop).await.unwrap();
-            delegations::reject(&db, &d.id, &format!("round {round}"))
+            let d = delegations::create(&db, &Caller::Admin, hop).await.unwrap();
+            delegations::reject(&db, &Caller::Admin, &d.id, &format!("round {round}"))
                 .await
                 .unwrap();
         }

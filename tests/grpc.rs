@@ -5,6 +5,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{Backend, TestServer, race, rpc, snapshot};
+use hopper_delegation::auth::Caller;
 use hopper_delegation::proto::{self as pb, InstanceStatus, Scope};
 use prost_types::{Struct, Value, value::Kind};
 use tonic::{Code, Request, Status};
@@ -117,7 +118,7 @@ async fn a_completion_at_orchestration_reaches_global_over_grpc(backend: Backend
     assert_eq!(task.result, Some(result_struct()));
 
     // Whole numbers are stored as JSON integers, not 118.0.
-    let stored = hopper_delegation::repository::tasks::get(&server.db.pool(), "t")
+    let stored = hopper_delegation::repository::tasks::get(&server.db.pool(), &Caller::Admin, "t")
         .await
         .unwrap();
     assert_eq!(stored.result.unwrap()["tests"], serde_json::json!(118));

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{Backend, TestServer, hierarchy, hop, race, task};
 use hopper_delegation::{
+    auth::Caller,
     domain::{DelegationType, InstanceStatus, Scope},
     error::Error,
     proto as pb,
@@ -36,10 +37,10 @@ async fn a_retried_create_returns_the_original_result(backend: Backend) {
     let server = TestServer::start(backend).await;
     let db = server.db.pool();
     hierarchy(&db).await;
-    let first = instances::register(&db, new_instance("req-1", "P9"))
+    let first = instances::register(&db, &Caller::Admin, new_instance("req-1", "P9"))
         .await
         .unwrap();
-    let again = instances::register(&db, new_instance("req-1", "P9"))
+    let again = instances::register(&db, &Caller::Admin, new_instance("req-1", "P9"))
         .await
         .unwrap();
     assert_eq!(
@@ -55,9 +56,12 @@ async fn a_retried_create_returns_the_original_result(backend: Backend) {
         instance_id: Some("global".into()),
         parent_task_id: None,
     };
-    let t = tasks::create(&db, new_task.clone()).await.unwrap();
+    let t = tasks::create(&db, &Caller::Admin, new_task.clone())
+        .await
+        .unwrap();
     let d = delegations::create(
         &db,
+        &Caller::Admin,
         common::NewDelegationExt::with_request_id(
             hop(&t.id, "global", "project", DelegationType::Route),
             "req-3",
@@ -65,13 +69,21 @@ async fn a_retried_create_returns_the_original_result(backend: Backend) {
     )
     .await
     .unwrap();
-    delegations::accept(&db, &d.id).await.unwrap();
+    delegations::accept(&db, &Caller::Admin, &d.id)
+        .await
+        .unwrap();
 
     // A fresh pool, as after a restart: still the originals, as they were created.
     let restarted = server.db.pool();
-    assert_eq!(tasks::create(&restarted, new_task).await.unwrap(), t);
+    assert_eq!(
+        tasks::create(&restarted, &Caller::Admin, new_task)
+            .await
+            .unwrap(),
+        t
+    );
     let replayed = delegations::create(
         &restarted,
+        &Caller::Admin,
         common::NewDelegationExt::with_request_id(
             hop(&t.id, "global", "project", DelegationType::Route),
             "req-3",
@@ -82,6 +94,7 @@ async fn a_retried_create_returns_the_original_result(backend: Backend) {
     assert_eq!(replayed, d);
     let all = delegations::list(
         &db,
+        &Caller::Admin,
         Listing::OfTask(&t.id),
         &PageRequest {
             size: 50,
@@ -98,11 +111,11 @@ async fn a_request_id_reused_for_another_request_is_refused(backend: Backend) {
     let server = TestServer::start(backend).await;
     let db = server.db.pool();
     hierarchy(&db).await;
-    instances::register(&db, new_instance("req-1", "P9"))
+    instances::register(&db, &Caller::Admin, new_instance("req-1", "P9"))
         .await
         .unwrap();
     let before = common::snapshot(&db).await;
-    let other = instances::register(&db, new_instance("req-1", "P10"))
+    let other = instances::register(&db, &Caller::Admin, new_instance("req-1", "P10"))
         .await
         .unwrap_err();
     assert!(
@@ -124,6 +137,7 @@ async fn a_request_id_reused_for_another_request_is_refused(backend: Backend) {
     task(&db, "t", "global").await;
     let across = delegations::create(
         &db,
+        &Caller::Admin,
         common::NewDelegationExt::with_request_id(
             hop("t", "global", "project", DelegationType::Route),
             "req-1",
@@ -152,7 +166,7 @@ async fn concurrent_duplicates_create_one_record(backend: Backend) {
     hierarchy(&db).await;
     let outcomes = race(8, |_| {
         let db = db.clone();
-        async move { instances::register(&db, new_instance("req-race", "P9")).await }
+        async move { instances::register(&db, &Caller::Admin, new_instance("req-race", "P9")).await }
     })
     .await;
     let ids: std::collections::HashSet<_> = outcomes
@@ -162,6 +176,7 @@ async fn concurrent_duplicates_create_one_record(backend: Backend) {
     assert_eq!(ids.len(), 1, "{outcomes:?}");
     let listed = instances::list(
         &db,
+        &Caller::Admin,
         &Default::default(),
         &PageRequest {
             size: 50,
@@ -216,6 +231,7 @@ async fn a_client_retrying_after_its_timeout_gets_one_record(backend: Backend) {
     assert!(answers.iter().all(|a| *a == retried), "{answers:?}");
     let all = delegations::list(
         &db,
+        &Caller::Admin,
         Listing::OfTask("t"),
         &PageRequest {
             size: 50,
@@ -258,11 +274,13 @@ async fn one_request_id_raced_across_two_rpcs_has_one_winner(backend: Backend) {
                         instance_id: None,
                         parent_task_id: Some(root),
                     };
-                    tasks::create(&db, new).await.map(drop)
+                    tasks::create(&db, &Caller::Admin, new).await.map(drop)
                 } else {
                     let new = hop(&root, "global", "project", DelegationType::Route);
                     let new = common::NewDelegationExt::with_request_id(new, &request_id);
-                    delegations::create(&db, new).await.map(drop)
+                    delegations::create(&db, &Caller::Admin, new)
+                        .await
+                        .map(drop)
                 }
             }
         })

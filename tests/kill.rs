@@ -11,6 +11,7 @@ use std::{
 
 use common::{Backend, TestDb, hierarchy, hop, task, text_rows};
 use hopper_delegation::{
+    auth::Caller,
     domain::{DelegationStatus, DelegationType, EventKind, TaskStatus},
     proto as pb,
     repository::{PageRequest, delegations, tasks},
@@ -29,10 +30,13 @@ async fn chain(db: &hopper_delegation::store::Db, task_id: &str) -> String {
         } else {
             ("project", "global", DelegationType::Escalate)
         };
-        let d = delegations::create(db, hop(task_id, source, target, kind))
+        let d = delegations::create(db, &Caller::Admin, hop(task_id, source, target, kind))
             .await
             .unwrap();
-        last = delegations::accept(db, &d.id).await.unwrap().id;
+        last = delegations::accept(db, &Caller::Admin, &d.id)
+            .await
+            .unwrap()
+            .id;
     }
     last
 }
@@ -92,13 +96,15 @@ async fn a_kill_mid_bubbling_leaves_all_or_nothing(backend: Backend) {
             size: 1000,
             token: String::new(),
         };
-        let all = delegations::list(&db, listing, &page).await.unwrap();
+        let all = delegations::list(&db, &Caller::Admin, listing, &page)
+            .await
+            .unwrap();
         let count = |status| all.items.iter().filter(|d| d.status == status).count();
         let (completed, accepted) = (
             count(DelegationStatus::Completed),
             count(DelegationStatus::Accepted),
         );
-        let task = tasks::get(&db, &task_id).await.unwrap();
+        let task = tasks::get(&db, &Caller::Admin, &task_id).await.unwrap();
         let scope = event_log::Watched {
             instance_id: "global".into(),
             include_descendants: true,

@@ -6,6 +6,7 @@ use common::{
     Backend, TestDb, accepted_route, hierarchy, hop, instance, race, snapshot, subtask, task,
 };
 use hopper_delegation::{
+    auth::Caller,
     domain::{DelegationStatus, DelegationType, InstanceStatus, Scope, TaskStatus},
     error::Error,
     repository::{
@@ -52,16 +53,28 @@ async fn a_completion_at_orchestration_reaches_global(backend: Backend) {
         to_orch.parent_delegation_id.as_deref(),
         Some(to_project.id.as_str())
     );
-    assert_eq!(tasks::get(&db, "t").await.unwrap().instance_id, "orch");
+    assert_eq!(
+        tasks::get(&db, &Caller::Admin, "t")
+            .await
+            .unwrap()
+            .instance_id,
+        "orch"
+    );
 
     let result = json!({"artifact": "build-42", "tests": 118});
     let Completion {
         delegation,
         completed_ancestors,
         task,
-    } = delegations::complete(&db, &to_orch.id, Some(&result), Some("all green"))
-        .await
-        .unwrap();
+    } = delegations::complete(
+        &db,
+        &Caller::Admin,
+        &to_orch.id,
+        Some(&result),
+        Some("all green"),
+    )
+    .await
+    .unwrap();
     assert_eq!(delegation.status, DelegationStatus::Completed);
     assert_eq!(delegation.result.as_ref(), Some(&result));
     assert_eq!(delegation.notes.as_deref(), Some("all green"));
@@ -76,9 +89,9 @@ async fn a_completion_at_orchestration_reaches_global(backend: Backend) {
         (TaskStatus::Done, "global")
     );
     assert_eq!(task.result.as_ref(), Some(&result));
-    assert_eq!(tasks::get(&db, "t").await.unwrap(), task);
+    assert_eq!(tasks::get(&db, &Caller::Admin, "t").await.unwrap(), task);
 
-    let chain = delegations::chain(&db, "t").await.unwrap();
+    let chain = delegations::chain(&db, &Caller::Admin, "t").await.unwrap();
     let hops: Vec<_> = chain.delegations.iter().map(|d| d.id.as_str()).collect();
     assert_eq!(hops, [to_project.id.as_str(), to_orch.id.as_str()]);
     assert_eq!(
@@ -89,14 +102,16 @@ async fn a_completion_at_orchestration_reaches_global(backend: Backend) {
         ("global", "global")
     );
     assert_eq!(
-        delegations::get(&db, &to_project.id).await.unwrap(),
+        delegations::get(&db, &Caller::Admin, &to_project.id)
+            .await
+            .unwrap(),
         completed_ancestors[0]
     );
 }
 
 async fn the_chain_follows_the_task_to_where_it_is_now(backend: Backend) {
     let (_guard, db) = story(backend).await;
-    let chain = delegations::chain(&db, "t").await.unwrap();
+    let chain = delegations::chain(&db, &Caller::Admin, "t").await.unwrap();
     assert!(chain.delegations.is_empty());
     assert_eq!(
         (
@@ -107,10 +122,10 @@ async fn the_chain_follows_the_task_to_where_it_is_now(backend: Backend) {
     );
 
     let to_project = accepted_route(&db, "t", "global", "project").await;
-    let to_orch = delegations::create(&db, hop("t", "project", "orch", Route))
+    let to_orch = delegations::create(&db, &Caller::Admin, hop("t", "project", "orch", Route))
         .await
         .unwrap();
-    let chain = delegations::chain(&db, "t").await.unwrap();
+    let chain = delegations::chain(&db, &Caller::Admin, "t").await.unwrap();
     let statuses: Vec<_> = chain
         .delegations
         .iter()
@@ -131,32 +146,40 @@ async fn the_chain_follows_the_task_to_where_it_is_now(backend: Backend) {
         ("global", "orch")
     );
 
-    delegations::reject(&db, &to_orch.id, "no capacity")
+    delegations::reject(&db, &Caller::Admin, &to_orch.id, "no capacity")
         .await
         .unwrap();
-    let chain = delegations::chain(&db, "t").await.unwrap();
+    let chain = delegations::chain(&db, &Caller::Admin, "t").await.unwrap();
     assert_eq!(chain.delegations.len(), 1);
     assert_eq!(chain.current_instance_id, "project");
     assert!(matches!(
-        delegations::chain(&db, "nope").await,
+        delegations::chain(&db, &Caller::Admin, "nope").await,
         Err(Error::NotFound { entity: "task", .. })
     ));
 }
 
 async fn a_task_lists_every_delegation_oldest_first_with_rejections(backend: Backend) {
     let (_guard, db) = story(backend).await;
-    let first = delegations::create(&db, hop("t", "global", "project", Route))
+    let first = delegations::create(&db, &Caller::Admin, hop("t", "global", "project", Route))
         .await
         .unwrap();
-    let rejected = delegations::reject(&db, &first.id, "busy").await.unwrap();
+    let rejected = delegations::reject(&db, &Caller::Admin, &first.id, "busy")
+        .await
+        .unwrap();
     assert_eq!(rejected.rejection_reason.as_deref(), Some("busy"));
-    assert_eq!(tasks::get(&db, "t").await.unwrap().instance_id, "global");
+    assert_eq!(
+        tasks::get(&db, &Caller::Admin, "t")
+            .await
+            .unwrap()
+            .instance_id,
+        "global"
+    );
     let second = accepted_route(&db, "t", "global", "project2").await;
-    let third = delegations::create(&db, hop("t", "project2", "orch2", Route))
+    let third = delegations::create(&db, &Caller::Admin, hop("t", "project2", "orch2", Route))
         .await
         .unwrap();
 
-    let all = delegations::list(&db, Listing::OfTask("t"), &page(50, ""))
+    let all = delegations::list(&db, &Caller::Admin, Listing::OfTask("t"), &page(50, ""))
         .await
         .unwrap();
     let ids: Vec<_> = all.items.iter().map(|d| d.id.clone()).collect();
@@ -166,7 +189,7 @@ async fn a_task_lists_every_delegation_oldest_first_with_rejections(backend: Bac
     let mut token = String::new();
     let mut walked = Vec::new();
     loop {
-        let one = delegations::list(&db, Listing::OfTask("t"), &page(1, &token))
+        let one = delegations::list(&db, &Caller::Admin, Listing::OfTask("t"), &page(1, &token))
             .await
             .unwrap();
         walked.extend(one.items.into_iter().map(|d| d.id));
@@ -177,14 +200,20 @@ async fn a_task_lists_every_delegation_oldest_first_with_rejections(backend: Bac
     }
     assert_eq!(walked, ids);
     assert!(matches!(
-        delegations::list(&db, Listing::OfTask("t"), &page(1, "forged")).await,
+        delegations::list(
+            &db,
+            &Caller::Admin,
+            Listing::OfTask("t"),
+            &page(1, "forged")
+        )
+        .await,
         Err(Error::InvalidArgument {
             field: "page_token",
             ..
         })
     ));
     assert!(matches!(
-        delegations::list(&db, Listing::OfTask("nope"), &page(1, "")).await,
+        delegations::list(&db, &Caller::Admin, Listing::OfTask("nope"), &page(1, "")).await,
         Err(Error::NotFound { .. })
     ));
 }
@@ -196,26 +225,37 @@ async fn an_instance_lists_its_pending_delegations_a_page_at_a_time(backend: Bac
         let id = format!("job-{i}");
         task(&db, &id, "global").await;
         expected.push(
-            delegations::create(&db, hop(&id, "global", "project", Route))
+            delegations::create(&db, &Caller::Admin, hop(&id, "global", "project", Route))
                 .await
                 .unwrap()
                 .id,
         );
     }
     task(&db, "elsewhere", "global").await;
-    delegations::create(&db, hop("elsewhere", "global", "project2", Route))
+    delegations::create(
+        &db,
+        &Caller::Admin,
+        hop("elsewhere", "global", "project2", Route),
+    )
+    .await
+    .unwrap();
+    delegations::accept(&db, &Caller::Admin, &expected[4])
         .await
         .unwrap();
-    delegations::accept(&db, &expected[4]).await.unwrap();
     expected.pop();
 
     let mut seen = Vec::new();
     let mut token = String::new();
     let mut pages = 0;
     loop {
-        let p = delegations::list(&db, Listing::PendingFor("project"), &page(3, &token))
-            .await
-            .unwrap();
+        let p = delegations::list(
+            &db,
+            &Caller::Admin,
+            Listing::PendingFor("project"),
+            &page(3, &token),
+        )
+        .await
+        .unwrap();
         pages += 1;
         for d in &p.items {
             assert_eq!(d.status, DelegationStatus::Pending, "{}", d.id);
@@ -229,7 +269,13 @@ async fn an_instance_lists_its_pending_delegations_a_page_at_a_time(backend: Bac
     }
     assert_eq!((seen, pages), (expected, 2));
     assert!(matches!(
-        delegations::list(&db, Listing::PendingFor("ghost"), &page(3, "")).await,
+        delegations::list(
+            &db,
+            &Caller::Admin,
+            Listing::PendingFor("ghost"),
+            &page(3, "")
+        )
+        .await,
         Err(Error::NotFound {
             entity: "instance",
             ..
@@ -242,7 +288,7 @@ async fn a_delegation_must_follow_the_creation_rules_and_writes_nothing_otherwis
 ) {
     let (_guard, db) = story(backend).await;
     instance(&db, "stopped", Scope::Orchestration, Some("global")).await;
-    instances::set_status(&db, "stopped", InstanceStatus::Stopped)
+    instances::set_status(&db, &Caller::Admin, "stopped", InstanceStatus::Stopped)
         .await
         .unwrap();
     let before = snapshot(&db).await;
@@ -269,23 +315,27 @@ async fn a_delegation_must_follow_the_creation_rules_and_writes_nothing_otherwis
         (hop("t", "global", "project", Decompose), "not a subtask"),
     ];
     for (request, message) in refused {
-        let err = delegations::create(&db, request.clone()).await.unwrap_err();
+        let err = delegations::create(&db, &Caller::Admin, request.clone())
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains(message), "{request:?}: {err}");
     }
     assert_eq!(snapshot(&db).await, before);
 
-    let pending = delegations::create(&db, hop("t", "global", "project", Route))
+    let pending = delegations::create(&db, &Caller::Admin, hop("t", "global", "project", Route))
         .await
         .unwrap();
     let before = snapshot(&db).await;
-    let again =
-        failed_precondition(delegations::create(&db, hop("t", "orch", "orch2", Reassign)).await);
+    let again = failed_precondition(
+        delegations::create(&db, &Caller::Admin, hop("t", "orch", "orch2", Reassign)).await,
+    );
     assert!(
         again.contains(&format!("pending delegation {}", pending.id)),
         "{again}"
     );
-    let route_up =
-        failed_precondition(delegations::create(&db, hop("t", "project", "global", Route)).await);
+    let route_up = failed_precondition(
+        delegations::create(&db, &Caller::Admin, hop("t", "project", "global", Route)).await,
+    );
     assert!(route_up.contains("pending delegation"), "{route_up}");
     assert_eq!(snapshot(&db).await, before);
 }
@@ -294,31 +344,40 @@ async fn escalate_goes_up_and_reassign_goes_sideways(backend: Backend) {
     let (_guard, db) = story(backend).await;
     let to_project = accepted_route(&db, "t", "global", "project").await;
     let to_orch = accepted_route(&db, "t", "project", "orch").await;
-    let refused =
-        failed_precondition(delegations::create(&db, hop("t", "orch", "global", Route)).await);
+    let refused = failed_precondition(
+        delegations::create(&db, &Caller::Admin, hop("t", "orch", "global", Route)).await,
+    );
     assert!(refused.contains("goes to a descendant"), "{refused}");
-    let sideways = delegations::create(&db, hop("t", "orch", "orch2", Reassign))
+    let sideways = delegations::create(&db, &Caller::Admin, hop("t", "orch", "orch2", Reassign))
         .await
         .unwrap();
     assert_eq!(
         sideways.parent_delegation_id.as_deref(),
         Some(to_orch.id.as_str())
     );
-    delegations::reject(&db, &sideways.id, "not ours")
+    delegations::reject(&db, &Caller::Admin, &sideways.id, "not ours")
         .await
         .unwrap();
 
-    let up = delegations::create(&db, hop("t", "orch", "global", Escalate))
+    let up = delegations::create(&db, &Caller::Admin, hop("t", "orch", "global", Escalate))
         .await
         .unwrap();
     assert_eq!(
         up.parent_delegation_id.as_deref(),
         Some(to_orch.id.as_str())
     );
-    delegations::accept(&db, &up.id).await.unwrap();
-    let done = delegations::complete(&db, &up.id, Some(&json!({"fixed": true})), None)
+    delegations::accept(&db, &Caller::Admin, &up.id)
         .await
         .unwrap();
+    let done = delegations::complete(
+        &db,
+        &Caller::Admin,
+        &up.id,
+        Some(&json!({"fixed": true})),
+        None,
+    )
+    .await
+    .unwrap();
     let ancestors: Vec<_> = done
         .completed_ancestors
         .iter()
@@ -333,10 +392,11 @@ async fn escalate_goes_up_and_reassign_goes_sideways(backend: Backend) {
 
 async fn transitions_from_the_wrong_status_name_the_current_one(backend: Backend) {
     let (_guard, db) = story(backend).await;
-    let d = delegations::create(&db, hop("t", "global", "project", Route))
+    let d = delegations::create(&db, &Caller::Admin, hop("t", "global", "project", Route))
         .await
         .unwrap();
-    let message = failed_precondition(delegations::complete(&db, &d.id, None, None).await);
+    let message =
+        failed_precondition(delegations::complete(&db, &Caller::Admin, &d.id, None, None).await);
     assert_eq!(
         message,
         format!(
@@ -344,29 +404,48 @@ async fn transitions_from_the_wrong_status_name_the_current_one(backend: Backend
             d.id
         )
     );
-    delegations::accept(&db, &d.id).await.unwrap();
-    assert!(failed_precondition(delegations::accept(&db, &d.id).await).contains("is accepted"));
+    delegations::accept(&db, &Caller::Admin, &d.id)
+        .await
+        .unwrap();
     assert!(
-        failed_precondition(delegations::reject(&db, &d.id, "late").await).contains("is accepted")
+        failed_precondition(delegations::accept(&db, &Caller::Admin, &d.id).await)
+            .contains("is accepted")
     );
-    delegations::complete(&db, &d.id, None, None).await.unwrap();
-    let message = failed_precondition(delegations::cancel(&db, &d.id).await);
+    assert!(
+        failed_precondition(delegations::reject(&db, &Caller::Admin, &d.id, "late").await)
+            .contains("is accepted")
+    );
+    delegations::complete(&db, &Caller::Admin, &d.id, None, None)
+        .await
+        .unwrap();
+    let message = failed_precondition(delegations::cancel(&db, &Caller::Admin, &d.id).await);
     assert!(
         message.contains("is completed; it must be pending or accepted to cancel"),
         "{message}"
     );
-    let finished =
-        failed_precondition(delegations::create(&db, hop("t", "global", "project", Route)).await);
+    let finished = failed_precondition(
+        delegations::create(&db, &Caller::Admin, hop("t", "global", "project", Route)).await,
+    );
     assert!(finished.contains("task t is done"), "{finished}");
     for outcome in [
-        delegations::accept(&db, "ghost").await.map(drop),
-        delegations::reject(&db, "ghost", "x").await.map(drop),
-        delegations::complete(&db, "ghost", None, None)
+        delegations::accept(&db, &Caller::Admin, "ghost")
             .await
             .map(drop),
-        delegations::cancel(&db, "ghost").await.map(drop),
-        delegations::get(&db, "ghost").await.map(drop),
-        delegations::update_notes(&db, "ghost", "x").await.map(drop),
+        delegations::reject(&db, &Caller::Admin, "ghost", "x")
+            .await
+            .map(drop),
+        delegations::complete(&db, &Caller::Admin, "ghost", None, None)
+            .await
+            .map(drop),
+        delegations::cancel(&db, &Caller::Admin, "ghost")
+            .await
+            .map(drop),
+        delegations::get(&db, &Caller::Admin, "ghost")
+            .await
+            .map(drop),
+        delegations::update_notes(&db, &Caller::Admin, "ghost", "x")
+            .await
+            .map(drop),
     ] {
         assert_eq!(outcome, Err(Error::not_found("delegation", "ghost")));
     }
@@ -375,11 +454,13 @@ async fn transitions_from_the_wrong_status_name_the_current_one(backend: Backend
 async fn a_hop_cannot_complete_while_the_task_is_delegated_onward(backend: Backend) {
     let (_guard, db) = story(backend).await;
     let to_project = accepted_route(&db, "t", "global", "project").await;
-    let to_orch = delegations::create(&db, hop("t", "project", "orch", Route))
+    let to_orch = delegations::create(&db, &Caller::Admin, hop("t", "project", "orch", Route))
         .await
         .unwrap();
     let before = snapshot(&db).await;
-    let message = failed_precondition(delegations::complete(&db, &to_project.id, None, None).await);
+    let message = failed_precondition(
+        delegations::complete(&db, &Caller::Admin, &to_project.id, None, None).await,
+    );
     assert!(
         message.contains(&format!("delegated onward by delegation {}", to_orch.id)),
         "{message}"
@@ -390,25 +471,34 @@ async fn a_hop_cannot_complete_while_the_task_is_delegated_onward(backend: Backe
 async fn a_rejection_sends_the_task_back_for_another_try(backend: Backend) {
     let (_guard, db) = story(backend).await;
     let to_project = accepted_route(&db, "t", "global", "project").await;
-    let refused = delegations::create(&db, hop("t", "project", "orch", Route))
+    let refused = delegations::create(&db, &Caller::Admin, hop("t", "project", "orch", Route))
         .await
         .unwrap();
-    delegations::reject(&db, &refused.id, "orch is full")
+    delegations::reject(&db, &Caller::Admin, &refused.id, "orch is full")
         .await
         .unwrap();
-    assert_eq!(tasks::get(&db, "t").await.unwrap().instance_id, "project");
+    assert_eq!(
+        tasks::get(&db, &Caller::Admin, "t")
+            .await
+            .unwrap()
+            .instance_id,
+        "project"
+    );
     let retry = accepted_route(&db, "t", "project", "orch").await;
     assert_eq!(
         retry.parent_delegation_id.as_deref(),
         Some(to_project.id.as_str())
     );
-    let done = delegations::complete(&db, &retry.id, None, None)
+    let done = delegations::complete(&db, &Caller::Admin, &retry.id, None, None)
         .await
         .unwrap();
     assert_eq!(done.completed_ancestors.len(), 1);
     assert_eq!(done.task.status, TaskStatus::Done);
     assert_eq!(
-        delegations::get(&db, &refused.id).await.unwrap().status,
+        delegations::get(&db, &Caller::Admin, &refused.id)
+            .await
+            .unwrap()
+            .status,
         DelegationStatus::Rejected
     );
 }
@@ -417,11 +507,13 @@ async fn cancelling_a_hop_cancels_everything_below_it(backend: Backend) {
     let (_guard, db) = story(backend).await;
     let to_project = accepted_route(&db, "t", "global", "project").await;
     let to_orch = accepted_route(&db, "t", "project", "orch").await;
-    let sideways = delegations::create(&db, hop("t", "orch", "orch2", Reassign))
+    let sideways = delegations::create(&db, &Caller::Admin, hop("t", "orch", "orch2", Reassign))
         .await
         .unwrap();
 
-    let cancelled = delegations::cancel(&db, &to_project.id).await.unwrap();
+    let cancelled = delegations::cancel(&db, &Caller::Admin, &to_project.id)
+        .await
+        .unwrap();
     assert_eq!(cancelled.delegation.status, DelegationStatus::Cancelled);
     let below: Vec<_> = cancelled
         .cancelled_descendants
@@ -437,10 +529,10 @@ async fn cancelling_a_hop_cancels_everything_below_it(backend: Backend) {
     );
     assert_eq!(cancelled.task.instance_id, "global");
     assert_eq!(cancelled.task.status, TaskStatus::Pending);
-    failed_precondition(delegations::accept(&db, &sideways.id).await);
-    failed_precondition(delegations::complete(&db, &to_orch.id, None, None).await);
+    failed_precondition(delegations::accept(&db, &Caller::Admin, &sideways.id).await);
+    failed_precondition(delegations::complete(&db, &Caller::Admin, &to_orch.id, None, None).await);
     assert!(
-        delegations::chain(&db, "t")
+        delegations::chain(&db, &Caller::Admin, "t")
             .await
             .unwrap()
             .delegations
@@ -453,17 +545,22 @@ async fn cancelling_a_hop_cancels_everything_below_it(backend: Backend) {
 async fn cancelling_an_inner_hop_leaves_the_hops_above_it(backend: Backend) {
     let (_guard, db) = story(backend).await;
     let to_project = accepted_route(&db, "t", "global", "project").await;
-    let to_orch = delegations::create(&db, hop("t", "project", "orch", Route))
+    let to_orch = delegations::create(&db, &Caller::Admin, hop("t", "project", "orch", Route))
         .await
         .unwrap();
-    let cancelled = delegations::cancel(&db, &to_orch.id).await.unwrap();
+    let cancelled = delegations::cancel(&db, &Caller::Admin, &to_orch.id)
+        .await
+        .unwrap();
     assert!(cancelled.cancelled_descendants.is_empty());
     assert_eq!(cancelled.task.instance_id, "project");
     assert_eq!(
-        delegations::get(&db, &to_project.id).await.unwrap().status,
+        delegations::get(&db, &Caller::Admin, &to_project.id)
+            .await
+            .unwrap()
+            .status,
         DelegationStatus::Accepted
     );
-    let done = delegations::complete(&db, &to_project.id, None, None)
+    let done = delegations::complete(&db, &Caller::Admin, &to_project.id, None, None)
         .await
         .unwrap();
     assert_eq!(done.task.status, TaskStatus::Done);
@@ -476,23 +573,35 @@ async fn a_decompose_hop_completes_its_subtask_while_the_parent_waits_for_the_re
     let to_project = accepted_route(&db, "t", "global", "project").await;
     subtask(&db, "t.1", "t").await;
     subtask(&db, "t.2", "t").await;
-    let sub = tasks::get(&db, "t.1").await.unwrap();
+    let sub = tasks::get(&db, &Caller::Admin, "t.1").await.unwrap();
     assert_eq!(
         (sub.instance_id.as_str(), sub.parent_task_id.as_deref()),
         ("project", Some("t"))
     );
 
-    let split = delegations::create(&db, hop("t.1", "project", "orch", Decompose))
-        .await
-        .unwrap();
+    let split = delegations::create(
+        &db,
+        &Caller::Admin,
+        hop("t.1", "project", "orch", Decompose),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         split.parent_delegation_id.as_deref(),
         Some(to_project.id.as_str())
     );
-    delegations::accept(&db, &split.id).await.unwrap();
-    let done = delegations::complete(&db, &split.id, Some(&json!({"part": 1})), None)
+    delegations::accept(&db, &Caller::Admin, &split.id)
         .await
         .unwrap();
+    let done = delegations::complete(
+        &db,
+        &Caller::Admin,
+        &split.id,
+        Some(&json!({"part": 1})),
+        None,
+    )
+    .await
+    .unwrap();
     assert!(done.completed_ancestors.is_empty());
     assert_eq!(
         (
@@ -503,11 +612,14 @@ async fn a_decompose_hop_completes_its_subtask_while_the_parent_waits_for_the_re
         ("t.1", TaskStatus::Done, "project")
     );
     assert_eq!(
-        delegations::get(&db, &to_project.id).await.unwrap().status,
+        delegations::get(&db, &Caller::Admin, &to_project.id)
+            .await
+            .unwrap()
+            .status,
         DelegationStatus::Accepted
     );
     assert_eq!(
-        tasks::get(&db, "t").await.unwrap().status,
+        tasks::get(&db, &Caller::Admin, "t").await.unwrap().status,
         TaskStatus::Pending
     );
 }
@@ -516,14 +628,32 @@ async fn cancelling_a_parent_hop_reaches_into_subtasks(backend: Backend) {
     let (_guard, db) = story(backend).await;
     let to_project = accepted_route(&db, "t", "global", "project").await;
     subtask(&db, "t.1", "t").await;
-    let split = delegations::create(&db, hop("t.1", "project", "orch", Decompose))
+    let split = delegations::create(
+        &db,
+        &Caller::Admin,
+        hop("t.1", "project", "orch", Decompose),
+    )
+    .await
+    .unwrap();
+    let cancelled = delegations::cancel(&db, &Caller::Admin, &to_project.id)
         .await
         .unwrap();
-    let cancelled = delegations::cancel(&db, &to_project.id).await.unwrap();
     assert_eq!(cancelled.cancelled_descendants.len(), 1);
     assert_eq!(cancelled.cancelled_descendants[0].id, split.id);
-    assert_eq!(tasks::get(&db, "t.1").await.unwrap().instance_id, "project");
-    assert_eq!(tasks::get(&db, "t").await.unwrap().instance_id, "global");
+    assert_eq!(
+        tasks::get(&db, &Caller::Admin, "t.1")
+            .await
+            .unwrap()
+            .instance_id,
+        "project"
+    );
+    assert_eq!(
+        tasks::get(&db, &Caller::Admin, "t")
+            .await
+            .unwrap()
+            .instance_id,
+        "global"
+    );
 }
 
 async fn a_subtask_is_created_where_its_parent_is(backend: Backend) {
@@ -536,16 +666,19 @@ async fn a_subtask_is_created_where_its_parent_is(backend: Backend) {
         instance_id: instance.map(str::to_owned),
         parent_task_id: Some(parent.to_owned()),
     };
-    let sub = tasks::create(&db, new(Some("global"), "t")).await.unwrap();
+    let sub = tasks::create(&db, &Caller::Admin, new(Some("global"), "t"))
+        .await
+        .unwrap();
     assert_eq!(sub.instance_id, "global");
     assert_eq!(sub.id.len(), 36, "a generated UUID");
-    let elsewhere = failed_precondition(tasks::create(&db, new(Some("project"), "t")).await);
+    let elsewhere =
+        failed_precondition(tasks::create(&db, &Caller::Admin, new(Some("project"), "t")).await);
     assert!(
         elsewhere.contains("parent task t is at instance global"),
         "{elsewhere}"
     );
     assert!(matches!(
-        tasks::create(&db, new(None, "ghost")).await,
+        tasks::create(&db, &Caller::Admin, new(None, "ghost")).await,
         Err(Error::NotFound {
             entity: "parent task",
             ..
@@ -557,7 +690,7 @@ async fn a_subtask_is_created_where_its_parent_is(backend: Backend) {
         ..new(None, "t")
     };
     assert!(matches!(
-        tasks::create(&db, plain).await,
+        tasks::create(&db, &Caller::Admin, plain).await,
         Err(Error::NotFound {
             entity: "instance",
             ..
@@ -570,7 +703,7 @@ async fn a_subtask_is_created_where_its_parent_is(backend: Backend) {
         ..new(None, "t")
     };
     assert_eq!(
-        tasks::create(&db, taken).await,
+        tasks::create(&db, &Caller::Admin, taken).await,
         Err(Error::AlreadyExists {
             entity: "task",
             id: "t".into()
@@ -578,9 +711,14 @@ async fn a_subtask_is_created_where_its_parent_is(backend: Backend) {
     );
 
     // Its only open subtask done, t completes in place; a finished task takes no subtasks.
-    tasks::complete(&db, &sub.id, None).await.unwrap();
-    assert_eq!(tasks::get(&db, "t").await.unwrap().status, TaskStatus::Done);
-    let finished = failed_precondition(tasks::create(&db, new(None, "t")).await);
+    tasks::complete(&db, &Caller::Admin, &sub.id, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        tasks::get(&db, &Caller::Admin, "t").await.unwrap().status,
+        TaskStatus::Done
+    );
+    let finished = failed_precondition(tasks::create(&db, &Caller::Admin, new(None, "t")).await);
     assert!(finished.contains("is done"), "{finished}");
 }
 
@@ -596,7 +734,7 @@ async fn instances_register_list_and_change_status(backend: Backend) {
         config: json!({"region": "eu", "replicas": 3}),
     };
     assert_eq!(
-        instances::register(&db, taken.clone()).await,
+        instances::register(&db, &Caller::Admin, taken.clone()).await,
         Err(Error::AlreadyExists {
             entity: "instance",
             id: "global".into()
@@ -608,17 +746,23 @@ async fn instances_register_list_and_change_status(backend: Backend) {
         ..taken.clone()
     };
     assert_eq!(
-        instances::register(&db, orphan).await,
+        instances::register(&db, &Caller::Admin, orphan).await,
         Err(Error::not_found("parent instance", "ghost"))
     );
-    let fresh = instances::register(&db, NewInstance { id: None, ..taken })
+    let fresh = instances::register(&db, &Caller::Admin, NewInstance { id: None, ..taken })
         .await
         .unwrap();
     assert_eq!(fresh.config, json!({"region": "eu", "replicas": 3}));
-    assert_eq!(instances::get(&db, &fresh.id).await.unwrap(), fresh);
+    assert_eq!(
+        instances::get(&db, &Caller::Admin, &fresh.id)
+            .await
+            .unwrap(),
+        fresh
+    );
 
     let projects = instances::list(
         &db,
+        &Caller::Admin,
         &Filter {
             scope: Some(Scope::Project),
             ..Filter::default()
@@ -631,6 +775,7 @@ async fn instances_register_list_and_change_status(backend: Backend) {
     assert_eq!(ids, ["project", "project2"]);
     let children = instances::list(
         &db,
+        &Caller::Admin,
         &Filter {
             parent_id: Some("project2".into()),
             ..Filter::default()
@@ -640,26 +785,32 @@ async fn instances_register_list_and_change_status(backend: Backend) {
     .await
     .unwrap();
     assert_eq!(children.items.len(), 1);
-    let first = instances::list(&db, &Filter::default(), &page(2, ""))
+    let first = instances::list(&db, &Caller::Admin, &Filter::default(), &page(2, ""))
         .await
         .unwrap();
     assert_eq!(first.items.len(), 2);
-    let rest = instances::list(&db, &Filter::default(), &page(50, &first.next_page_token))
-        .await
-        .unwrap();
+    let rest = instances::list(
+        &db,
+        &Caller::Admin,
+        &Filter::default(),
+        &page(50, &first.next_page_token),
+    )
+    .await
+    .unwrap();
     assert_eq!(first.items.len() + rest.items.len(), 6);
     assert!(matches!(
-        instances::list(&db, &Filter::default(), &page(2, "../x")).await,
+        instances::list(&db, &Caller::Admin, &Filter::default(), &page(2, "../x")).await,
         Err(Error::InvalidArgument { .. })
     ));
 
-    let paused = instances::set_status(&db, "orch2", InstanceStatus::Paused)
+    let paused = instances::set_status(&db, &Caller::Admin, "orch2", InstanceStatus::Paused)
         .await
         .unwrap();
     assert_eq!(paused.status, InstanceStatus::Paused);
     assert!(paused.updated_at >= paused.created_at);
     let paused_only = instances::list(
         &db,
+        &Caller::Admin,
         &Filter {
             status: Some(InstanceStatus::Paused),
             ..Filter::default()
@@ -670,11 +821,11 @@ async fn instances_register_list_and_change_status(backend: Backend) {
     .unwrap();
     assert_eq!(paused_only.items, [paused]);
     assert_eq!(
-        instances::set_status(&db, "ghost", InstanceStatus::Paused).await,
+        instances::set_status(&db, &Caller::Admin, "ghost", InstanceStatus::Paused).await,
         Err(Error::not_found("instance", "ghost"))
     );
     assert_eq!(
-        instances::get(&db, "ghost").await,
+        instances::get(&db, &Caller::Admin, "ghost").await,
         Err(Error::not_found("instance", "ghost"))
     );
 }
@@ -682,7 +833,7 @@ async fn instances_register_list_and_change_status(backend: Backend) {
 async fn notes_can_be_changed_at_any_status(backend: Backend) {
     let (_guard, db) = story(backend).await;
     let d = accepted_route(&db, "t", "global", "project").await;
-    let noted = delegations::update_notes(&db, &d.id, "waiting on review")
+    let noted = delegations::update_notes(&db, &Caller::Admin, &d.id, "waiting on review")
         .await
         .unwrap();
     assert_eq!(noted.notes.as_deref(), Some("waiting on review"));
@@ -694,15 +845,34 @@ async fn racing_clients_on_one_delegation_have_exactly_one_winner(backend: Backe
     let (_guard, db) = story(backend).await;
     const N: usize = 12;
     type Op = fn(Db, String) -> futures::future::BoxFuture<'static, Result<(), Error>>;
-    let accept: Op =
-        |db, id| Box::pin(async move { delegations::accept(&db, &id).await.map(drop) });
-    let reject: Op =
-        |db, id| Box::pin(async move { delegations::reject(&db, &id, "no").await.map(drop) });
-    let complete: Op = |db, id| {
-        Box::pin(async move { delegations::complete(&db, &id, None, None).await.map(drop) })
+    let accept: Op = |db, id| {
+        Box::pin(async move {
+            delegations::accept(&db, &Caller::Admin, &id)
+                .await
+                .map(drop)
+        })
     };
-    let cancel: Op =
-        |db, id| Box::pin(async move { delegations::cancel(&db, &id).await.map(drop) });
+    let reject: Op = |db, id| {
+        Box::pin(async move {
+            delegations::reject(&db, &Caller::Admin, &id, "no")
+                .await
+                .map(drop)
+        })
+    };
+    let complete: Op = |db, id| {
+        Box::pin(async move {
+            delegations::complete(&db, &Caller::Admin, &id, None, None)
+                .await
+                .map(drop)
+        })
+    };
+    let cancel: Op = |db, id| {
+        Box::pin(async move {
+            delegations::cancel(&db, &Caller::Admin, &id)
+                .await
+                .map(drop)
+        })
+    };
     for (round, (name, op, needs_accept)) in [
         ("accept", accept, false),
         ("reject", reject, false),
@@ -714,11 +884,17 @@ async fn racing_clients_on_one_delegation_have_exactly_one_winner(backend: Backe
     {
         let task_id = format!("race-{round}");
         task(&db, &task_id, "global").await;
-        let d = delegations::create(&db, hop(&task_id, "global", "project", Route))
-            .await
-            .unwrap();
+        let d = delegations::create(
+            &db,
+            &Caller::Admin,
+            hop(&task_id, "global", "project", Route),
+        )
+        .await
+        .unwrap();
         if needs_accept {
-            delegations::accept(&db, &d.id).await.unwrap();
+            delegations::accept(&db, &Caller::Admin, &d.id)
+                .await
+                .unwrap();
         }
         let outcomes = race(N, |_| op(db.clone(), d.id.clone())).await;
         let wins = outcomes.iter().filter(|o| o.is_ok()).count();
@@ -732,9 +908,13 @@ async fn racing_clients_on_one_delegation_have_exactly_one_winner(backend: Backe
     // Mixed: accept, reject and cancel on one pending delegation. The winners must form
     // a legal history, each transition winning at most once.
     task(&db, "mixed", "global").await;
-    let d = delegations::create(&db, hop("mixed", "global", "project", Route))
-        .await
-        .unwrap();
+    let d = delegations::create(
+        &db,
+        &Caller::Admin,
+        hop("mixed", "global", "project", Route),
+    )
+    .await
+    .unwrap();
     let ops = [("accept", accept), ("reject", reject), ("cancel", cancel)];
     let outcomes = race(N, |i| ops[i % 3].1(db.clone(), d.id.clone())).await;
     let mut winners: Vec<_> = outcomes
@@ -751,7 +931,10 @@ async fn racing_clients_on_one_delegation_have_exactly_one_winner(backend: Backe
         other => panic!("not a legal history: {other:?}"),
     };
     assert_eq!(
-        delegations::get(&db, &d.id).await.unwrap().status,
+        delegations::get(&db, &Caller::Admin, &d.id)
+            .await
+            .unwrap()
+            .status,
         expected_status
     );
 }
@@ -761,7 +944,14 @@ async fn racing_delegations_of_one_task_leave_one_pending(backend: Backend) {
     let targets = ["project", "project2", "orch", "orch2"];
     let outcomes = race(8, |i| {
         let db = db.clone();
-        async move { delegations::create(&db, hop("t", "global", targets[i % 4], Route)).await }
+        async move {
+            delegations::create(
+                &db,
+                &Caller::Admin,
+                hop("t", "global", targets[i % 4], Route),
+            )
+            .await
+        }
     })
     .await;
     assert_eq!(
@@ -774,7 +964,7 @@ async fn racing_delegations_of_one_task_leave_one_pending(backend: Backend) {
             .iter()
             .all(|o| o.is_ok() || matches!(o, Err(Error::FailedPrecondition(_))))
     );
-    let all = delegations::list(&db, Listing::OfTask("t"), &page(50, ""))
+    let all = delegations::list(&db, &Caller::Admin, Listing::OfTask("t"), &page(50, ""))
         .await
         .unwrap();
     assert_eq!(all.items.len(), 1);

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{Backend, TestDb, execute, text_rows};
+use hopper_delegation::auth::Caller;
 use hopper_delegation::store::{self, Db, Migrate};
 
 /// How many migrations there are: PostgreSQL has one more, the event queue its sequencer
@@ -104,7 +105,7 @@ async fn an_existing_database_with_rows_migrates_with_its_rows_intact(backend: B
         "project",
         hopper_delegation::domain::DelegationType::Route,
     );
-    let delegation = hopper_delegation::repository::delegations::create(&pool, hop)
+    let delegation = hopper_delegation::repository::delegations::create(&pool, &Caller::Admin, hop)
         .await
         .unwrap();
     assert_eq!(delegation.task_id, "old-task");

@@ -5,6 +5,7 @@ mod common;
 
 use common::{Backend, TestDb, hierarchy, hop, race, task};
 use hopper_delegation::{
+    auth::Caller,
     domain::{DelegationType, EventKind},
     error::Error,
     repository::delegations,
@@ -20,18 +21,22 @@ async fn a_thousand_conflicting_pairs_have_one_winner_each(backend: Backend) {
     task(&db, "t", "global").await;
     let mut winners = Vec::with_capacity(TRIALS);
     for trial in 0..TRIALS {
-        let d = delegations::create(&db, hop("t", "global", "project", DelegationType::Route))
-            .await
-            .unwrap();
+        let d = delegations::create(
+            &db,
+            &Caller::Admin,
+            hop("t", "global", "project", DelegationType::Route),
+        )
+        .await
+        .unwrap();
         let outcomes = race(2, |side| {
             let (db, id) = (db.clone(), d.id.clone());
             async move {
                 if side == 0 {
-                    delegations::accept(&db, &id)
+                    delegations::accept(&db, &Caller::Admin, &id)
                         .await
                         .map(|_| EventKind::DelegationAccepted)
                 } else {
-                    delegations::reject(&db, &id, "no")
+                    delegations::reject(&db, &Caller::Admin, &id, "no")
                         .await
                         .map(|_| EventKind::DelegationRejected)
                 }
@@ -51,7 +56,9 @@ async fn a_thousand_conflicting_pairs_have_one_winner_each(backend: Backend) {
         );
         if won[0] == EventKind::DelegationAccepted {
             // Put the task back at global for the next trial.
-            delegations::cancel(&db, &d.id).await.unwrap();
+            delegations::cancel(&db, &Caller::Admin, &d.id)
+                .await
+                .unwrap();
         }
         winners.push((d.id, won[0]));
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::{Backend, TestDb, TestServer, hierarchy, test_tokens, token_of};
 use hopper_delegation::{
     auth::Authenticator,
+    auth::Caller,
     proto::{self as pb, instance_service_client::InstanceServiceClient},
     server::{self, Config},
 };
@@ -181,6 +182,7 @@ async fn a_client_certificate_names_the_calling_instance() {
     common::task(&db, "t", "project").await;
     let d = hopper_delegation::repository::delegations::create(
         &db,
+        &Caller::Admin,
         common::hop(
             "t",
             "project",

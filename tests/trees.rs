@@ -8,6 +8,7 @@ use common::{
     Backend, TestDb, TestServer, accepted_route, hierarchy, hop, instance, race, subtask, task,
 };
 use hopper_delegation::{
+    auth::Caller,
     domain::{DelegationStatus, DelegationType, EventKind, Scope, TaskStatus},
     error::Error,
     proto as pb,
@@ -27,10 +28,12 @@ use serde_json::json;
 use DelegationType::{Decompose, Escalate, Route};
 
 async fn decompose(db: &Db, task: &str, source: &str, target: &str) -> Delegation {
-    let d = delegations::create(db, hop(task, source, target, Decompose))
+    let d = delegations::create(db, &Caller::Admin, hop(task, source, target, Decompose))
         .await
         .expect("decompose");
-    delegations::accept(db, &d.id).await.expect("accept")
+    delegations::accept(db, &Caller::Admin, &d.id)
+        .await
+        .expect("accept")
 }
 
 /// The standard hierarchy plus orch-b under project and leaf under orch; task `t` at global,
@@ -91,13 +94,14 @@ async fn the_last_subtask_completes_the_parent_and_the_chain_above(backend: Back
     );
 
     for (h, n) in [(&h1, 1), (&h2, 2)] {
-        let done = delegations::complete(&db, &h.id, Some(&json!({"part": n})), None)
-            .await
-            .unwrap();
+        let done =
+            delegations::complete(&db, &Caller::Admin, &h.id, Some(&json!({"part": n})), None)
+                .await
+                .unwrap();
         assert!(done.completed_ancestors.is_empty(), "part {n}");
         assert_eq!(done.task.status, TaskStatus::Done);
         assert_eq!(
-            tasks::get(&db, "t").await.unwrap().status,
+            tasks::get(&db, &Caller::Admin, "t").await.unwrap().status,
             TaskStatus::Pending,
             "after part {n}"
         );
@@ -106,7 +110,7 @@ async fn the_last_subtask_completes_the_parent_and_the_chain_above(backend: Back
         completed_ancestors,
         task,
         ..
-    } = delegations::complete(&db, &h3.id, Some(&json!({"part": 3})), None)
+    } = delegations::complete(&db, &Caller::Admin, &h3.id, Some(&json!({"part": 3})), None)
         .await
         .unwrap();
     assert_eq!(task.id, "t.3");
@@ -115,7 +119,7 @@ async fn the_last_subtask_completes_the_parent_and_the_chain_above(backend: Back
     let aggregated =
         json!({"subtasks": {"t.1": {"part": 1}, "t.2": {"part": 2}, "t.3": {"part": 3}}});
     assert_eq!(completed_ancestors[0].result.as_ref(), Some(&aggregated));
-    let parent = tasks::get(&db, "t").await.unwrap();
+    let parent = tasks::get(&db, &Caller::Admin, "t").await.unwrap();
     assert_eq!(
         (parent.status, parent.instance_id.as_str()),
         (TaskStatus::Done, "global")
@@ -163,10 +167,12 @@ async fn local_completion_rejection_and_cancellation_mix(backend: Backend) {
         subtask(&db, s, "t").await;
     }
     // Parent cannot complete while its subtasks are open.
-    let open = tasks::complete(&db, "t", None).await.unwrap_err();
+    let open = tasks::complete(&db, &Caller::Admin, "t", None)
+        .await
+        .unwrap_err();
     assert!(open.to_string().contains("has 3 open subtasks"), "{open}");
 
-    let local = tasks::complete(&db, "local", Some(&json!({"by": "hand"})))
+    let local = tasks::complete(&db, &Caller::Admin, "local", Some(&json!({"by": "hand"})))
         .await
         .unwrap();
     assert_eq!(
@@ -175,52 +181,68 @@ async fn local_completion_rejection_and_cancellation_mix(backend: Backend) {
     );
     assert!(local.completed_delegations.is_empty());
 
-    let first = delegations::create(&db, hop("bounced", "project", "orch", Decompose))
+    let first = delegations::create(
+        &db,
+        &Caller::Admin,
+        hop("bounced", "project", "orch", Decompose),
+    )
+    .await
+    .unwrap();
+    let in_transit = tasks::complete(&db, &Caller::Admin, "bounced", None)
         .await
-        .unwrap();
-    let in_transit = tasks::complete(&db, "bounced", None).await.unwrap_err();
+        .unwrap_err();
     assert!(
         in_transit.to_string().contains("is on its way"),
         "{in_transit}"
     );
-    delegations::reject(&db, &first.id, "orch is busy")
+    delegations::reject(&db, &Caller::Admin, &first.id, "orch is busy")
         .await
         .unwrap();
     assert_eq!(
-        tasks::get(&db, "bounced").await.unwrap().instance_id,
+        tasks::get(&db, &Caller::Admin, "bounced")
+            .await
+            .unwrap()
+            .instance_id,
         "project"
     );
     let again = decompose(&db, "bounced", "project", "orch-b").await;
 
-    let dropped = tasks::cancel(&db, "dropped").await.unwrap();
+    let dropped = tasks::cancel(&db, &Caller::Admin, "dropped").await.unwrap();
     assert_eq!(dropped.task.status, TaskStatus::Cancelled);
     assert_eq!(
-        tasks::get(&db, "t").await.unwrap().status,
+        tasks::get(&db, &Caller::Admin, "t").await.unwrap().status,
         TaskStatus::Pending
     );
     assert!(
-        tasks::cancel(&db, "dropped").await.is_err(),
+        tasks::cancel(&db, &Caller::Admin, "dropped").await.is_err(),
         "cancelled twice"
     );
 
     // The task at orch-b completes where it is: its delegation completes and bubbles.
-    let done = tasks::complete(&db, "bounced", Some(&json!({"by": "orch-b"})))
-        .await
-        .unwrap();
+    let done = tasks::complete(
+        &db,
+        &Caller::Admin,
+        "bounced",
+        Some(&json!({"by": "orch-b"})),
+    )
+    .await
+    .unwrap();
     let completed: Vec<_> = done
         .completed_delegations
         .iter()
         .map(|d| d.id.as_str())
         .collect();
     assert_eq!(completed, [again.id.as_str(), to_project.id.as_str()]);
-    let parent = tasks::get(&db, "t").await.unwrap();
+    let parent = tasks::get(&db, &Caller::Admin, "t").await.unwrap();
     assert_eq!(parent.status, TaskStatus::Done);
     assert_eq!(
         parent.result,
         Some(json!({"subtasks": {"local": {"by": "hand"}, "bounced": {"by": "orch-b"}}}))
     );
     assert!(
-        tasks::complete(&db, "t", None).await.is_err(),
+        tasks::complete(&db, &Caller::Admin, "t", None)
+            .await
+            .is_err(),
         "done already"
     );
 }
@@ -231,12 +253,12 @@ async fn a_task_at_its_origin_completes_in_place(backend: Backend) {
     hierarchy(&db).await;
     task(&db, "t", "global").await;
     subtask(&db, "t.1", "t").await;
-    let done = tasks::complete(&db, "t.1", Some(&json!({"n": 1})))
+    let done = tasks::complete(&db, &Caller::Admin, "t.1", Some(&json!({"n": 1})))
         .await
         .unwrap();
     assert_eq!(done.task.status, TaskStatus::Done);
     // The last subtask finished the parent in place, at its origin, with no delegation.
-    let parent = tasks::get(&db, "t").await.unwrap();
+    let parent = tasks::get(&db, &Caller::Admin, "t").await.unwrap();
     assert_eq!(
         (parent.status, parent.instance_id.as_str()),
         (TaskStatus::Done, "global")
@@ -254,7 +276,7 @@ async fn a_task_at_its_origin_completes_in_place(backend: Backend) {
         ]
     );
     assert!(matches!(
-        tasks::complete(&db, "ghost", None).await,
+        tasks::complete(&db, &Caller::Admin, "ghost", None).await,
         Err(Error::NotFound { .. })
     ));
 }
@@ -262,13 +284,20 @@ async fn a_task_at_its_origin_completes_in_place(backend: Backend) {
 async fn an_escalation_completes_the_chain_above_it(backend: Backend) {
     let (_guard, db, to_project) = project_holds_t(backend).await;
     let to_orch = accepted_route(&db, "t", "project", "orch").await;
-    let up = delegations::create(&db, hop("t", "orch", "project", Escalate))
+    let up = delegations::create(&db, &Caller::Admin, hop("t", "orch", "project", Escalate))
         .await
         .unwrap();
-    delegations::accept(&db, &up.id).await.unwrap();
-    let done = tasks::complete(&db, "t", Some(&json!({"fixed": "at project"})))
+    delegations::accept(&db, &Caller::Admin, &up.id)
         .await
         .unwrap();
+    let done = tasks::complete(
+        &db,
+        &Caller::Admin,
+        "t",
+        Some(&json!({"fixed": "at project"})),
+    )
+    .await
+    .unwrap();
     let completed: Vec<_> = done
         .completed_delegations
         .iter()
@@ -290,12 +319,14 @@ async fn cancelling_at_global_stops_everything_below(backend: Backend) {
     subtask(&db, "t.2", "t").await;
     let h1 = decompose(&db, "t.1", "project", "orch").await;
     subtask(&db, "t.1.a", "t.1").await;
-    let deep = delegations::create(&db, hop("t.1.a", "orch", "leaf", Decompose))
+    let deep = delegations::create(&db, &Caller::Admin, hop("t.1.a", "orch", "leaf", Decompose))
         .await
         .unwrap();
     assert_eq!(deep.parent_delegation_id.as_deref(), Some(h1.id.as_str()));
 
-    let cancelled = delegations::cancel(&db, &to_project.id).await.unwrap();
+    let cancelled = delegations::cancel(&db, &Caller::Admin, &to_project.id)
+        .await
+        .unwrap();
     let mut hops: Vec<_> = cancelled
         .cancelled_descendants
         .iter()
@@ -336,11 +367,15 @@ async fn cancelling_at_global_stops_everything_below(backend: Backend) {
     );
     // Nothing below can move any more.
     for outcome in [
-        delegations::accept(&db, &deep.id).await.map(drop),
-        delegations::complete(&db, &h1.id, None, None)
+        delegations::accept(&db, &Caller::Admin, &deep.id)
             .await
             .map(drop),
-        tasks::complete(&db, "t.2", None).await.map(drop),
+        delegations::complete(&db, &Caller::Admin, &h1.id, None, None)
+            .await
+            .map(drop),
+        tasks::complete(&db, &Caller::Admin, "t.2", None)
+            .await
+            .map(drop),
     ] {
         assert!(
             matches!(outcome, Err(Error::FailedPrecondition(_))),
@@ -348,9 +383,13 @@ async fn cancelling_at_global_stops_everything_below(backend: Backend) {
         );
     }
     assert!(
-        delegations::create(&db, hop("t.2", "project", "orch", Decompose))
-            .await
-            .is_err()
+        delegations::create(
+            &db,
+            &Caller::Admin,
+            hop("t.2", "project", "orch", Decompose)
+        )
+        .await
+        .is_err()
     );
 }
 
@@ -358,10 +397,10 @@ async fn cancelling_a_task_cancels_its_chain_and_subtasks(backend: Backend) {
     let (_guard, db, to_project) = project_holds_t(backend).await;
     let to_orch = accepted_route(&db, "t", "project", "orch").await;
     subtask(&db, "t.1", "t").await;
-    let h = delegations::create(&db, hop("t.1", "orch", "leaf", Decompose))
+    let h = delegations::create(&db, &Caller::Admin, hop("t.1", "orch", "leaf", Decompose))
         .await
         .unwrap();
-    let cancelled = tasks::cancel(&db, "t").await.unwrap();
+    let cancelled = tasks::cancel(&db, &Caller::Admin, "t").await.unwrap();
     assert_eq!(
         (cancelled.task.status, cancelled.task.instance_id.as_str()),
         (TaskStatus::Cancelled, "global")
@@ -387,14 +426,14 @@ async fn cancelling_a_task_cancels_its_chain_and_subtasks(backend: Backend) {
 async fn a_task_with_open_subtasks_neither_moves_nor_completes_by_its_hop(backend: Backend) {
     let (_guard, db, to_project) = project_holds_t(backend).await;
     subtask(&db, "t.1", "t").await;
-    let finish = delegations::complete(&db, &to_project.id, None, None)
+    let finish = delegations::complete(&db, &Caller::Admin, &to_project.id, None, None)
         .await
         .unwrap_err();
     assert!(
         finish.to_string().contains("task t has 1 open subtasks"),
         "{finish}"
     );
-    let onward = delegations::create(&db, hop("t", "project", "orch", Route))
+    let onward = delegations::create(&db, &Caller::Admin, hop("t", "project", "orch", Route))
         .await
         .unwrap_err();
     assert!(
@@ -403,11 +442,11 @@ async fn a_task_with_open_subtasks_neither_moves_nor_completes_by_its_hop(backen
     );
     // Decompose starts a subtask's chain only; further down it is a route.
     let split = decompose(&db, "t.1", "project", "orch").await;
-    let again = delegations::create(&db, hop("t.1", "orch", "leaf", Decompose))
+    let again = delegations::create(&db, &Caller::Admin, hop("t.1", "orch", "leaf", Decompose))
         .await
         .unwrap_err();
     assert!(again.to_string().contains("use route from here"), "{again}");
-    let down = delegations::create(&db, hop("t.1", "orch", "leaf", Route))
+    let down = delegations::create(&db, &Caller::Admin, hop("t.1", "orch", "leaf", Route))
         .await
         .unwrap();
     assert_eq!(
@@ -415,7 +454,7 @@ async fn a_task_with_open_subtasks_neither_moves_nor_completes_by_its_hop(backen
         Some(split.id.as_str())
     );
     // No subtasks for a task on its way; a task on its way can still be cancelled.
-    let in_transit = tasks::create(&db, NewTaskExt::child("t.1.a", "t.1"))
+    let in_transit = tasks::create(&db, &Caller::Admin, NewTaskExt::child("t.1.a", "t.1"))
         .await
         .unwrap_err();
     assert!(
@@ -423,10 +462,10 @@ async fn a_task_with_open_subtasks_neither_moves_nor_completes_by_its_hop(backen
         "{in_transit}"
     );
     task(&db, "u", "global").await;
-    let moving = delegations::create(&db, hop("u", "global", "project", Route))
+    let moving = delegations::create(&db, &Caller::Admin, hop("u", "global", "project", Route))
         .await
         .unwrap();
-    let cancelled = tasks::cancel(&db, "u").await.unwrap();
+    let cancelled = tasks::cancel(&db, &Caller::Admin, "u").await.unwrap();
     assert_eq!(cancelled.cancelled_delegations[0].id, moving.id);
     assert_eq!(cancelled.task.instance_id, "global");
 }
@@ -441,7 +480,9 @@ async fn the_last_two_subtasks_racing_complete_the_parent_once(backend: Backend)
     ];
     let outcomes = race(2, |i| {
         let (db, id) = (db.clone(), hops[i].id.clone());
-        async move { delegations::complete(&db, &id, Some(&json!({"i": i})), None).await }
+        async move {
+            delegations::complete(&db, &Caller::Admin, &id, Some(&json!({"i": i})), None).await
+        }
     })
     .await;
     assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
@@ -477,17 +518,28 @@ async fn a_chain_of_depth_1000_is_read_and_bubbled_whole(backend: Backend) {
         } else {
             ("project", "global", Escalate)
         };
-        let d = delegations::create(&db, hop("t", source, target, kind))
+        let d = delegations::create(&db, &Caller::Admin, hop("t", source, target, kind))
             .await
             .unwrap();
-        ids.push(delegations::accept(&db, &d.id).await.unwrap().id);
+        ids.push(
+            delegations::accept(&db, &Caller::Admin, &d.id)
+                .await
+                .unwrap()
+                .id,
+        );
     }
-    let chain = delegations::chain(&db, "t").await.unwrap();
+    let chain = delegations::chain(&db, &Caller::Admin, "t").await.unwrap();
     let read: Vec<_> = chain.delegations.iter().map(|d| d.id.clone()).collect();
     assert_eq!(read, ids);
-    let done = delegations::complete(&db, ids.last().unwrap(), Some(&json!({"deep": true})), None)
-        .await
-        .unwrap();
+    let done = delegations::complete(
+        &db,
+        &Caller::Admin,
+        ids.last().unwrap(),
+        Some(&json!({"deep": true})),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(done.completed_ancestors.len(), 999);
     assert_eq!(
         (done.task.status, done.task.instance_id.as_str()),
@@ -501,7 +553,7 @@ async fn a_tree_of_10000_tasks_is_read_in_one_query(backend: Backend) {
     hierarchy(&db).await;
     task(&db, "root", "global").await;
     common::bulk_subtasks(&db, "root", 100, 99).await;
-    let tree = tasks::tree(&db, "root").await.unwrap();
+    let tree = tasks::tree(&db, &Caller::Admin, "root").await.unwrap();
     assert_eq!(tree.tasks.len(), 1 + 100 + 100 * 99);
     assert_eq!(tree.tasks[0].id, "root");
     assert!(
@@ -510,7 +562,7 @@ async fn a_tree_of_10000_tasks_is_read_in_one_query(backend: Backend) {
             .all(|t| t.parent_task_id.as_deref() == Some("root"))
     );
     assert!(matches!(
-        tasks::tree(&db, "ghost").await,
+        tasks::tree(&db, &Caller::Admin, "ghost").await,
         Err(Error::NotFound { .. })
     ));
 }
@@ -598,6 +650,7 @@ async fn subtasks_and_trees_over_grpc(backend: Backend) {
     assert_eq!(missing.code(), tonic::Code::NotFound);
     let paged = tasks::list_subtasks(
         &db,
+        &Caller::Admin,
         "t",
         &PageRequest {
             size: 50,

@@ -20,11 +20,16 @@
 //! | UpdateDelegation | is the delegation's target or manages its source |
 //!
 //! A refusal is PERMISSION_DENIED and names the rule, but no instance other than those the
-//! request itself named. A record the request names that does not exist is NOT_FOUND, as it would be without
-//! authentication. Most checks read only facts that never change (an instance's parent, a
-//! delegation's ends, where a task started), so [`check`] runs them before the write. Where a
-//! task is can change, so CompleteTask and CreateTask ask [`authorize`] inside their
-//! transaction, under the task family's lock (`tasks::complete_as`, `tasks::create_as`).
+//! request itself named. A record the request names that does not exist is NOT_FOUND, as it
+//! would be without authentication.
+//!
+//! **One pattern.** Every operation of the repository takes its caller and asks [`authorize`]
+//! itself, on the connection it reads with or inside the transaction it writes in, before it
+//! reads anything else. CreateTask and CompleteTask ask once the task family is locked,
+//! because where a task is can change. The one exception is WatchEvents
+//! (`delegations::watch`): its stream is the fan-out's, read outside any transaction, so it
+//! asks [`check`] on a connection of its own first; what it checks (an instance's place in the
+//! tree) never changes.
 
 use std::fmt;
 
@@ -36,7 +41,7 @@ use crate::{
 
 /// A request, reduced to what its authorization depends on.
 #[derive(Debug, Clone, Copy)]
-pub enum Action<'a> {
+pub(crate) enum Action<'a> {
     /// RegisterInstance under this parent (`None`: a new root).
     RegisterInstance {
         /// The parent of the new instance.
@@ -77,17 +82,22 @@ pub enum Action<'a> {
     CancelDelegation(&'a str),
 }
 
-/// Refuses `action` with PERMISSION_DENIED unless `caller` may do it. Open and admin callers
-/// need no database; an instance's check takes a pooled connection for one or two reads.
-pub async fn check(db: &Db, caller: &Caller, action: Action<'_>) -> Result<(), Error> {
+/// [`authorize`] on a pooled connection of its own. Open and admin callers need no database.
+pub(crate) async fn check(db: &Db, caller: &Caller, action: Action<'_>) -> Result<(), Error> {
     if matches!(caller, Caller::Instance(_)) {
         authorize(&mut db.conn().await?, caller, action).await?;
     }
     Ok(())
 }
 
-/// [`check`] on a connection the caller holds, such as the transaction that will act.
-pub async fn authorize(conn: &mut Conn, caller: &Caller, action: Action<'_>) -> Result<(), Error> {
+/// Refuses `action` with PERMISSION_DENIED unless `caller` may do it, reading on `conn` (the
+/// operation's own connection or transaction). Open and admin callers need no database; an
+/// instance's check is one or two reads.
+pub(crate) async fn authorize(
+    conn: &mut Conn,
+    caller: &Caller,
+    action: Action<'_>,
+) -> Result<(), Error> {
     let Caller::Instance(me) = caller else {
         return Ok(());
     };
@@ -269,7 +279,7 @@ async fn delegation(conn: &mut Conn, id: &str) -> Result<store::delegations::Del
 }
 
 /// The instance whose subtree `caller` may list: `None` for everything.
-pub fn visible_subtree(caller: &Caller) -> Option<String> {
+pub(crate) fn visible_subtree(caller: &Caller) -> Option<String> {
     match caller {
         Caller::Instance(me) => Some(me.clone()),
         Caller::Open | Caller::Admin => None,

@@ -5,18 +5,23 @@
 //! its predecessor left; the rules in `domain::lifecycle` judge that snapshot, and the
 //! transition itself is still a compare-and-set on the status (`UPDATE … WHERE status IN …`).
 
+use futures_util::Stream;
+
 use super::{
     Page, PageRequest,
+    access::{self, Action},
     completion::{cancel_in, complete_in},
     decode_cursor, encode_cursor, new_id, remember, replay,
 };
 pub use crate::store::delegations::Listing;
 use crate::{
+    auth::Caller,
     domain::{
         DelegationStatus, DelegationType, EventKind,
         lifecycle::{self, ProposedHop, Relation, Transition},
     },
     error::Error,
+    fanout::{Hub, Item, Subscription},
     store::{
         Conn, Db, Tx,
         delegations::{self, Change, Delegation},
@@ -80,9 +85,26 @@ pub struct Cancellation {
     pub cancelled_subtasks: Vec<Task>,
 }
 
+/// Opens a WatchEvents stream. The stream is the hub's, read outside any transaction, so the
+/// rule is asked on a connection of its own before the hub opens it.
+pub async fn watch(
+    hub: &Hub,
+    caller: &Caller,
+    subscription: Subscription,
+) -> Result<impl Stream<Item = Result<Item, Error>> + Send + 'static, Error> {
+    let watched = Action::ManageInstance(&subscription.scope.instance_id);
+    access::check(hub.db(), caller, watched).await?;
+    hub.watch(subscription).await
+}
+
 /// Sends a task from its current instance to another one.
-pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
+pub async fn create(db: &Db, caller: &Caller, new: NewDelegation) -> Result<Delegation, Error> {
     db.write(async |conn| {
+        let action = Action::CreateDelegation {
+            task_id: &new.task_id,
+            source: &new.source_instance_id,
+        };
+        access::authorize(conn, caller, action).await?;
         // Locks in the one order every write takes them: the task family, then the request id.
         let not_found = || Error::not_found("task", &new.task_id);
         if !tasks::lock(conn, &new.task_id).await? {
@@ -152,8 +174,10 @@ pub async fn create(db: &Db, new: NewDelegation) -> Result<Delegation, Error> {
 }
 
 /// Reads one delegation.
-pub async fn get(db: &Db, id: &str) -> Result<Delegation, Error> {
-    find(&mut db.conn().await?, id).await
+pub async fn get(db: &Db, caller: &Caller, id: &str) -> Result<Delegation, Error> {
+    let mut conn = db.conn().await?;
+    access::authorize(&mut conn, caller, Action::ReadDelegation(id)).await?;
+    find(&mut conn, id).await
 }
 
 async fn find(conn: &mut Conn, id: &str) -> Result<Delegation, Error> {
@@ -163,12 +187,18 @@ async fn find(conn: &mut Conn, id: &str) -> Result<Delegation, Error> {
 }
 
 /// Replaces a delegation's notes.
-pub async fn update_notes(db: &Db, id: &str, notes: &str) -> Result<Delegation, Error> {
+pub async fn update_notes(
+    db: &Db,
+    caller: &Caller,
+    id: &str,
+    notes: &str,
+) -> Result<Delegation, Error> {
+    let (mut conn, _turn) = db.conn_for_write().await?;
+    access::authorize(&mut conn, caller, Action::AnnotateDelegation(id)).await?;
     let change = Change {
         notes: Some(notes),
         ..Change::at(now())
     };
-    let (mut conn, _turn) = db.conn_for_write().await?;
     let updated = delegations::update(&mut conn, &[id], DelegationStatus::ALL, &change).await?;
     updated
         .into_iter()
@@ -180,11 +210,17 @@ pub async fn update_notes(db: &Db, id: &str, notes: &str) -> Result<Delegation, 
 /// NOT_FOUND if the task or instance does not exist.
 pub async fn list(
     db: &Db,
+    caller: &Caller,
     listing: Listing<'_>,
     page: &PageRequest,
 ) -> Result<Page<Delegation>, Error> {
     let after = decode_cursor(&page.token)?;
     let mut conn = db.conn().await?;
+    let action = match listing {
+        Listing::OfTask(id) => Action::ReadTask(id),
+        Listing::PendingFor(id) => Action::ManageInstance(id),
+    };
+    access::authorize(&mut conn, caller, action).await?;
     let missing = match listing {
         Listing::OfTask(id) => tasks::find(&mut conn, id)
             .await?
@@ -210,8 +246,9 @@ fn cursor_of(delegation: &Delegation) -> String {
 }
 
 /// Reads a task's chain, origin first.
-pub async fn chain(db: &Db, task_id: &str) -> Result<Chain, Error> {
+pub async fn chain(db: &Db, caller: &Caller, task_id: &str) -> Result<Chain, Error> {
     let mut conn = db.conn().await?;
+    access::authorize(&mut conn, caller, Action::ReadTask(task_id)).await?;
     let task = tasks::find(&mut conn, task_id)
         .await?
         .ok_or_else(|| Error::not_found("task", task_id))?;
@@ -263,8 +300,9 @@ pub(super) async fn transition(
 }
 
 /// The target takes the task on.
-pub async fn accept(db: &Db, id: &str) -> Result<Delegation, Error> {
+pub async fn accept(db: &Db, caller: &Caller, id: &str) -> Result<Delegation, Error> {
     db.write(async |conn| {
+        access::authorize(conn, caller, Action::AnswerDelegation(id)).await?;
         lock(conn, id).await?;
         let at = now();
         let change = Change {
@@ -277,8 +315,9 @@ pub async fn accept(db: &Db, id: &str) -> Result<Delegation, Error> {
 }
 
 /// The target refuses the task, which goes back to the source.
-pub async fn reject(db: &Db, id: &str, reason: &str) -> Result<Delegation, Error> {
+pub async fn reject(db: &Db, caller: &Caller, id: &str, reason: &str) -> Result<Delegation, Error> {
     db.write(async |conn| {
+        access::authorize(conn, caller, Action::AnswerDelegation(id)).await?;
         lock(conn, id).await?;
         let at = now();
         let change = Change {
@@ -297,11 +336,13 @@ pub async fn reject(db: &Db, id: &str, reason: &str) -> Result<Delegation, Error
 /// subtask of its parent, the parent completes too (see [`complete_in`]).
 pub async fn complete(
     db: &Db,
+    caller: &Caller,
     id: &str,
     result: Option<&serde_json::Value>,
     notes: Option<&str>,
 ) -> Result<Completion, Error> {
     db.write(async |conn| {
+        access::authorize(conn, caller, Action::AnswerDelegation(id)).await?;
         lock(conn, id).await?;
         complete_in(conn, id, result, notes).await
     })
@@ -311,8 +352,9 @@ pub async fn complete(
 /// Cancels a delegation, every active delegation below it (along route chains and into
 /// subtasks), and every unfinished subtask created below it; each task concerned goes back to
 /// the source of its topmost cancelled hop.
-pub async fn cancel(db: &Db, id: &str) -> Result<Cancellation, Error> {
+pub async fn cancel(db: &Db, caller: &Caller, id: &str) -> Result<Cancellation, Error> {
     db.write(async |conn| {
+        access::authorize(conn, caller, Action::CancelDelegation(id)).await?;
         lock(conn, id).await?;
         let delegation = find(conn, id).await?;
         cancel_in(conn, &delegation).await

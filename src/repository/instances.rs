@@ -2,8 +2,13 @@
 
 use std::collections::HashMap;
 
-use super::{Page, PageRequest, id_cursor, new_id, remember, replay, taken};
+use super::{
+    Page, PageRequest,
+    access::{self, Action},
+    id_cursor, new_id, remember, replay, taken,
+};
 use crate::{
+    auth::Caller,
     domain::{DelegationStatus, InstanceStatus, Scope},
     error::Error,
     store::{
@@ -33,8 +38,10 @@ pub struct NewInstance {
 }
 
 /// Registers an instance under an existing parent.
-pub async fn register(db: &Db, new: NewInstance) -> Result<Instance, Error> {
+pub async fn register(db: &Db, caller: &Caller, new: NewInstance) -> Result<Instance, Error> {
     db.write(async |tx| {
+        let parent_id = new.parent_id.as_deref();
+        access::authorize(tx, caller, Action::RegisterInstance { parent_id }).await?;
         let request_id = new.request_id.as_deref();
         if let Some(original) = replay(tx, request_id, "RegisterInstance", &new).await? {
             return Ok(original);
@@ -65,25 +72,41 @@ pub async fn register(db: &Db, new: NewInstance) -> Result<Instance, Error> {
 }
 
 /// Reads one instance.
-pub async fn get(db: &Db, id: &str) -> Result<Instance, Error> {
+pub async fn get(db: &Db, caller: &Caller, id: &str) -> Result<Instance, Error> {
     let mut conn = db.conn().await?;
+    access::authorize(&mut conn, caller, Action::ReadInstance(id)).await?;
     instances::find(&mut conn, id)
         .await?
         .ok_or_else(|| Error::not_found("instance", id))
 }
 
-/// Lists instances ordered by id.
-pub async fn list(db: &Db, filter: &Filter, page: &PageRequest) -> Result<Page<Instance>, Error> {
+/// Lists instances ordered by id; an instance caller sees only those it manages.
+pub async fn list(
+    db: &Db,
+    caller: &Caller,
+    filter: &Filter,
+    page: &PageRequest,
+) -> Result<Page<Instance>, Error> {
     let after = id_cursor(&page.token)?;
     let limit = i64::try_from(page.size + 1).unwrap_or(i64::MAX);
+    let filter = Filter {
+        within: access::visible_subtree(caller).or_else(|| filter.within.clone()),
+        ..filter.clone()
+    };
     let mut conn = db.conn().await?;
-    let rows = instances::list(&mut conn, filter, after.as_deref(), limit).await?;
+    let rows = instances::list(&mut conn, &filter, after.as_deref(), limit).await?;
     Ok(Page::cut(rows, page.size, |instance| instance.id.clone()))
 }
 
 /// Sets an instance's run state.
-pub async fn set_status(db: &Db, id: &str, status: InstanceStatus) -> Result<Instance, Error> {
+pub async fn set_status(
+    db: &Db,
+    caller: &Caller,
+    id: &str,
+    status: InstanceStatus,
+) -> Result<Instance, Error> {
     let (mut conn, _turn) = db.conn_for_write().await?;
+    access::authorize(&mut conn, caller, Action::ManageInstance(id)).await?;
     instances::set_status(&mut conn, id, status, now())
         .await?
         .ok_or_else(|| Error::not_found("instance", id))
@@ -100,12 +123,28 @@ pub struct Node {
     pub accepted: u32,
 }
 
-/// The instances of `filter.within` (every instance if `None`), ordered by id, each with its
-/// load. Two statements on one connection; the instance table is small (it is the tree of
-/// Hopper instances, not of tasks), so the whole tree is one response.
-pub async fn tree(db: &Db, filter: &Filter) -> Result<Vec<Node>, Error> {
+/// The subtree of `root` (without one: every instance `caller` manages), ordered by id, each
+/// with its load; NOT_FOUND if there is no such root. Two statements on one connection; the
+/// instance table is small (it is the tree of Hopper instances, not of tasks), so the whole
+/// tree is one response.
+pub async fn tree(db: &Db, caller: &Caller, root: Option<&str>) -> Result<Vec<Node>, Error> {
     let mut conn = db.conn().await?;
-    let instances = instances::list(&mut conn, filter, None, i64::MAX).await?;
+    if let Some(root) = root {
+        access::authorize(&mut conn, caller, Action::ManageInstance(root)).await?;
+    }
+    let filter = Filter {
+        within: root
+            .map(str::to_owned)
+            .or_else(|| access::visible_subtree(caller)),
+        ..Filter::default()
+    };
+    let instances = instances::list(&mut conn, &filter, None, i64::MAX).await?;
+    // A subtree holds at least its root: an empty one has no root.
+    if let Some(root) = root
+        && instances.is_empty()
+    {
+        return Err(Error::not_found("instance", root));
+    }
     let mut load: HashMap<String, (u32, u32)> = HashMap::new();
     for (target, status, count) in delegations::active_load(&mut conn).await? {
         let entry = load.entry(target).or_default();

@@ -70,25 +70,20 @@ pub struct NewTask {
 }
 
 /// Creates a task, PENDING, at its instance. A subtask is created where its parent task is,
-/// and only while the parent is not finished.
-pub async fn create(db: &Db, new: NewTask) -> Result<Task, Error> {
-    create_as(db, &Caller::Open, new).await
-}
-
-/// [`create`] for `caller`. Where a subtask's parent is decides who may create it, so the
-/// parent's family is locked before the rule is asked: the parent cannot move away between
-/// the check and the insert.
-pub async fn create_as(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, Error> {
+/// and only while the parent is not finished. Where a subtask's parent is decides who may
+/// create it, so the parent's family is locked before the rule is asked: the parent cannot
+/// move away between the check and the insert.
+pub async fn create(db: &Db, caller: &Caller, new: NewTask) -> Result<Task, Error> {
     if let (None, None, Some(at)) = (&new.parent_task_id, &new.request_id, &new.instance_id) {
         // A task at the top of its own family, created once: one INSERT, which the instance's
-        // foreign key checks. Where it is created cannot change, so the rule is asked first.
+        // foreign key checks.
+        let (mut conn, _turn) = db.conn_for_write().await?;
         let action = Action::CreateTask {
             at,
             subtask_of: None,
         };
-        access::check(db, caller, action).await?;
+        access::authorize(&mut conn, caller, action).await?;
         let task = new_task(&new, at.clone());
-        let (mut conn, _turn) = db.conn_for_write().await?;
         tasks::insert(&mut conn, &task)
             .await
             .map_err(|err| match err {
@@ -172,17 +167,24 @@ fn new_task(new: &NewTask, instance_id: String) -> Task {
 }
 
 /// Reads one task.
-pub async fn get(db: &Db, id: &str) -> Result<Task, Error> {
+pub async fn get(db: &Db, caller: &Caller, id: &str) -> Result<Task, Error> {
     let mut conn = db.conn().await?;
+    access::authorize(&mut conn, caller, Action::ReadTask(id)).await?;
     tasks::find(&mut conn, id)
         .await?
         .ok_or_else(|| Error::not_found("task", id))
 }
 
 /// Lists the direct subtasks of a task, oldest first.
-pub async fn list_subtasks(db: &Db, id: &str, page: &PageRequest) -> Result<Page<Task>, Error> {
+pub async fn list_subtasks(
+    db: &Db,
+    caller: &Caller,
+    id: &str,
+    page: &PageRequest,
+) -> Result<Page<Task>, Error> {
     let after = decode_cursor(&page.token)?;
     let mut conn = db.conn().await?;
+    access::authorize(&mut conn, caller, Action::ReadTask(id)).await?;
     if tasks::find(&mut conn, id).await?.is_none() {
         return Err(Error::not_found("task", id));
     }
@@ -194,8 +196,10 @@ pub async fn list_subtasks(db: &Db, id: &str, page: &PageRequest) -> Result<Page
 }
 
 /// Reads a task, every task below it and all their delegations, in one query.
-pub async fn tree(db: &Db, id: &str) -> Result<Tree, Error> {
-    let tree = delegations::tree(&mut db.conn().await?, id).await?;
+pub async fn tree(db: &Db, caller: &Caller, id: &str) -> Result<Tree, Error> {
+    let mut conn = db.conn().await?;
+    access::authorize(&mut conn, caller, Action::ReadTask(id)).await?;
+    let tree = delegations::tree(&mut conn, id).await?;
     if tree.tasks.is_empty() {
         return Err(Error::not_found("task", id));
     }
@@ -205,18 +209,10 @@ pub async fn tree(db: &Db, id: &str) -> Result<Tree, Error> {
 /// Completes a task where it is. Refused while it is on its way somewhere (a pending
 /// delegation) or has open subtasks. If it arrived by a delegation, that delegation completes
 /// and bubbles exactly as CompleteDelegation does; otherwise the task is DONE in place. Either
-/// way, a parent whose last open subtask this was completes too.
+/// way, a parent whose last open subtask this was completes too. `caller` must be where the
+/// task is: checked under the task's lock, so that the task cannot move on between the check
+/// and the completion.
 pub async fn complete(
-    db: &Db,
-    id: &str,
-    result: Option<&serde_json::Value>,
-) -> Result<TaskCompletion, Error> {
-    complete_as(db, &Caller::Open, id, result).await
-}
-
-/// [`complete`] for `caller`, who must be where the task is: checked under the task's lock,
-/// so that the task cannot move on between the check and the completion.
-pub async fn complete_as(
     db: &Db,
     caller: &Caller,
     id: &str,
@@ -264,8 +260,9 @@ pub async fn complete_as(
 /// Cancels a task: its active delegations (cascading down its chain and into its subtasks),
 /// and every unfinished subtask at any depth, with one event per cancelled delegation. A
 /// parent whose last open subtask this was completes with the others' results.
-pub async fn cancel(db: &Db, id: &str) -> Result<TaskCancellation, Error> {
+pub async fn cancel(db: &Db, caller: &Caller, id: &str) -> Result<TaskCancellation, Error> {
     db.write(async |conn| {
+        access::authorize(conn, caller, Action::CancelTask(id)).await?;
         let task = locked(conn, id).await?;
         lifecycle::check_unfinished(id, task.status)?;
         let chain = delegations::current_chain(conn, id).await?;

@@ -19,7 +19,6 @@ use crate::{
         watch_events_response::Payload,
     },
     repository::{
-        access::{self, Action},
         delegations::{self, Listing, NewDelegation},
         tasks,
     },
@@ -78,9 +77,7 @@ impl DelegationService for DelegationApi {
                 .map(|kind| EventKind::required("kinds", kind))
                 .collect::<Result<_, _>>()?,
         };
-        let watched = Action::ManageInstance(&subscription.scope.instance_id);
-        access::check(&self.db, &caller, watched).await?;
-        let items = self.hub.watch(subscription).await?;
+        let items = delegations::watch(&self.hub, &caller, subscription).await?;
         let stream = items.map(|item| {
             let payload = match item? {
                 Item::Event(event) => {
@@ -117,12 +114,7 @@ impl DelegationService for DelegationApi {
             delegated_by: optional_text("delegated_by", r.delegated_by, limits::MAX_NAME_LEN)?,
         };
         telemetry::record_ids(Some(&new.task_id), None);
-        let action = Action::CreateDelegation {
-            task_id: &new.task_id,
-            source: &new.source_instance_id,
-        };
-        access::check(&self.db, &caller, action).await?;
-        let created = delegations::create(&self.db, new).await?;
+        let created = delegations::create(&self.db, &caller, new).await?;
         Ok(Response::new(pb::CreateDelegationResponse {
             delegation: Some(created.into()),
         }))
@@ -135,8 +127,7 @@ impl DelegationService for DelegationApi {
         let caller = Caller::of(&request)?;
         let delegation_id = id("id", request.into_inner().id)?;
         telemetry::record_ids(None, Some(&delegation_id));
-        access::check(&self.db, &caller, Action::ReadDelegation(&delegation_id)).await?;
-        let delegation = delegations::get(&self.db, &delegation_id).await?;
+        let delegation = delegations::get(&self.db, &caller, &delegation_id).await?;
         Ok(Response::new(pb::GetDelegationResponse {
             delegation: Some(delegation.into()),
         }))
@@ -151,9 +142,7 @@ impl DelegationService for DelegationApi {
         let delegation_id = id("id", r.id)?;
         let notes = text("notes", r.notes, limits::MAX_NOTES_LEN, false)?;
         telemetry::record_ids(None, Some(&delegation_id));
-        let action = Action::AnnotateDelegation(&delegation_id);
-        access::check(&self.db, &caller, action).await?;
-        let updated = delegations::update_notes(&self.db, &delegation_id, &notes).await?;
+        let updated = delegations::update_notes(&self.db, &caller, &delegation_id, &notes).await?;
         Ok(Response::new(pb::UpdateDelegationResponse {
             delegation: Some(updated.into()),
         }))
@@ -168,8 +157,7 @@ impl DelegationService for DelegationApi {
         let task_id = id("task_id", r.task_id)?;
         let page = page(r.page_size, r.page_token)?;
         telemetry::record_ids(Some(&task_id), None);
-        access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
-        let page = delegations::list(&self.db, Listing::OfTask(&task_id), &page).await?;
+        let page = delegations::list(&self.db, &caller, Listing::OfTask(&task_id), &page).await?;
         Ok(Response::new(pb::ListTaskDelegationsResponse {
             delegations: all(page.items),
             next_page_token: page.next_page_token,
@@ -183,8 +171,7 @@ impl DelegationService for DelegationApi {
         let caller = Caller::of(&request)?;
         let task_id = id("task_id", request.into_inner().task_id)?;
         telemetry::record_ids(Some(&task_id), None);
-        access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
-        let chain = delegations::chain(&self.db, &task_id).await?;
+        let chain = delegations::chain(&self.db, &caller, &task_id).await?;
         Ok(Response::new(pb::GetDelegationChainResponse {
             task_id,
             delegations: all(chain.delegations),
@@ -200,8 +187,7 @@ impl DelegationService for DelegationApi {
         let caller = Caller::of(&request)?;
         let task_id = id("task_id", request.into_inner().task_id)?;
         telemetry::record_ids(Some(&task_id), None);
-        access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
-        let tree = tasks::tree(&self.db, &task_id).await?;
+        let tree = tasks::tree(&self.db, &caller, &task_id).await?;
         let mut tasks = tree.tasks.into_iter().map(pb::Task::from);
         Ok(Response::new(pb::GetDelegationTreeResponse {
             task: tasks.next(),
@@ -218,8 +204,8 @@ impl DelegationService for DelegationApi {
         let r = request.into_inner();
         let instance_id = id("instance_id", r.instance_id)?;
         let page = page(r.page_size, r.page_token)?;
-        access::check(&self.db, &caller, Action::ManageInstance(&instance_id)).await?;
-        let page = delegations::list(&self.db, Listing::PendingFor(&instance_id), &page).await?;
+        let page =
+            delegations::list(&self.db, &caller, Listing::PendingFor(&instance_id), &page).await?;
         Ok(Response::new(pb::ListPendingDelegationsResponse {
             delegations: all(page.items),
             next_page_token: page.next_page_token,
@@ -233,8 +219,7 @@ impl DelegationService for DelegationApi {
         let caller = Caller::of(&request)?;
         let delegation_id = id("id", request.into_inner().id)?;
         telemetry::record_ids(None, Some(&delegation_id));
-        access::check(&self.db, &caller, Action::AnswerDelegation(&delegation_id)).await?;
-        let accepted = delegations::accept(&self.db, &delegation_id).await?;
+        let accepted = delegations::accept(&self.db, &caller, &delegation_id).await?;
         Ok(Response::new(pb::AcceptDelegationResponse {
             delegation: Some(accepted.into()),
         }))
@@ -249,8 +234,7 @@ impl DelegationService for DelegationApi {
         let delegation_id = id("id", r.id)?;
         let reason = text("reason", r.reason, limits::MAX_REASON_LEN, true)?;
         telemetry::record_ids(None, Some(&delegation_id));
-        access::check(&self.db, &caller, Action::AnswerDelegation(&delegation_id)).await?;
-        let rejected = delegations::reject(&self.db, &delegation_id, &reason).await?;
+        let rejected = delegations::reject(&self.db, &caller, &delegation_id, &reason).await?;
         Ok(Response::new(pb::RejectDelegationResponse {
             delegation: Some(rejected.into()),
         }))
@@ -269,10 +253,14 @@ impl DelegationService for DelegationApi {
             .map(|n| text("notes", n, limits::MAX_NOTES_LEN, false))
             .transpose()?;
         telemetry::record_ids(None, Some(&delegation_id));
-        access::check(&self.db, &caller, Action::AnswerDelegation(&delegation_id)).await?;
-        let done =
-            delegations::complete(&self.db, &delegation_id, result.as_ref(), notes.as_deref())
-                .await?;
+        let done = delegations::complete(
+            &self.db,
+            &caller,
+            &delegation_id,
+            result.as_ref(),
+            notes.as_deref(),
+        )
+        .await?;
         telemetry::metrics().bubbled(done.completed_ancestors.len());
         Ok(Response::new(pb::CompleteDelegationResponse {
             delegation: Some(done.delegation.into()),
@@ -288,8 +276,7 @@ impl DelegationService for DelegationApi {
         let caller = Caller::of(&request)?;
         let delegation_id = id("id", request.into_inner().id)?;
         telemetry::record_ids(None, Some(&delegation_id));
-        access::check(&self.db, &caller, Action::CancelDelegation(&delegation_id)).await?;
-        let cancelled = delegations::cancel(&self.db, &delegation_id).await?;
+        let cancelled = delegations::cancel(&self.db, &caller, &delegation_id).await?;
         Ok(Response::new(pb::CancelDelegationResponse {
             delegation: Some(cancelled.delegation.into()),
             cancelled_descendants: all(cancelled.cancelled_descendants),

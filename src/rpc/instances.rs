@@ -6,12 +6,8 @@ use super::{FromProto, all, id, page, text};
 use crate::{
     auth::Caller,
     domain::{InstanceStatus, Scope, limits},
-    error::Error,
     proto::{self as pb, json, server::instance_service_server::InstanceService},
-    repository::{
-        access::{self, Action},
-        instances::{self, NewInstance},
-    },
+    repository::instances::{self, NewInstance},
     store::{Db, instances::Filter},
 };
 
@@ -52,9 +48,7 @@ impl InstanceService for InstanceApi {
                 .unwrap_or(InstanceStatus::Created),
             config,
         };
-        let parent_id = new.parent_id.as_deref();
-        access::check(&self.db, &caller, Action::RegisterInstance { parent_id }).await?;
-        let registered = instances::register(&self.db, new).await?;
+        let registered = instances::register(&self.db, &caller, new).await?;
         Ok(Response::new(pb::RegisterInstanceResponse {
             instance: Some(registered.into()),
         }))
@@ -66,8 +60,7 @@ impl InstanceService for InstanceApi {
     ) -> Result<Response<pb::GetInstanceResponse>, Status> {
         let caller = Caller::of(&request)?;
         let instance_id = id("id", request.into_inner().id)?;
-        access::check(&self.db, &caller, Action::ReadInstance(&instance_id)).await?;
-        let instance = instances::get(&self.db, &instance_id).await?;
+        let instance = instances::get(&self.db, &caller, &instance_id).await?;
         Ok(Response::new(pb::GetInstanceResponse {
             instance: Some(instance.into()),
         }))
@@ -83,10 +76,10 @@ impl InstanceService for InstanceApi {
             scope: Scope::from_proto("scope", r.scope)?,
             parent_id: limits::optional_id("parent_id", &r.parent_id)?,
             status: InstanceStatus::from_proto("status", r.status)?,
-            within: access::visible_subtree(&caller),
+            within: None,
         };
         let page = page(r.page_size, r.page_token)?;
-        let page = instances::list(&self.db, &filter, &page).await?;
+        let page = instances::list(&self.db, &caller, &filter, &page).await?;
         Ok(Response::new(pb::ListInstancesResponse {
             instances: all(page.items),
             next_page_token: page.next_page_token,
@@ -101,8 +94,7 @@ impl InstanceService for InstanceApi {
         let r = request.into_inner();
         let instance_id = id("id", r.id)?;
         let status = InstanceStatus::required("status", r.status)?;
-        access::check(&self.db, &caller, Action::ManageInstance(&instance_id)).await?;
-        let updated = instances::set_status(&self.db, &instance_id, status).await?;
+        let updated = instances::set_status(&self.db, &caller, &instance_id, status).await?;
         Ok(Response::new(pb::UpdateInstanceStatusResponse {
             instance: Some(updated.into()),
         }))
@@ -114,20 +106,7 @@ impl InstanceService for InstanceApi {
     ) -> Result<Response<pb::GetInstanceTreeResponse>, Status> {
         let caller = Caller::of(&request)?;
         let root = limits::optional_id("root_id", &request.into_inner().root_id)?;
-        if let Some(root) = &root {
-            access::check(&self.db, &caller, Action::ManageInstance(root)).await?;
-        }
-        let filter = Filter {
-            within: root.clone().or_else(|| access::visible_subtree(&caller)),
-            ..Filter::default()
-        };
-        let nodes = instances::tree(&self.db, &filter).await?;
-        // A subtree holds at least its root: an empty one has no root.
-        if let Some(root) = root
-            && nodes.is_empty()
-        {
-            return Err(Error::not_found("instance", root).into());
-        }
+        let nodes = instances::tree(&self.db, &caller, root.as_deref()).await?;
         Ok(Response::new(pb::GetInstanceTreeResponse {
             nodes: nodes
                 .into_iter()

@@ -8,10 +8,7 @@ use crate::{
     domain::limits,
     error::Error,
     proto::{self as pb, server::task_service_server::TaskService},
-    repository::{
-        access::{self, Action},
-        tasks::{self, NewTask},
-    },
+    repository::tasks::{self, NewTask},
     store::Db,
     telemetry,
 };
@@ -49,8 +46,7 @@ impl TaskService for TaskApi {
         if new.instance_id.is_none() && new.parent_task_id.is_none() {
             return Err(Error::invalid("instance_id", "is required").into());
         }
-        // Checked inside the creating transaction: where a parent task is can change.
-        let created = tasks::create_as(&self.db, &caller, new).await?;
+        let created = tasks::create(&self.db, &caller, new).await?;
         telemetry::record_ids(Some(&created.id), None);
         Ok(Response::new(pb::CreateTaskResponse {
             task: Some(created.into()),
@@ -66,8 +62,7 @@ impl TaskService for TaskApi {
         let task_id = id("task_id", r.task_id)?;
         let page = page(r.page_size, r.page_token)?;
         telemetry::record_ids(Some(&task_id), None);
-        access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
-        let page = tasks::list_subtasks(&self.db, &task_id, &page).await?;
+        let page = tasks::list_subtasks(&self.db, &caller, &task_id, &page).await?;
         Ok(Response::new(pb::ListSubtasksResponse {
             subtasks: all(page.items),
             next_page_token: page.next_page_token,
@@ -83,8 +78,7 @@ impl TaskService for TaskApi {
         let task_id = id("task_id", r.task_id)?;
         let result = parse_result(r.result)?;
         telemetry::record_ids(Some(&task_id), None);
-        // Checked inside the completing transaction: where the task is can change.
-        let done = tasks::complete_as(&self.db, &caller, &task_id, result.as_ref()).await?;
+        let done = tasks::complete(&self.db, &caller, &task_id, result.as_ref()).await?;
         // The first is the delegation that brought the task; the rest it bubbled up to.
         if let Some(bubbled) = done.completed_delegations.len().checked_sub(1) {
             telemetry::metrics().bubbled(bubbled);
@@ -102,8 +96,7 @@ impl TaskService for TaskApi {
         let caller = Caller::of(&request)?;
         let task_id = id("task_id", request.into_inner().task_id)?;
         telemetry::record_ids(Some(&task_id), None);
-        access::check(&self.db, &caller, Action::CancelTask(&task_id)).await?;
-        let cancelled = tasks::cancel(&self.db, &task_id).await?;
+        let cancelled = tasks::cancel(&self.db, &caller, &task_id).await?;
         Ok(Response::new(pb::CancelTaskResponse {
             task: Some(cancelled.task.into()),
             cancelled_delegations: all(cancelled.cancelled_delegations),
@@ -118,8 +111,7 @@ impl TaskService for TaskApi {
         let caller = Caller::of(&request)?;
         let task_id = id("id", request.into_inner().id)?;
         telemetry::record_ids(Some(&task_id), None);
-        access::check(&self.db, &caller, Action::ReadTask(&task_id)).await?;
-        let task = tasks::get(&self.db, &task_id).await?;
+        let task = tasks::get(&self.db, &caller, &task_id).await?;
         Ok(Response::new(pb::GetTaskResponse {
             task: Some(task.into()),
         }))

@@ -16,6 +16,7 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use diesel::{QueryableByName, sql_types::Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use hopper_delegation::{
+    auth::Caller,
     domain::{DelegationType, InstanceStatus, Scope},
     fanout::Hub,
     proto::{
@@ -247,6 +248,7 @@ pub async fn snapshot(db: &Db) -> Vec<String> {
 pub async fn instance(db: &Db, id: &str, scope: Scope, parent: Option<&str>) {
     instance_ops::register(
         db,
+        &Caller::Admin,
         NewInstance {
             request_id: None,
             id: Some(id.to_owned()),
@@ -280,6 +282,7 @@ pub async fn hierarchy_rest(db: &Db) {
 pub async fn task(db: &Db, id: &str, at: &str) {
     task_ops::create(
         db,
+        &Caller::Admin,
         NewTask {
             request_id: None,
             id: Some(id.to_owned()),
@@ -303,7 +306,9 @@ pub async fn subtask(db: &Db, id: &str, parent: &str) {
         instance_id: None,
         parent_task_id: Some(parent.to_owned()),
     };
-    task_ops::create(db, new).await.expect("subtask");
+    task_ops::create(db, &Caller::Admin, new)
+        .await
+        .expect("subtask");
 }
 
 /// The request for a hop of `task` from `source` to `target`.
@@ -335,10 +340,16 @@ impl NewDelegationExt for NewDelegation {
 
 /// Delegates and accepts a route hop.
 pub async fn accepted_route(db: &Db, task: &str, source: &str, target: &str) -> Delegation {
-    let d = delegation_ops::create(db, hop(task, source, target, DelegationType::Route))
+    let d = delegation_ops::create(
+        db,
+        &Caller::Admin,
+        hop(task, source, target, DelegationType::Route),
+    )
+    .await
+    .expect("create delegation");
+    delegation_ops::accept(db, &Caller::Admin, &d.id)
         .await
-        .expect("create delegation");
-    delegation_ops::accept(db, &d.id).await.expect("accept")
+        .expect("accept")
 }
 
 /// A server on 127.0.0.1:0 over a fresh migrated database, with clients.
