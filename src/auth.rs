@@ -37,7 +37,7 @@ impl Caller {
     /// The key under which a create request's `request_id` is remembered: every caller has
     /// its own, so that one caller can neither take nor replay another's request ids. Ids
     /// cannot contain `/`, so the keys of different callers never meet.
-    pub fn request_key(&self, request_id: String) -> String {
+    pub(crate) fn request_key(&self, request_id: String) -> String {
         match self {
             Self::Open => request_id,
             Self::Admin => format!("admin/{request_id}"),
@@ -200,12 +200,12 @@ impl Authenticator {
     }
 
     /// Whether requests go unauthenticated.
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.tokens.is_none() && !self.certificates
     }
 
     /// Who sent `request`.
-    pub fn identify<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
+    pub(crate) fn identify<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
         if self.is_open() {
             return Ok(Caller::Open);
         }

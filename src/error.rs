@@ -87,7 +87,7 @@ impl Error {
     }
 
     /// A `FailedPrecondition` with this message.
-    pub fn precondition(message: impl Into<String>) -> Self {
+    pub(crate) fn precondition(message: impl Into<String>) -> Self {
         Self::FailedPrecondition(message.into())
     }
 }

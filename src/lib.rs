@@ -63,5 +63,6 @@ pub mod proto {
     }
 
     /// The descriptors of every Hopper proto, served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("hopper_descriptor");
+    pub(crate) const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("hopper_descriptor");
 }

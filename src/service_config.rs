@@ -24,7 +24,8 @@ use tonic::{Code, body::Body};
 use tower::{Service, ServiceExt};
 
 /// The service config shipped with the protos.
-pub const SERVICE_CONFIG: &str = include_str!("../proto/hopper/delegation/v1/service_config.json");
+pub(crate) const SERVICE_CONFIG: &str =
+    include_str!("../proto/hopper/delegation/v1/service_config.json");
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -80,7 +81,7 @@ impl ServiceConfig {
     /// Parses a service config in gRPC's JSON form, with the limits of gRPC's retry design:
     /// `maxAttempts` above 1 (above 5 counts as 5), backoffs and the multiplier above zero, at
     /// least one retryable code.
-    pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
+    pub(crate) fn from_json(json: &str) -> Result<Self, serde_json::Error> {
         let mut config: Self = serde_json::from_str(json)?;
         for method in &mut config.method_config {
             if let Some(policy) = &mut method.retry_policy {
@@ -116,7 +117,7 @@ impl ServiceConfig {
 
     /// For an interactive tool: at most `attempts` attempts, and no waiting for a connection
     /// (a person wants to hear at once that the server is down).
-    pub fn interactive(mut self, attempts: u32) -> Self {
+    pub(crate) fn interactive(mut self, attempts: u32) -> Self {
         for config in &mut self.method_config {
             config.wait_for_ready = false;
             if let Some(policy) = &mut config.retry_policy {

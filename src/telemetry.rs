@@ -192,7 +192,7 @@ pub struct Gauges {
 /// once the response headers are out (the code is read from them; a successful unary call
 /// carries its status in the trailers, so no status in the headers means OK).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RpcLayer;
+pub(crate) struct RpcLayer;
 
 impl<S> tower::Layer<S> for RpcLayer {
     type Service = RpcService<S>;
@@ -204,7 +204,7 @@ impl<S> tower::Layer<S> for RpcLayer {
 
 /// The service [`RpcLayer`] makes.
 #[derive(Debug, Clone)]
-pub struct RpcService<S>(S);
+pub(crate) struct RpcService<S>(S);
 
 impl<S, B, R> tower::Service<http::Request<B>> for RpcService<S>
 where
@@ -308,7 +308,7 @@ fn code_name(code: Code) -> &'static str {
 }
 
 /// Records the task and delegation a request names on its RPC span.
-pub fn record_ids(task_id: Option<&str>, delegation_id: Option<&str>) {
+pub(crate) fn record_ids(task_id: Option<&str>, delegation_id: Option<&str>) {
     let span = tracing::Span::current();
     if let Some(task_id) = task_id {
         span.record("task_id", task_id);

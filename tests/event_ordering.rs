@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, TestDb, TestServer, hierarchy, hop, postgres_available, task};
+use common::{Backend, TestDb, TestServer, delegate, hierarchy, postgres_available, task};
 use hopper_delegation::{
     auth::Caller,
     domain::{DelegationType, EventKind},
@@ -70,13 +70,7 @@ async fn sequence_order_is_commit_order_on_postgres() {
     let db = test_db.pool();
     hierarchy(&db).await;
     task(&db, "t", "global").await;
-    let d = delegations::create(
-        &db,
-        &Caller::Admin,
-        hop("t", "global", "project", DelegationType::Route),
-    )
-    .await
-    .unwrap();
+    let d = delegate(&db, "t", "global", "project", DelegationType::Route).await;
     let event = NewEvent::of(EventKind::DelegationCreated, &d, None);
 
     // Numbered at insert, A holds the lower sequence, B commits the higher one first, and the
@@ -129,13 +123,8 @@ async fn concurrent_writers_and_a_subscriber(
             tokio::spawn(async move {
                 let task_id = format!("t{w}");
                 for _ in 0..rounds {
-                    let d = delegations::create(
-                        &db,
-                        &Caller::Admin,
-                        hop(&task_id, "global", "project", DelegationType::Route),
-                    )
-                    .await
-                    .unwrap();
+                    let d =
+                        delegate(&db, &task_id, "global", "project", DelegationType::Route).await;
                     delegations::reject(&db, &Caller::Admin, &d.id, "again")
                         .await
                         .unwrap();

@@ -166,7 +166,8 @@ async fn concurrent_duplicates_create_one_record(backend: Backend) {
     hierarchy(&db).await;
     let outcomes = race(8, |_| {
         let db = db.clone();
-        async move { instances::register(&db, &Caller::Admin, new_instance("req-race", "P9")).await }
+        let new = new_instance("req-race", "P9");
+        async move { instances::register(&db, &Caller::Admin, new).await }
     })
     .await;
     let ids: std::collections::HashSet<_> = outcomes

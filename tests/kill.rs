@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Backend, TestDb, hierarchy, hop, task, text_rows};
+use common::{Backend, TestDb, delegate, hierarchy, task, text_rows};
 use hopper_delegation::{
     auth::Caller,
     domain::{DelegationStatus, DelegationType, EventKind, TaskStatus},
@@ -30,9 +30,7 @@ async fn chain(db: &hopper_delegation::store::Db, task_id: &str) -> String {
         } else {
             ("project", "global", DelegationType::Escalate)
         };
-        let d = delegations::create(db, &Caller::Admin, hop(task_id, source, target, kind))
-            .await
-            .unwrap();
+        let d = delegate(db, task_id, source, target, kind).await;
         last = delegations::accept(db, &Caller::Admin, &d.id)
             .await
             .unwrap()

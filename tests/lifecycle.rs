@@ -3,7 +3,8 @@
 mod common;
 
 use common::{
-    Backend, TestDb, accepted_route, hierarchy, hop, instance, race, snapshot, subtask, task,
+    Backend, TestDb, accepted_route, delegate, hierarchy, hop, instance, race, snapshot, subtask,
+    task,
 };
 use hopper_delegation::{
     auth::Caller,
@@ -122,9 +123,7 @@ async fn the_chain_follows_the_task_to_where_it_is_now(backend: Backend) {
     );
 
     let to_project = accepted_route(&db, "t", "global", "project").await;
-    let to_orch = delegations::create(&db, &Caller::Admin, hop("t", "project", "orch", Route))
-        .await
-        .unwrap();
+    let to_orch = delegate(&db, "t", "project", "orch", Route).await;
     let chain = delegations::chain(&db, &Caller::Admin, "t").await.unwrap();
     let statuses: Vec<_> = chain
         .delegations
@@ -160,9 +159,7 @@ async fn the_chain_follows_the_task_to_where_it_is_now(backend: Backend) {
 
 async fn a_task_lists_every_delegation_oldest_first_with_rejections(backend: Backend) {
     let (_guard, db) = story(backend).await;
-    let first = delegations::create(&db, &Caller::Admin, hop("t", "global", "project", Route))
-        .await
-        .unwrap();
+    let first = delegate(&db, "t", "global", "project", Route).await;
     let rejected = delegations::reject(&db, &Caller::Admin, &first.id, "busy")
         .await
         .unwrap();
@@ -175,9 +172,7 @@ async fn a_task_lists_every_delegation_oldest_first_with_rejections(backend: Bac
         "global"
     );
     let second = accepted_route(&db, "t", "global", "project2").await;
-    let third = delegations::create(&db, &Caller::Admin, hop("t", "project2", "orch2", Route))
-        .await
-        .unwrap();
+    let third = delegate(&db, "t", "project2", "orch2", Route).await;
 
     let all = delegations::list(&db, &Caller::Admin, Listing::OfTask("t"), &page(50, ""))
         .await
@@ -224,21 +219,10 @@ async fn an_instance_lists_its_pending_delegations_a_page_at_a_time(backend: Bac
     for i in 0..5 {
         let id = format!("job-{i}");
         task(&db, &id, "global").await;
-        expected.push(
-            delegations::create(&db, &Caller::Admin, hop(&id, "global", "project", Route))
-                .await
-                .unwrap()
-                .id,
-        );
+        expected.push(delegate(&db, &id, "global", "project", Route).await.id);
     }
     task(&db, "elsewhere", "global").await;
-    delegations::create(
-        &db,
-        &Caller::Admin,
-        hop("elsewhere", "global", "project2", Route),
-    )
-    .await
-    .unwrap();
+    delegate(&db, "elsewhere", "global", "project2", Route).await;
     delegations::accept(&db, &Caller::Admin, &expected[4])
         .await
         .unwrap();
@@ -322,9 +306,7 @@ async fn a_delegation_must_follow_the_creation_rules_and_writes_nothing_otherwis
     }
     assert_eq!(snapshot(&db).await, before);
 
-    let pending = delegations::create(&db, &Caller::Admin, hop("t", "global", "project", Route))
-        .await
-        .unwrap();
+    let pending = delegate(&db, "t", "global", "project", Route).await;
     let before = snapshot(&db).await;
     let again = failed_precondition(
         delegations::create(&db, &Caller::Admin, hop("t", "orch", "orch2", Reassign)).await,
@@ -348,9 +330,7 @@ async fn escalate_goes_up_and_reassign_goes_sideways(backend: Backend) {
         delegations::create(&db, &Caller::Admin, hop("t", "orch", "global", Route)).await,
     );
     assert!(refused.contains("goes to a descendant"), "{refused}");
-    let sideways = delegations::create(&db, &Caller::Admin, hop("t", "orch", "orch2", Reassign))
-        .await
-        .unwrap();
+    let sideways = delegate(&db, "t", "orch", "orch2", Reassign).await;
     assert_eq!(
         sideways.parent_delegation_id.as_deref(),
         Some(to_orch.id.as_str())
@@ -359,9 +339,7 @@ async fn escalate_goes_up_and_reassign_goes_sideways(backend: Backend) {
         .await
         .unwrap();
 
-    let up = delegations::create(&db, &Caller::Admin, hop("t", "orch", "global", Escalate))
-        .await
-        .unwrap();
+    let up = delegate(&db, "t", "orch", "global", Escalate).await;
     assert_eq!(
         up.parent_delegation_id.as_deref(),
         Some(to_orch.id.as_str())
@@ -392,9 +370,7 @@ async fn escalate_goes_up_and_reassign_goes_sideways(backend: Backend) {
 
 async fn transitions_from_the_wrong_status_name_the_current_one(backend: Backend) {
     let (_guard, db) = story(backend).await;
-    let d = delegations::create(&db, &Caller::Admin, hop("t", "global", "project", Route))
-        .await
-        .unwrap();
+    let d = delegate(&db, "t", "global", "project", Route).await;
     let message =
         failed_precondition(delegations::complete(&db, &Caller::Admin, &d.id, None, None).await);
     assert_eq!(
@@ -454,9 +430,7 @@ async fn transitions_from_the_wrong_status_name_the_current_one(backend: Backend
 async fn a_hop_cannot_complete_while_the_task_is_delegated_onward(backend: Backend) {
     let (_guard, db) = story(backend).await;
     let to_project = accepted_route(&db, "t", "global", "project").await;
-    let to_orch = delegations::create(&db, &Caller::Admin, hop("t", "project", "orch", Route))
-        .await
-        .unwrap();
+    let to_orch = delegate(&db, "t", "project", "orch", Route).await;
     let before = snapshot(&db).await;
     let message = failed_precondition(
         delegations::complete(&db, &Caller::Admin, &to_project.id, None, None).await,
@@ -471,9 +445,7 @@ async fn a_hop_cannot_complete_while_the_task_is_delegated_onward(backend: Backe
 async fn a_rejection_sends_the_task_back_for_another_try(backend: Backend) {
     let (_guard, db) = story(backend).await;
     let to_project = accepted_route(&db, "t", "global", "project").await;
-    let refused = delegations::create(&db, &Caller::Admin, hop("t", "project", "orch", Route))
-        .await
-        .unwrap();
+    let refused = delegate(&db, "t", "project", "orch", Route).await;
     delegations::reject(&db, &Caller::Admin, &refused.id, "orch is full")
         .await
         .unwrap();
@@ -507,9 +479,7 @@ async fn cancelling_a_hop_cancels_everything_below_it(backend: Backend) {
     let (_guard, db) = story(backend).await;
     let to_project = accepted_route(&db, "t", "global", "project").await;
     let to_orch = accepted_route(&db, "t", "project", "orch").await;
-    let sideways = delegations::create(&db, &Caller::Admin, hop("t", "orch", "orch2", Reassign))
-        .await
-        .unwrap();
+    let sideways = delegate(&db, "t", "orch", "orch2", Reassign).await;
 
     let cancelled = delegations::cancel(&db, &Caller::Admin, &to_project.id)
         .await
@@ -545,9 +515,7 @@ async fn cancelling_a_hop_cancels_everything_below_it(backend: Backend) {
 async fn cancelling_an_inner_hop_leaves_the_hops_above_it(backend: Backend) {
     let (_guard, db) = story(backend).await;
     let to_project = accepted_route(&db, "t", "global", "project").await;
-    let to_orch = delegations::create(&db, &Caller::Admin, hop("t", "project", "orch", Route))
-        .await
-        .unwrap();
+    let to_orch = delegate(&db, "t", "project", "orch", Route).await;
     let cancelled = delegations::cancel(&db, &Caller::Admin, &to_orch.id)
         .await
         .unwrap();
@@ -579,13 +547,7 @@ async fn a_decompose_hop_completes_its_subtask_while_the_parent_waits_for_the_re
         ("project", Some("t"))
     );
 
-    let split = delegations::create(
-        &db,
-        &Caller::Admin,
-        hop("t.1", "project", "orch", Decompose),
-    )
-    .await
-    .unwrap();
+    let split = delegate(&db, "t.1", "project", "orch", Decompose).await;
     assert_eq!(
         split.parent_delegation_id.as_deref(),
         Some(to_project.id.as_str())
@@ -628,13 +590,7 @@ async fn cancelling_a_parent_hop_reaches_into_subtasks(backend: Backend) {
     let (_guard, db) = story(backend).await;
     let to_project = accepted_route(&db, "t", "global", "project").await;
     subtask(&db, "t.1", "t").await;
-    let split = delegations::create(
-        &db,
-        &Caller::Admin,
-        hop("t.1", "project", "orch", Decompose),
-    )
-    .await
-    .unwrap();
+    let split = delegate(&db, "t.1", "project", "orch", Decompose).await;
     let cancelled = delegations::cancel(&db, &Caller::Admin, &to_project.id)
         .await
         .unwrap();
@@ -884,13 +840,7 @@ async fn racing_clients_on_one_delegation_have_exactly_one_winner(backend: Backe
     {
         let task_id = format!("race-{round}");
         task(&db, &task_id, "global").await;
-        let d = delegations::create(
-            &db,
-            &Caller::Admin,
-            hop(&task_id, "global", "project", Route),
-        )
-        .await
-        .unwrap();
+        let d = delegate(&db, &task_id, "global", "project", Route).await;
         if needs_accept {
             delegations::accept(&db, &Caller::Admin, &d.id)
                 .await
@@ -908,13 +858,7 @@ async fn racing_clients_on_one_delegation_have_exactly_one_winner(backend: Backe
     // Mixed: accept, reject and cancel on one pending delegation. The winners must form
     // a legal history, each transition winning at most once.
     task(&db, "mixed", "global").await;
-    let d = delegations::create(
-        &db,
-        &Caller::Admin,
-        hop("mixed", "global", "project", Route),
-    )
-    .await
-    .unwrap();
+    let d = delegate(&db, "mixed", "global", "project", Route).await;
     let ops = [("accept", accept), ("reject", reject), ("cancel", cancel)];
     let outcomes = race(N, |i| ops[i % 3].1(db.clone(), d.id.clone())).await;
     let mut winners: Vec<_> = outcomes

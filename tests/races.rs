@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Backend, TestDb, hierarchy, hop, race, task};
+use common::{Backend, TestDb, delegate, hierarchy, race, task};
 use hopper_delegation::{
     auth::Caller,
     domain::{DelegationType, EventKind},
@@ -21,13 +21,7 @@ async fn a_thousand_conflicting_pairs_have_one_winner_each(backend: Backend) {
     task(&db, "t", "global").await;
     let mut winners = Vec::with_capacity(TRIALS);
     for trial in 0..TRIALS {
-        let d = delegations::create(
-            &db,
-            &Caller::Admin,
-            hop("t", "global", "project", DelegationType::Route),
-        )
-        .await
-        .unwrap();
+        let d = delegate(&db, "t", "global", "project", DelegationType::Route).await;
         let outcomes = race(2, |side| {
             let (db, id) = (db.clone(), d.id.clone());
             async move {

@@ -5,7 +5,8 @@
 mod common;
 
 use common::{
-    Backend, TestDb, TestServer, accepted_route, hierarchy, hop, instance, race, subtask, task,
+    Backend, TestDb, TestServer, accepted_route, delegate, hierarchy, hop, instance, new_subtask,
+    race, subtask, task,
 };
 use hopper_delegation::{
     auth::Caller,
@@ -58,22 +59,6 @@ async fn all_events(db: &Db) -> Vec<Event> {
     event_log::read(&mut db.conn().await.unwrap(), Some(&scope), 0, i64::MAX)
         .await
         .unwrap()
-}
-
-/// A NewTask for a subtask.
-struct NewTaskExt;
-
-impl NewTaskExt {
-    fn child(id: &str, parent: &str) -> hopper_delegation::repository::tasks::NewTask {
-        hopper_delegation::repository::tasks::NewTask {
-            request_id: None,
-            id: Some(id.to_owned()),
-            title: id.to_owned(),
-            description: String::new(),
-            instance_id: None,
-            parent_task_id: Some(parent.to_owned()),
-        }
-    }
 }
 
 fn status_of(task: &hopper_delegation::store::tasks::Task) -> TaskStatus {
@@ -181,13 +166,7 @@ async fn local_completion_rejection_and_cancellation_mix(backend: Backend) {
     );
     assert!(local.completed_delegations.is_empty());
 
-    let first = delegations::create(
-        &db,
-        &Caller::Admin,
-        hop("bounced", "project", "orch", Decompose),
-    )
-    .await
-    .unwrap();
+    let first = delegate(&db, "bounced", "project", "orch", Decompose).await;
     let in_transit = tasks::complete(&db, &Caller::Admin, "bounced", None)
         .await
         .unwrap_err();
@@ -284,9 +263,7 @@ async fn a_task_at_its_origin_completes_in_place(backend: Backend) {
 async fn an_escalation_completes_the_chain_above_it(backend: Backend) {
     let (_guard, db, to_project) = project_holds_t(backend).await;
     let to_orch = accepted_route(&db, "t", "project", "orch").await;
-    let up = delegations::create(&db, &Caller::Admin, hop("t", "orch", "project", Escalate))
-        .await
-        .unwrap();
+    let up = delegate(&db, "t", "orch", "project", Escalate).await;
     delegations::accept(&db, &Caller::Admin, &up.id)
         .await
         .unwrap();
@@ -319,9 +296,7 @@ async fn cancelling_at_global_stops_everything_below(backend: Backend) {
     subtask(&db, "t.2", "t").await;
     let h1 = decompose(&db, "t.1", "project", "orch").await;
     subtask(&db, "t.1.a", "t.1").await;
-    let deep = delegations::create(&db, &Caller::Admin, hop("t.1.a", "orch", "leaf", Decompose))
-        .await
-        .unwrap();
+    let deep = delegate(&db, "t.1.a", "orch", "leaf", Decompose).await;
     assert_eq!(deep.parent_delegation_id.as_deref(), Some(h1.id.as_str()));
 
     let cancelled = delegations::cancel(&db, &Caller::Admin, &to_project.id)
@@ -397,9 +372,7 @@ async fn cancelling_a_task_cancels_its_chain_and_subtasks(backend: Backend) {
     let (_guard, db, to_project) = project_holds_t(backend).await;
     let to_orch = accepted_route(&db, "t", "project", "orch").await;
     subtask(&db, "t.1", "t").await;
-    let h = delegations::create(&db, &Caller::Admin, hop("t.1", "orch", "leaf", Decompose))
-        .await
-        .unwrap();
+    let h = delegate(&db, "t.1", "orch", "leaf", Decompose).await;
     let cancelled = tasks::cancel(&db, &Caller::Admin, "t").await.unwrap();
     assert_eq!(
         (cancelled.task.status, cancelled.task.instance_id.as_str()),
@@ -446,15 +419,13 @@ async fn a_task_with_open_subtasks_neither_moves_nor_completes_by_its_hop(backen
         .await
         .unwrap_err();
     assert!(again.to_string().contains("use route from here"), "{again}");
-    let down = delegations::create(&db, &Caller::Admin, hop("t.1", "orch", "leaf", Route))
-        .await
-        .unwrap();
+    let down = delegate(&db, "t.1", "orch", "leaf", Route).await;
     assert_eq!(
         down.parent_delegation_id.as_deref(),
         Some(split.id.as_str())
     );
     // No subtasks for a task on its way; a task on its way can still be cancelled.
-    let in_transit = tasks::create(&db, &Caller::Admin, NewTaskExt::child("t.1.a", "t.1"))
+    let in_transit = tasks::create(&db, &Caller::Admin, new_subtask("t.1.a", "t.1"))
         .await
         .unwrap_err();
     assert!(
@@ -462,9 +433,7 @@ async fn a_task_with_open_subtasks_neither_moves_nor_completes_by_its_hop(backen
         "{in_transit}"
     );
     task(&db, "u", "global").await;
-    let moving = delegations::create(&db, &Caller::Admin, hop("u", "global", "project", Route))
-        .await
-        .unwrap();
+    let moving = delegate(&db, "u", "global", "project", Route).await;
     let cancelled = tasks::cancel(&db, &Caller::Admin, "u").await.unwrap();
     assert_eq!(cancelled.cancelled_delegations[0].id, moving.id);
     assert_eq!(cancelled.task.instance_id, "global");
@@ -518,9 +487,7 @@ async fn a_chain_of_depth_1000_is_read_and_bubbled_whole(backend: Backend) {
         } else {
             ("project", "global", Escalate)
         };
-        let d = delegations::create(&db, &Caller::Admin, hop("t", source, target, kind))
-            .await
-            .unwrap();
+        let d = delegate(&db, "t", source, target, kind).await;
         ids.push(
             delegations::accept(&db, &Caller::Admin, &d.id)
                 .await

@@ -92,7 +92,7 @@ impl From<Status> for Failure {
 /// Whether a status means "the server cannot serve now": UNAVAILABLE, a deadline, or a broken
 /// connection (tonic reports a reset or a GOAWAY with the transport error as the status's
 /// source, under several codes). A command reports it as "unreachable" (exit code 3).
-pub fn is_transient(status: &Status) -> bool {
+pub(crate) fn is_transient(status: &Status) -> bool {
     matches!(
         status.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
@@ -103,7 +103,7 @@ pub fn is_transient(status: &Status) -> bool {
 /// or the cursor is wrong (the README's table of codes). `watch` ends on these only and
 /// resumes after anything else (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED, a reset connection, a
 /// GOAWAY, even INTERNAL).
-pub fn is_refusal(status: &Status) -> bool {
+pub(crate) fn is_refusal(status: &Status) -> bool {
     std::error::Error::source(status).is_none()
         && matches!(
             status.code(),

@@ -15,7 +15,7 @@ use crate::proto::{self as pb, json};
 
 /// Text or JSON, chosen with `-o`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// Aligned text for people.
     Text,
     /// One JSON document per record, one per line.
@@ -23,7 +23,7 @@ pub enum Format {
 }
 
 /// Writes records to standard output in the chosen format.
-pub struct Printer {
+pub(crate) struct Printer {
     /// The chosen format.
     pub format: Format,
     /// Whether text gets ANSI colours: only on a terminal, and never with `NO_COLOR` set.
@@ -142,7 +142,7 @@ impl Cell {
     }
 
     /// A cell in a dim colour, for secondary detail.
-    pub fn dim(text: impl Into<String>) -> Self {
+    pub(crate) fn dim(text: impl Into<String>) -> Self {
         Self {
             text: text.into(),
             color: Some("2"),
@@ -212,7 +212,7 @@ fn ago(elapsed: chrono::TimeDelta) -> String {
 }
 
 /// The lower-case word of a proto enum value: `DELEGATION_STATUS_PENDING` -> `pending`.
-pub fn word(name: &str, prefix: &str) -> String {
+pub(crate) fn word(name: &str, prefix: &str) -> String {
     name.strip_prefix(prefix)
         .unwrap_or(name)
         .to_ascii_lowercase()
@@ -267,7 +267,7 @@ fn document(value: Option<&prost_types::Struct>) -> Value {
 }
 
 /// A result or config document as compact JSON, `-` if unset.
-pub fn document_text(value: Option<&prost_types::Struct>) -> String {
+pub(crate) fn document_text(value: Option<&prost_types::Struct>) -> String {
     match document(value) {
         Value::Null => "-".into(),
         value => value.to_string(),
@@ -275,7 +275,7 @@ pub fn document_text(value: Option<&prost_types::Struct>) -> String {
 }
 
 /// An instance as JSON.
-pub fn instance_json(i: &pb::Instance) -> Value {
+pub(crate) fn instance_json(i: &pb::Instance) -> Value {
     json!({
         "id": i.id,
         "name": i.name,
@@ -289,7 +289,7 @@ pub fn instance_json(i: &pb::Instance) -> Value {
 }
 
 /// A task as JSON.
-pub fn task_json(t: &pb::Task) -> Value {
+pub(crate) fn task_json(t: &pb::Task) -> Value {
     json!({
         "id": t.id,
         "title": t.title,
@@ -304,7 +304,7 @@ pub fn task_json(t: &pb::Task) -> Value {
 }
 
 /// A delegation as JSON.
-pub fn delegation_json(d: &pb::Delegation) -> Value {
+pub(crate) fn delegation_json(d: &pb::Delegation) -> Value {
     json!({
         "id": d.id,
         "task_id": d.task_id,
@@ -326,12 +326,12 @@ pub fn delegation_json(d: &pb::Delegation) -> Value {
 }
 
 /// A list of delegations as JSON.
-pub fn delegations_json(ds: &[pb::Delegation]) -> Value {
+pub(crate) fn delegations_json(ds: &[pb::Delegation]) -> Value {
     Value::Array(ds.iter().map(delegation_json).collect())
 }
 
 /// An event as JSON.
-pub fn event_json(e: &pb::DelegationEvent) -> Value {
+pub(crate) fn event_json(e: &pb::DelegationEvent) -> Value {
     json!({
         "sequence": e.sequence,
         "kind": event_kind(e.kind),

@@ -25,7 +25,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What to watch.
 #[derive(Debug, Clone, clap::Args)]
-pub struct WatchArgs {
+pub(crate) struct WatchArgs {
     /// The instance whose delegations' events to print.
     pub instance: String,
     /// Also the events of every instance below it.

@@ -21,7 +21,7 @@ use crate::error::Error;
 
 /// A change of a delegation's status requested by a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// The target takes the task on.
     Accept,
     /// The target refuses the task.
@@ -89,7 +89,7 @@ impl Transition {
 
 /// Where the target of a delegation lies, seen from its source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Relation {
+pub(crate) enum Relation {
     /// The target is the source itself.
     Same,
     /// The target is below the source.
@@ -115,7 +115,7 @@ impl Relation {
 
 /// What the rules need to know about a proposed delegation.
 #[derive(Debug)]
-pub struct ProposedHop<'a> {
+pub(crate) struct ProposedHop<'a> {
     /// The task being delegated.
     pub task_id: &'a str,
     /// The task's status.
@@ -143,7 +143,7 @@ pub struct ProposedHop<'a> {
 }
 
 /// Checks every rule for creating a delegation. The error names the offending state.
-pub fn check_new_hop(hop: &ProposedHop<'_>) -> Result<(), Error> {
+pub(crate) fn check_new_hop(hop: &ProposedHop<'_>) -> Result<(), Error> {
     if hop.relation == Relation::Same {
         return Err(Error::invalid(
             "target_instance_id",
@@ -235,11 +235,11 @@ pub fn bubbling(chain: &[DelegationType]) -> (usize, bool) {
 }
 
 /// One hop of the chain a completion reads: its id, status and kind.
-pub type Hop<'a> = (&'a str, DelegationStatus, DelegationType);
+pub(crate) type Hop<'a> = (&'a str, DelegationStatus, DelegationType);
 
 /// What the completion rules need to know about a delegation, read under its family's lock.
 #[derive(Debug)]
-pub struct Completing<'a> {
+pub(crate) struct Completing<'a> {
     /// The task of the delegation.
     pub task_id: &'a str,
     /// The delegation, then the hops of the same task it continues, nearest first.
@@ -252,7 +252,7 @@ pub struct Completing<'a> {
 
 /// How far an allowed completion reaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reach {
+pub(crate) struct Reach {
     /// How many hops above the delegation complete with it.
     pub ancestors: usize,
     /// Whether the task itself is done.
@@ -262,7 +262,7 @@ pub struct Reach {
 /// Checks every rule for completing the first hop of `completing.chain`: it must be accepted,
 /// the task must not be delegated onward from it, and a completion that finishes the task
 /// needs every subtask finished. Says how far the completion bubbles (see [`bubbling`]).
-pub fn check_completion(completing: &Completing<'_>) -> Result<Reach, Error> {
+pub(crate) fn check_completion(completing: &Completing<'_>) -> Result<Reach, Error> {
     let Some(&(id, status, _)) = completing.chain.first() else {
         return Err(Error::Internal("no delegation to complete".into()));
     };
@@ -296,7 +296,7 @@ pub fn check_completion(completing: &Completing<'_>) -> Result<Reach, Error> {
 /// What the rules for completing a task where it is (CompleteTask) read, under its family's
 /// lock.
 #[derive(Debug)]
-pub struct LocalCompletion<'a> {
+pub(crate) struct LocalCompletion<'a> {
     /// The task.
     pub task_id: &'a str,
     /// Its status.
@@ -309,7 +309,7 @@ pub struct LocalCompletion<'a> {
 
 /// Checks the rules for completing a task where it is: it is unfinished, not on its way
 /// elsewhere (no pending delegation), and has no open subtasks (it completes when they do).
-pub fn check_local_completion(task: &LocalCompletion<'_>) -> Result<(), Error> {
+pub(crate) fn check_local_completion(task: &LocalCompletion<'_>) -> Result<(), Error> {
     let id = task.task_id;
     check_unfinished(id, task.status)?;
     if let Some(pending) = task.pending_delegation {
@@ -331,13 +331,16 @@ fn on_its_way(task_id: &str, pending: &str) -> Error {
 /// Whether a parent task may complete from its subtasks now: a finished one, or one on its way
 /// elsewhere (a pending delegation), does not, and completion bubbles no further up the
 /// subtask tree; otherwise [`aggregate`] says whether every subtask has finished, and how.
-pub fn completes_from_subtasks(status: TaskStatus, pending_delegation: Option<&str>) -> bool {
+pub(crate) fn completes_from_subtasks(
+    status: TaskStatus,
+    pending_delegation: Option<&str>,
+) -> bool {
     !status.is_final() && pending_delegation.is_none()
 }
 
 /// What the subtask rules need to know about the parent task, read under its family's lock.
 #[derive(Debug)]
-pub struct NewSubtask<'a> {
+pub(crate) struct NewSubtask<'a> {
     /// The parent task.
     pub parent_id: &'a str,
     /// Its status.
@@ -352,7 +355,7 @@ pub struct NewSubtask<'a> {
 
 /// Checks the rules for creating a subtask: its parent is unfinished (a finished task takes no
 /// subtasks), not on its way elsewhere, and the subtask is made where the parent is.
-pub fn check_new_subtask(new: &NewSubtask<'_>) -> Result<(), Error> {
+pub(crate) fn check_new_subtask(new: &NewSubtask<'_>) -> Result<(), Error> {
     let (parent, at) = (new.parent_id, new.parent_at);
     if new.parent_status.is_final() {
         return Err(Error::precondition(format!(
@@ -374,7 +377,7 @@ pub fn check_new_subtask(new: &NewSubtask<'_>) -> Result<(), Error> {
 
 /// Checks that a task is not finished (done or cancelled): nothing completes or cancels it
 /// again.
-pub fn check_unfinished(task_id: &str, status: TaskStatus) -> Result<(), Error> {
+pub(crate) fn check_unfinished(task_id: &str, status: TaskStatus) -> Result<(), Error> {
     if status.is_final() {
         return Err(Error::precondition(format!("task {task_id} is {status}")));
     }

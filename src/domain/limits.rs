@@ -3,23 +3,23 @@
 use crate::error::Error;
 
 /// Longest caller-chosen id.
-pub const MAX_ID_LEN: usize = 64;
+pub(crate) const MAX_ID_LEN: usize = 64;
 /// Longest instance name and `delegated_by`.
-pub const MAX_NAME_LEN: usize = 256;
+pub(crate) const MAX_NAME_LEN: usize = 256;
 /// Longest task title.
-pub const MAX_TITLE_LEN: usize = 512;
+pub(crate) const MAX_TITLE_LEN: usize = 512;
 /// Longest rejection reason.
-pub const MAX_REASON_LEN: usize = 4 * 1024;
+pub(crate) const MAX_REASON_LEN: usize = 4 * 1024;
 /// Longest notes and task description.
-pub const MAX_NOTES_LEN: usize = 16 * 1024;
+pub(crate) const MAX_NOTES_LEN: usize = 16 * 1024;
 /// Largest result or config, as JSON text.
-pub const MAX_JSON_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_JSON_BYTES: usize = 1024 * 1024;
 /// Deepest nesting of objects and arrays in a result or config.
-pub const MAX_JSON_DEPTH: usize = 32;
+pub(crate) const MAX_JSON_DEPTH: usize = 32;
 /// Page size used when a request asks for 0.
-pub const DEFAULT_PAGE_SIZE: usize = 50;
+pub(crate) const DEFAULT_PAGE_SIZE: usize = 50;
 /// Largest page; larger requests are lowered to it.
-pub const MAX_PAGE_SIZE: usize = 500;
+pub(crate) const MAX_PAGE_SIZE: usize = 500;
 
 /// Checks an id: 1 to 64 characters of ASCII letters, digits, '.', '_' or '-', starting with a
 /// letter or digit. This keeps ids safe in URLs, logs and shell scripts.
@@ -45,7 +45,7 @@ pub fn id(field: &'static str, value: &str) -> Result<(), Error> {
 }
 
 /// Checks an optional id: empty means absent.
-pub fn optional_id(field: &'static str, value: &str) -> Result<Option<String>, Error> {
+pub(crate) fn optional_id(field: &'static str, value: &str) -> Result<Option<String>, Error> {
     if value.is_empty() {
         return Ok(None);
     }

@@ -128,31 +128,31 @@ text_enum! {
 
 impl DelegationStatus {
     /// Pending and accepted delegations are active: they can still change.
-    pub const ACTIVE: [Self; 2] = [Self::Pending, Self::Accepted];
+    pub(crate) const ACTIVE: [Self; 2] = [Self::Pending, Self::Accepted];
 
     /// The statuses of the hops that make up a task's current chain: rejected and cancelled
     /// hops drop out of it.
-    pub const IN_CHAIN: [Self; 3] = [Self::Pending, Self::Accepted, Self::Completed];
+    pub(crate) const IN_CHAIN: [Self; 3] = [Self::Pending, Self::Accepted, Self::Completed];
 
     /// Whether the delegation can still change.
-    pub fn is_active(self) -> bool {
+    pub(crate) fn is_active(self) -> bool {
         Self::ACTIVE.contains(&self)
     }
 }
 
 impl InstanceStatus {
     /// Whether an instance in this state may receive delegations.
-    pub fn takes_work(self) -> bool {
+    pub(crate) fn takes_work(self) -> bool {
         matches!(self, Self::Created | Self::Starting | Self::Running)
     }
 }
 
 impl TaskStatus {
     /// Finished tasks: nothing changes them any more.
-    pub const FINAL: [Self; 2] = [Self::Done, Self::Cancelled];
+    pub(crate) const FINAL: [Self; 2] = [Self::Done, Self::Cancelled];
 
     /// Whether the task is finished for good.
-    pub fn is_final(self) -> bool {
+    pub(crate) fn is_final(self) -> bool {
         Self::FINAL.contains(&self)
     }
 }

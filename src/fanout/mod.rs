@@ -85,7 +85,7 @@ impl SharedEvent {
 
     /// The event in wire form: `encode` runs for the first subscriber to send it; the others
     /// get the same bytes.
-    pub fn encoded(
+    pub(crate) fn encoded(
         &self,
         encode: impl FnOnce(&Event) -> Result<Bytes, Error>,
     ) -> Result<Bytes, Error> {
@@ -162,7 +162,7 @@ impl Hub {
     }
 
     /// Ends every stream, now and from now on, with UNAVAILABLE ("resume elsewhere").
-    pub fn stop_streams(&self) {
+    pub(crate) fn stop_streams(&self) {
         self.0.stop.send_replace(true);
     }
 

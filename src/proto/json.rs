@@ -13,7 +13,7 @@ use crate::error::Error;
 const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
 
 /// Converts a request Struct; INVALID_ARGUMENT names `field` if a number is NaN or infinite.
-pub fn from_struct(field: &'static str, value: Struct) -> Result<Json, Error> {
+pub(crate) fn from_struct(field: &'static str, value: Struct) -> Result<Json, Error> {
     value
         .fields
         .into_iter()
@@ -47,7 +47,7 @@ fn from_value(field: &'static str, value: Value) -> Result<Json, Error> {
 
 /// Converts a stored document for a response. A document that is not an object (written by
 /// something other than this service) is wrapped as `{"value": …}`.
-pub fn to_struct(value: Json) -> Struct {
+pub(crate) fn to_struct(value: Json) -> Struct {
     match value {
         Json::Object(map) => Struct {
             fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),

@@ -14,7 +14,7 @@ pub use tasks::TaskApi;
 /// response stream holds its buffer for its whole life, and prost's default (8 KiB) would be
 /// a quarter of an idle WatchEvents subscriber's memory; a message that needs more grows it.
 #[derive(Debug, Clone, Copy)]
-pub struct Codec<T, U>(std::marker::PhantomData<fn(T) -> U>);
+pub(crate) struct Codec<T, U>(std::marker::PhantomData<fn(T) -> U>);
 
 impl<T, U> Default for Codec<T, U> {
     fn default() -> Self {

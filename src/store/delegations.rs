@@ -164,7 +164,7 @@ pub async fn list(
 }
 
 /// The task's pending delegation, if it has one.
-pub async fn pending_of_task(conn: &mut Conn, task_id: &str) -> QueryResult<Option<String>> {
+pub(crate) async fn pending_of_task(conn: &mut Conn, task_id: &str) -> QueryResult<Option<String>> {
     with_conn!(conn, |c| td::table
         .filter(td::task_id.eq(task_id))
         .filter(status_is(DelegationStatus::Pending))
@@ -176,7 +176,9 @@ pub async fn pending_of_task(conn: &mut Conn, task_id: &str) -> QueryResult<Opti
 
 /// How many delegations each instance has waiting (PENDING) and in hand (ACCEPTED), as
 /// `(target instance, status, count)`; instances with neither are left out.
-pub async fn active_load(conn: &mut Conn) -> QueryResult<Vec<(String, DelegationStatus, i64)>> {
+pub(crate) async fn active_load(
+    conn: &mut Conn,
+) -> QueryResult<Vec<(String, DelegationStatus, i64)>> {
     with_conn!(conn, |c| td::table
         .filter(status_is(DelegationStatus::Pending).or(status_is(DelegationStatus::Accepted)))
         .group_by((td::target_instance_id, td::status))
@@ -190,7 +192,7 @@ pub async fn active_load(conn: &mut Conn) -> QueryResult<Vec<(String, Delegation
 }
 
 /// The source of the task's first delegation: the instance it started from.
-pub async fn first_source(conn: &mut Conn, task_id: &str) -> QueryResult<Option<String>> {
+pub(crate) async fn first_source(conn: &mut Conn, task_id: &str) -> QueryResult<Option<String>> {
     with_conn!(conn, |c| td::table
         .filter(td::task_id.eq(task_id))
         .order((td::delegated_at, td::id))
@@ -201,7 +203,7 @@ pub async fn first_source(conn: &mut Conn, task_id: &str) -> QueryResult<Option<
 }
 
 /// The most recent accepted delegation that brought the task to `instance_id`.
-pub async fn accepted_into(
+pub(crate) async fn accepted_into(
     conn: &mut Conn,
     task_id: &str,
     instance_id: &str,
@@ -230,7 +232,7 @@ pub async fn update(
 
 /// Applies `change` to the delegations of `task_ids` whose status is one of `from`; returns
 /// the rows it changed, oldest first.
-pub async fn update_of_tasks(
+pub(crate) async fn update_of_tasks(
     conn: &mut Conn,
     task_ids: &[&str],
     from: &[DelegationStatus],
@@ -278,7 +280,7 @@ async fn set(
 
 /// What the completion rules read about a delegation, in one statement, under the family lock.
 #[derive(Debug, Clone)]
-pub struct CompletionSnapshot {
+pub(crate) struct CompletionSnapshot {
     /// The delegation and the hops of the same task it continues, nearest first.
     pub lineage: Vec<Delegation>,
     /// An active hop of the same task that continues the delegation: (id, status, target).
@@ -302,7 +304,10 @@ struct CompletionRow {
 }
 
 /// Reads a [`CompletionSnapshot`]; its lineage is empty if there is no such delegation.
-pub async fn completion_snapshot(conn: &mut Conn, id: &str) -> QueryResult<CompletionSnapshot> {
+pub(crate) async fn completion_snapshot(
+    conn: &mut Conn,
+    id: &str,
+) -> QueryResult<CompletionSnapshot> {
     static TEXT: LazyLock<String> = LazyLock::new(|| {
         format!(
             "{chain}
@@ -352,7 +357,7 @@ const CHAIN: &str = "
 
 /// The task's current chain, origin first, in one query: from its latest live (pending,
 /// accepted or completed) delegation up through the hops it continues.
-pub async fn current_chain(conn: &mut Conn, task_id: &str) -> QueryResult<Vec<Delegation>> {
+pub(crate) async fn current_chain(conn: &mut Conn, task_id: &str) -> QueryResult<Vec<Delegation>> {
     static TEXT: LazyLock<String> = LazyLock::new(|| {
         let latest = format!(
             "SELECT l.id FROM task_delegations l
@@ -368,7 +373,7 @@ pub async fn current_chain(conn: &mut Conn, task_id: &str) -> QueryResult<Vec<De
 
 /// Every active delegation below `id` along parent links (into subtasks too), nearest first,
 /// in one query.
-pub async fn active_below(conn: &mut Conn, id: &str) -> QueryResult<Vec<Delegation>> {
+pub(crate) async fn active_below(conn: &mut Conn, id: &str) -> QueryResult<Vec<Delegation>> {
     static BELOW: LazyLock<String> = LazyLock::new(|| {
         format!(
             "WITH RECURSIVE below AS (

@@ -28,7 +28,7 @@ use crate::domain::EventKind;
 
 /// The PostgreSQL channel on which the sequencer of any replica announces newly numbered
 /// events, waking the event streams of every replica.
-pub const CHANNEL: &str = "hopper_events";
+pub(crate) const CHANNEL: &str = "hopper_events";
 
 /// One entry of the log.
 #[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable)]
@@ -94,7 +94,7 @@ impl NewEvent {
 
 impl NewEvent {
     /// A task with no delegation completed where it is; carried by that instance's stream.
-    pub fn task_completed_in_place(task: &Task) -> Self {
+    pub(crate) fn task_completed_in_place(task: &Task) -> Self {
         Self {
             kind: EventKind::TaskCompleted,
             occurred_at: task.updated_at,
@@ -166,7 +166,7 @@ pub async fn append(tx: &mut Tx, events: &[NewEvent]) -> QueryResult<()> {
 }
 
 /// How many queued events one [`sequence`] call moves at most.
-pub const SEQUENCE_BATCH: i64 = 10_000;
+pub(crate) const SEQUENCE_BATCH: i64 = 10_000;
 
 /// PostgreSQL: moves up to [`SEQUENCE_BATCH`] committed events of the queue into the log,
 /// oldest first, numbering them in that order, announces them on [`CHANNEL`], and returns how
@@ -371,7 +371,7 @@ pub async fn bounds(conn: &mut Conn) -> QueryResult<Bounds> {
 
 /// Deletes the events that occurred before `cutoff` and moves the watermark; returns how many
 /// were deleted.
-pub async fn prune(conn: &mut Conn, cutoff: NaiveDateTime) -> QueryResult<usize> {
+pub(crate) async fn prune(conn: &mut Conn, cutoff: NaiveDateTime) -> QueryResult<usize> {
     let through: Option<i64> = with_conn!(conn, |c| de::table
         .filter(de::occurred_at.lt(cutoff))
         .select(diesel::dsl::max(de::sequence))

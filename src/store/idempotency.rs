@@ -10,7 +10,7 @@ use super::{Conn, schema::idempotent_requests as ir, with_conn};
 /// A recorded request.
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
 #[diesel(table_name = ir)]
-pub struct Recorded {
+pub(crate) struct Recorded {
     /// The RPC it was for.
     pub method: String,
     /// The validated request, as canonical JSON.
@@ -22,7 +22,7 @@ pub struct Recorded {
 /// Claims `request_id` for this request. Returns `None` if the claim is new, or the earlier
 /// request that holds the id. A concurrent claim of the same id waits for the first
 /// transaction to end (the primary key), then sees what it recorded.
-pub async fn claim(
+pub(crate) async fn claim(
     conn: &mut Conn,
     request_id: &str,
     method: &str,

@@ -154,7 +154,7 @@ pub async fn lineage(conn: &mut Conn, id: &str) -> QueryResult<Vec<String>> {
 
 /// Whether `instance_id` is, or is an ancestor of, an instance the task involves: where it is
 /// now, or either end of one of its delegations. One round trip.
-pub async fn involved_in_task(
+pub(crate) async fn involved_in_task(
     conn: &mut Conn,
     task_id: &str,
     instance_id: &str,
@@ -183,7 +183,7 @@ pub async fn involved_in_task(
 /// never changes once it is registered and instances are never deleted, so an entry never goes
 /// stale; an unknown id is not remembered (it may be registered later, through any replica).
 #[derive(Debug, Default)]
-pub struct Lineages(RwLock<HashMap<String, Arc<[String]>>>);
+pub(crate) struct Lineages(RwLock<HashMap<String, Arc<[String]>>>);
 
 impl Lineages {
     /// [`lineage`], from memory after the first time; empty if the instance is unknown.

@@ -11,7 +11,7 @@ use super::{DatabaseUrl, Db, event_log};
 /// Keeps a LISTEN connection to PostgreSQL and signals [`Db::appended`] whenever a sequencer of
 /// any replica numbers events, reconnecting after failures. A lost notification only delays a
 /// stream: the streams also re-read the log when idle. Returns at once on SQLite (one process).
-pub async fn listen_for_events(db: Db) {
+pub(crate) async fn listen_for_events(db: Db) {
     let DatabaseUrl::Postgres(url) = db.url() else {
         return;
     };

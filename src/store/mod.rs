@@ -30,12 +30,12 @@ pub mod tasks;
 mod tx;
 mod url;
 
-pub use listen::listen_for_events;
+pub(crate) use listen::listen_for_events;
 pub use migrate::{Migrate, migrate};
 pub(crate) use pg_connect::sqlstate;
-pub(crate) use pool::with_conn;
-pub use pool::{Conn, DEFAULT_CONNECTION_TIMEOUT, Db, PoolStatus, SqliteConn, is_unique_violation};
-pub use sql::{Bind, Bound, Cursor, Params, Sql, now, sql};
-pub(crate) use sql::{is_member, literals};
-pub use tx::{Tx, WriterTurn};
+pub use pool::{Conn, Db, SqliteConn};
+pub(crate) use pool::{is_unique_violation, with_conn};
+pub use sql::{Bind, Bound, Sql, now, sql};
+pub(crate) use sql::{Cursor, is_member, literals};
+pub use tx::Tx;
 pub use url::{DatabaseUrl, SqliteOwner};

@@ -21,7 +21,7 @@ pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
 
 /// How long a request waits by default for a pooled connection (or for a new one to be set
 /// up) before it fails with UNAVAILABLE instead of hanging.
-pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A pool of connections to one database, and the signals that a transaction committed and
 /// that events became readable. Cheap to clone. On PostgreSQL each `Db` runs a sequencer
@@ -85,7 +85,7 @@ pub(super) struct Signals {
 
 /// A snapshot of the connection pool, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolStatus {
+pub(crate) struct PoolStatus {
     /// Connections open.
     pub size: usize,
     /// Open connections not checked out.
@@ -134,7 +134,7 @@ macro_rules! with_conn {
 pub(crate) use with_conn;
 
 /// Whether a write failed on a unique constraint (a taken id, a second pending delegation).
-pub fn is_unique_violation(err: &diesel::result::Error) -> bool {
+pub(crate) fn is_unique_violation(err: &diesel::result::Error) -> bool {
     matches!(
         err,
         diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
@@ -217,7 +217,7 @@ impl Db {
     }
 
     /// Instance lineages, read once per instance and kept.
-    pub fn lineages(&self) -> &instances::Lineages {
+    pub(crate) fn lineages(&self) -> &instances::Lineages {
         &self.lineages
     }
 
@@ -274,7 +274,7 @@ impl Db {
     }
 
     /// The pool's connections now: open, idle, and the most it opens.
-    pub fn pool_status(&self) -> PoolStatus {
+    pub(crate) fn pool_status(&self) -> PoolStatus {
         let status = match &self.pool {
             Pool::Pg(pool) => pool.status(),
             Pool::Sqlite(pool) => pool.status(),
@@ -287,7 +287,7 @@ impl Db {
     }
 
     /// Whether the database answers: one `SELECT 1` through the pool.
-    pub async fn ping(&self) -> Result<(), Error> {
+    pub(crate) async fn ping(&self) -> Result<(), Error> {
         use diesel_async::RunQueryDsl;
         let mut conn = self.conn().await?;
         with_conn!(&mut conn, |c| diesel::sql_query("SELECT 1")

@@ -16,7 +16,7 @@ use diesel::{
 use super::Conn;
 
 /// A position in a list ordered by creation time, then id: the last row of the previous page.
-pub type Cursor = (NaiveDateTime, String);
+pub(crate) type Cursor = (NaiveDateTime, String);
 
 /// Raw SQL, like `diesel::sql_query`, but kept as a prepared statement per connection (keyed by
 /// its text). Diesel never caches `sql_query`, so PostgreSQL plans it again on every call, which
@@ -57,7 +57,7 @@ impl Bind for Sql<'_> {}
 impl<Q, V, ST> Bind for Bound<Q, V, ST> {}
 
 /// The text and the parameters of a [`Sql`] query.
-pub trait Params<DB: Backend> {
+pub(crate) trait Params<DB: Backend> {
     /// The SQL text, with `$N` placeholders.
     fn text(&self) -> &str;
     /// How many parameters are bound.

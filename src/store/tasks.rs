@@ -73,7 +73,7 @@ pub async fn find(conn: &mut Conn, id: &str) -> QueryResult<Option<Task>> {
 /// On PostgreSQL that is a row lock on the root. A SQLite transaction holds the database's
 /// write lock from its `BEGIN IMMEDIATE`, which serialises every writer already, so nothing is
 /// sent for the lock there.
-pub async fn lock_family(conn: &mut Conn, id: &str) -> QueryResult<Option<Task>> {
+pub(crate) async fn lock_family(conn: &mut Conn, id: &str) -> QueryResult<Option<Task>> {
     if !lock(conn, id).await? {
         return Ok(None);
     }
@@ -90,7 +90,10 @@ pub async fn lock(conn: &mut Conn, id: &str) -> QueryResult<bool> {
 /// it is safe to look it up in the same statement; anything that can change is read
 /// afterwards, under the lock. `false` if there is certainly no such delegation; on SQLite
 /// always `true`.
-pub async fn lock_family_of_delegation(conn: &mut Conn, delegation_id: &str) -> QueryResult<bool> {
+pub(crate) async fn lock_family_of_delegation(
+    conn: &mut Conn,
+    delegation_id: &str,
+) -> QueryResult<bool> {
     const TASK_OF: &str = "(SELECT task_id FROM task_delegations WHERE id = $1)";
     lock_root(conn, TASK_OF, delegation_id).await
 }
@@ -211,7 +214,7 @@ pub async fn children(
 
 /// Cancels every unfinished task below `root` in the subtask tree, at any depth, whose branch
 /// was created at or after `since`; returns them.
-pub async fn cancel_below(
+pub(crate) async fn cancel_below(
     conn: &mut Conn,
     root: &str,
     since: NaiveDateTime,
@@ -254,7 +257,7 @@ pub async fn set_status(
 }
 
 /// Moves a task to another instance.
-pub async fn move_to(
+pub(crate) async fn move_to(
     conn: &mut Conn,
     id: &str,
     instance_id: &str,

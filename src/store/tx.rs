@@ -10,12 +10,12 @@ use super::{Conn, Db, pool::Pool, with_conn};
 use crate::error::Error;
 
 /// On SQLite, this process's turn to write (`None` on PostgreSQL, whose writers need none).
-pub type WriterTurn = Option<tokio::sync::OwnedMutexGuard<()>>;
+pub(crate) type WriterTurn = Option<tokio::sync::OwnedMutexGuard<()>>;
 
 impl Db {
     /// A pooled connection for one writing statement outside a transaction, with this
     /// process's SQLite writer turn held for as long as the pair lives (see [`Db::begin`]).
-    pub async fn conn_for_write(&self) -> Result<(Conn, WriterTurn), Error> {
+    pub(crate) async fn conn_for_write(&self) -> Result<(Conn, WriterTurn), Error> {
         let turn = self.writer_turn().await?;
         Ok((self.conn().await?, turn))
     }

@@ -298,17 +298,22 @@ pub async fn task(db: &Db, id: &str, at: &str) {
 
 /// Creates a subtask where its parent is.
 pub async fn subtask(db: &Db, id: &str, parent: &str) {
-    let new = NewTask {
+    let new = new_subtask(id, parent);
+    task_ops::create(db, &Caller::Admin, new)
+        .await
+        .expect("subtask");
+}
+
+/// The request for a subtask of `parent`, where the parent is.
+pub fn new_subtask(id: &str, parent: &str) -> NewTask {
+    NewTask {
         request_id: None,
         id: Some(id.to_owned()),
         title: id.to_owned(),
         description: String::new(),
         instance_id: None,
         parent_task_id: Some(parent.to_owned()),
-    };
-    task_ops::create(db, &Caller::Admin, new)
-        .await
-        .expect("subtask");
+    }
 }
 
 /// The request for a hop of `task` from `source` to `target`.
@@ -338,15 +343,22 @@ impl NewDelegationExt for NewDelegation {
     }
 }
 
+/// Sends `task` from `source` to `target`: a PENDING hop.
+pub async fn delegate(
+    db: &Db,
+    task: &str,
+    source: &str,
+    target: &str,
+    kind: DelegationType,
+) -> Delegation {
+    delegation_ops::create(db, &Caller::Admin, hop(task, source, target, kind))
+        .await
+        .expect("create delegation")
+}
+
 /// Delegates and accepts a route hop.
 pub async fn accepted_route(db: &Db, task: &str, source: &str, target: &str) -> Delegation {
-    let d = delegation_ops::create(
-        db,
-        &Caller::Admin,
-        hop(task, source, target, DelegationType::Route),
-    )
-    .await
-    .expect("create delegation");
+    let d = delegate(db, task, source, target, DelegationType::Route).await;
     delegation_ops::accept(db, &Caller::Admin, &d.id)
         .await
         .expect("accept")
