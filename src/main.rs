@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use hopper_delegation::{
     auth::{Authenticator, Tokens},
     fanout::{Hub, TailLimits},
+    rpc::{Deadlines, MAX_DEADLINE},
     server,
     store::{self, DatabaseUrl, Db, Migrate},
 };
@@ -73,6 +74,13 @@ struct ServeArgs {
     /// tail and catches up from the log on its own.
     #[arg(long, env = "HOPPER_WATCH_BUFFER", default_value_t = TailLimits::default().buffer)]
     watch_buffer: usize,
+    /// Hops created without `accept_within` must be accepted or rejected within this (off by
+    /// default: no deadline).
+    #[arg(long, env = "HOPPER_DEFAULT_ACCEPT_WITHIN", value_parser = deadline)]
+    default_accept_within: Option<Duration>,
+    /// Hops created without `complete_within` must complete within this (off by default).
+    #[arg(long, env = "HOPPER_DEFAULT_COMPLETE_WITHIN", value_parser = deadline)]
+    default_complete_within: Option<Duration>,
     /// Events older than this are pruned from the event log.
     #[arg(long, env = "HOPPER_EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     event_retention: Duration,
@@ -177,6 +185,10 @@ async fn main() -> anyhow::Result<()> {
                 drain_timeout: args.drain_timeout,
                 auth,
                 tls,
+                deadlines: Deadlines {
+                    accept_within: args.default_accept_within,
+                    complete_within: args.default_complete_within,
+                },
             };
             let hub = Hub::with_limits(db, config.progress_interval, config.watch);
             let _metrics = match args.metrics_listen {
@@ -187,6 +199,15 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A default deadline: a positive duration of at most 366 days, as a request's own.
+fn deadline(text: &str) -> Result<Duration, String> {
+    let within = humantime::parse_duration(text).map_err(|err| err.to_string())?;
+    if within.is_zero() || within > MAX_DEADLINE {
+        return Err("must be positive and at most 366 days".into());
+    }
+    Ok(within)
 }
 
 /// Binds `addr` and serves `/metrics` there until the returned task is dropped.

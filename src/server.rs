@@ -33,7 +33,8 @@ use crate::{
             instance_service_server::InstanceServiceServer, task_service_server::TaskServiceServer,
         },
     },
-    rpc::{DelegationApi, InstanceApi, TaskApi},
+    repository,
+    rpc::{Deadlines, DelegationApi, InstanceApi, TaskApi},
     store::{self, Db, event_log, now},
     telemetry::{self, RpcLayer},
 };
@@ -55,6 +56,8 @@ pub struct Config {
     pub auth: Authenticator,
     /// TLS for every connection; `None` serves plaintext HTTP/2.
     pub tls: Option<TlsConfig>,
+    /// Deadlines for hops whose requests set none.
+    pub deadlines: Deadlines,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(10),
             auth: Authenticator::open(),
             tls: None,
+            deadlines: Deadlines::default(),
         }
     }
 }
@@ -91,6 +95,7 @@ pub async fn run(
     let db = hub.db().clone();
     let _listener = Background(tokio::spawn(store::listen_for_events(db.clone())));
     let _retention = Background(tokio::spawn(retention(db.clone(), config.clone())));
+    let _sweeper = Background(tokio::spawn(repository::expiry::sweeper(db.clone())));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health {
@@ -142,7 +147,7 @@ pub async fn run(
             auth.clone(),
         ))
         .add_service(DelegationServiceServer::with_interceptor(
-            DelegationApi::new(hub),
+            DelegationApi::new(hub, config.deadlines),
             auth,
         ))
         .serve_with_incoming_shutdown(accepted(listener), shutdown);

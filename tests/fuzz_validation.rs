@@ -47,7 +47,10 @@ fn fixture() -> &'static Fixture {
         Fixture {
             instances: InstanceApi::new(pool.clone()),
             tasks: TaskApi::new(pool.clone()),
-            delegations: DelegationApi::new(Hub::new(pool, std::time::Duration::from_secs(5))),
+            delegations: DelegationApi::new(
+                Hub::new(pool, std::time::Duration::from_secs(5)),
+                Default::default(),
+            ),
             runtime,
             _db: db,
         }
@@ -55,6 +58,14 @@ fn fixture() -> &'static Fixture {
 }
 
 /// Strings that mix plausible ids, SQL, control characters, unicode and long runs.
+/// Any duration the wire can carry, or none.
+fn duration() -> impl Strategy<Value = Option<prost_types::Duration>> {
+    proptest::option::of(
+        (any::<i64>(), any::<i32>())
+            .prop_map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+    )
+}
+
 fn text() -> impl Strategy<Value = String> {
     prop_oneof![
         Just(String::new()),
@@ -185,11 +196,14 @@ proptest! {
         (kind, page) in (number(), number()),
         after in proptest::option::of(any::<u64>()),
         kinds in proptest::collection::vec(number(), 0..3),
+        (accept_within, complete_within) in (duration(), duration()),
     ) {
         let f = fixture();
         f.runtime.block_on(async {
             let d = &f.delegations;
             let create = pb::CreateDelegationRequest {
+                accept_within,
+                complete_within,
                 task_id: task.clone(),
                 source_instance_id: source,
                 target_instance_id: target.clone(),

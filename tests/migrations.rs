@@ -11,8 +11,8 @@ use hopper_delegation::store::{self, Db, Migrate};
 /// needs (SQLite numbers events at insert, with its single writer).
 fn steps(backend: Backend) -> usize {
     match backend {
-        Backend::Sqlite => 4,
-        Backend::Postgres => 5,
+        Backend::Sqlite => 5,
+        Backend::Postgres => 6,
     }
 }
 

@@ -57,6 +57,13 @@ pub(super) enum Delegations {
         /// Free-form notes.
         #[arg(long)]
         notes: Option<String>,
+        /// The hop must be accepted or rejected within this (e.g. `30s`), or it expires and
+        /// the task goes back.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        accept_within: Option<std::time::Duration>,
+        /// The hop must complete within this (e.g. `1h`), or it expires.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        complete_within: Option<std::time::Duration>,
     },
     /// Accept a pending delegation (as its target).
     Accept {

@@ -207,7 +207,15 @@ pub(super) async fn delegations(
             delegation_type,
             delegated_by,
             notes,
+            accept_within,
+            complete_within,
         } => {
+            // The server says what it thinks of the value (INVALID_ARGUMENT naming the flag's
+            // field); too large for the wire is too large for the server too.
+            let duration = |within: std::time::Duration| prost_types::Duration {
+                seconds: i64::try_from(within.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(within.subsec_nanos()).unwrap_or_default(),
+            };
             let request = pb::CreateDelegationRequest {
                 task_id: task,
                 source_instance_id: source,
@@ -216,6 +224,8 @@ pub(super) async fn delegations(
                 notes: notes.unwrap_or_default(),
                 delegated_by: delegated_by.unwrap_or_default(),
                 request_id: String::new(),
+                accept_within: accept_within.map(duration),
+                complete_within: complete_within.map(duration),
             };
             let created = record(d.create_delegation(request).await?.into_inner().delegation)?;
             match p.format {

@@ -4,18 +4,24 @@
 //! ```text
 //!            accept            complete
 //!  pending ──────────► accepted ─────────► completed
+//!     │  │                │  │
+//!     │  │ reject         │  │ cancel (also cascades to every active hop below)
+//!     │  ▼                │  ▼
+//!     │ rejected          │ cancelled ◄── cancel ── pending
 //!     │                   │
-//!     │ reject            │ cancel (also cascades to every active hop below)
-//!     ▼                   ▼
-//!  rejected           cancelled ◄── cancel ── pending
+//!     └── a deadline ─────┴──► expired (cascades like a cancel; the task goes back to the
+//!         passes (expire)                source, as after a reject)
 //! ```
 //!
 //! The store enforces each transition as a compare-and-set on the statuses returned by
-//! [`Transition::from`], so concurrent callers cannot both win.
+//! [`Transition::from`], so concurrent callers cannot both win. Which deadline has passed is
+//! [`due`]'s to say, from the database's clock.
+
+use chrono::NaiveDateTime;
 
 use super::{
     DelegationStatus::{self, Accepted},
-    DelegationType, EventKind, InstanceStatus, TaskStatus,
+    DelegationType, EventKind, ExpiryReason, InstanceStatus, TaskStatus,
 };
 use crate::error::Error;
 
@@ -30,6 +36,8 @@ pub(crate) enum Transition {
     Complete,
     /// The delegation is called off.
     Cancel,
+    /// A deadline passed.
+    Expire,
 }
 
 impl Transition {
@@ -39,7 +47,7 @@ impl Transition {
         match self {
             Self::Accept | Self::Reject => &[Pending],
             Self::Complete => &[Accepted],
-            Self::Cancel => &DelegationStatus::ACTIVE,
+            Self::Cancel | Self::Expire => &DelegationStatus::ACTIVE,
         }
     }
 
@@ -50,6 +58,7 @@ impl Transition {
             Self::Reject => DelegationStatus::Rejected,
             Self::Complete => DelegationStatus::Completed,
             Self::Cancel => DelegationStatus::Cancelled,
+            Self::Expire => DelegationStatus::Expired,
         }
     }
 
@@ -60,6 +69,7 @@ impl Transition {
             Self::Reject => EventKind::DelegationRejected,
             Self::Complete => EventKind::DelegationCompleted,
             Self::Cancel => EventKind::DelegationCancelled,
+            Self::Expire => EventKind::DelegationExpired,
         }
     }
 
@@ -69,14 +79,23 @@ impl Transition {
             Self::Reject => "reject",
             Self::Complete => "complete",
             Self::Cancel => "cancel",
+            Self::Expire => "expire",
         }
     }
 
     /// Checks that a delegation in `current` may take this transition; the error names the
-    /// current status.
-    pub fn check(self, id: &str, current: DelegationStatus) -> Result<DelegationStatus, Error> {
+    /// current status, and for a hop ended by an expiry (`expiry`), when and why.
+    pub fn check(
+        self,
+        id: &str,
+        current: DelegationStatus,
+        expiry: Option<Expiry>,
+    ) -> Result<DelegationStatus, Error> {
         if self.from().contains(&current) {
             return Ok(self.to());
+        }
+        if let Some(expiry) = expiry {
+            return Err(fenced(id, current, expiry, self.verb()));
         }
         let allowed: Vec<_> = self.from().iter().map(|s| s.as_str()).collect();
         Err(Error::precondition(format!(
@@ -84,6 +103,82 @@ impl Transition {
             allowed.join(" or "),
             self.verb()
         )))
+    }
+}
+
+/// When and why a delegation expired; on a hop cancelled by that expiry, the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    /// When it expired, by the database's clock.
+    pub at: NaiveDateTime,
+    /// Which deadline passed.
+    pub reason: ExpiryReason,
+}
+
+impl Expiry {
+    /// The expiry recorded on a delegation, if both its columns are set.
+    pub fn of(at: Option<NaiveDateTime>, reason: Option<ExpiryReason>) -> Option<Self> {
+        Some(Self {
+            at: at?,
+            reason: reason?,
+        })
+    }
+}
+
+impl ExpiryReason {
+    /// What happened, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::AcceptDeadline => "it was neither accepted nor rejected by its accept_by",
+            Self::CompleteDeadline => "it was not completed by its complete_by",
+            Self::TargetUnresponsive => "its target instance's lease lapsed",
+        }
+    }
+}
+
+/// The refusal of a late worker: the hop expired, or was cancelled by an expiry above it.
+fn fenced(id: &str, current: DelegationStatus, expiry: Expiry, verb: &str) -> Error {
+    let when = expiry.at.and_utc().format("%Y-%m-%dT%H:%M:%S%.3fZ");
+    let why = expiry.reason.describe();
+    Error::precondition(if current == DelegationStatus::Expired {
+        format!("delegation {id} expired at {when} ({why}); it can no longer {verb}")
+    } else {
+        format!(
+            "delegation {id} is {current}: a hop above it expired at {when} ({why}); \
+             it can no longer {verb}"
+        )
+    })
+}
+
+/// Which deadline of an active hop has passed at `now` (the database's clock), if any: the
+/// accept deadline while it is pending, the complete deadline while pending or accepted; the
+/// earlier one when both have.
+pub fn due(
+    status: DelegationStatus,
+    accept_by: Option<NaiveDateTime>,
+    complete_by: Option<NaiveDateTime>,
+    now: NaiveDateTime,
+) -> Option<ExpiryReason> {
+    let accept = accept_by.filter(|_| status == DelegationStatus::Pending);
+    let complete = complete_by.filter(|_| status.is_active());
+    let passed = |deadline: Option<NaiveDateTime>| deadline.filter(|d| *d <= now);
+    match (passed(accept), passed(complete)) {
+        (Some(a), Some(c)) if c < a => Some(ExpiryReason::CompleteDeadline),
+        (Some(_), _) => Some(ExpiryReason::AcceptDeadline),
+        (None, Some(_)) => Some(ExpiryReason::CompleteDeadline),
+        (None, None) => None,
+    }
+}
+
+/// The `complete_by` of a new hop: its own deadline, never later than the hop above it (a
+/// parent that has given up cannot be kept waiting by its children).
+pub fn capped_complete_by(
+    own: Option<NaiveDateTime>,
+    above: Option<NaiveDateTime>,
+) -> Option<NaiveDateTime> {
+    match (own, above) {
+        (Some(own), Some(above)) => Some(own.min(above)),
+        (own, above) => own.or(above),
     }
 }
 
@@ -244,6 +339,8 @@ pub(crate) struct Completing<'a> {
     pub task_id: &'a str,
     /// The delegation, then the hops of the same task it continues, nearest first.
     pub chain: &'a [Hop<'a>],
+    /// The delegation's expiry, if one ended it.
+    pub expiry: Option<Expiry>,
     /// An active hop of the same task that continues the delegation: (id, status, target).
     pub active_child: Option<(&'a str, DelegationStatus, &'a str)>,
     /// How many subtasks of the task are not finished.
@@ -266,7 +363,7 @@ pub(crate) fn check_completion(completing: &Completing<'_>) -> Result<Reach, Err
     let Some(&(id, status, _)) = completing.chain.first() else {
         return Err(Error::Internal("no delegation to complete".into()));
     };
-    Transition::Complete.check(id, status)?;
+    Transition::Complete.check(id, status, completing.expiry)?;
     let task = completing.task_id;
     if let Some((child, child_status, target)) = completing.active_child {
         return Err(Error::precondition(format!(
@@ -433,16 +530,85 @@ mod tests {
         ];
         for (transition, from, expected) in table {
             assert_eq!(
-                transition.check("d", from).ok(),
+                transition.check("d", from, None).ok(),
                 expected,
                 "{transition:?} from {from}"
             );
         }
-        let err = Transition::Complete.check("d1", Pending).unwrap_err();
+        let err = Transition::Complete.check("d1", Pending, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "delegation d1 is pending; it must be accepted to complete"
         );
+    }
+
+    fn at(seconds: i64) -> NaiveDateTime {
+        chrono::DateTime::from_timestamp(1_800_000_000 + seconds, 0)
+            .unwrap()
+            .naive_utc()
+    }
+
+    #[test]
+    fn a_deadline_is_due_once_passed_and_only_while_it_applies() {
+        use ExpiryReason::*;
+        let (a, c) = (Some(at(10)), Some(at(20)));
+        assert_eq!(due(Pending, a, c, at(9)), None);
+        assert_eq!(due(Pending, a, c, at(10)), Some(AcceptDeadline));
+        assert_eq!(due(Pending, a, c, at(25)), Some(AcceptDeadline));
+        // Accepted: the accept deadline no longer applies.
+        assert_eq!(due(Accepted, a, c, at(15)), None);
+        assert_eq!(due(Accepted, a, c, at(20)), Some(CompleteDeadline));
+        // The earlier deadline names the reason.
+        assert_eq!(
+            due(Pending, Some(at(30)), c, at(40)),
+            Some(CompleteDeadline)
+        );
+        assert_eq!(due(Pending, None, c, at(20)), Some(CompleteDeadline));
+        for finished in [Completed, Rejected, Cancelled, Expired] {
+            assert_eq!(due(finished, a, c, at(99)), None);
+        }
+        assert_eq!(due(Pending, None, None, at(99)), None);
+    }
+
+    #[test]
+    fn a_child_never_outlives_its_parent() {
+        assert_eq!(capped_complete_by(Some(at(5)), Some(at(9))), Some(at(5)));
+        assert_eq!(capped_complete_by(Some(at(9)), Some(at(5))), Some(at(5)));
+        assert_eq!(capped_complete_by(None, Some(at(5))), Some(at(5)));
+        assert_eq!(capped_complete_by(Some(at(5)), None), Some(at(5)));
+        assert_eq!(capped_complete_by(None, None), None);
+    }
+
+    #[test]
+    fn late_workers_are_told_when_and_why_their_hop_expired() {
+        let expiry = Some(Expiry {
+            at: at(0),
+            reason: ExpiryReason::AcceptDeadline,
+        });
+        let err = Transition::Accept.check("d", Expired, expiry).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "delegation d expired at 2027-01-15T08:00:00.000Z (it was neither accepted nor \
+             rejected by its accept_by); it can no longer accept"
+        );
+        let below = Some(Expiry {
+            at: at(0),
+            reason: ExpiryReason::CompleteDeadline,
+        });
+        let err = Transition::Complete
+            .check("e", Cancelled, below)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "delegation e is cancelled: a hop above it expired at 2027-01-15T08:00:00.000Z (it \
+             was not completed by its complete_by); it can no longer complete"
+        );
+        assert_eq!(Expiry::of(Some(at(0)), None), None);
+        assert!(matches!(
+            Transition::Expire.check("d", Completed, None),
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert_eq!(Transition::Expire.check("d", Accepted, None), Ok(Expired));
     }
 
     #[test]
@@ -578,6 +744,7 @@ mod tests {
         use DelegationType::{Decompose, Route};
         let chain = [("d2", Accepted, Route), ("d1", Accepted, Route)];
         let facts = |chain, child, open| Completing {
+            expiry: None,
             task_id: "t",
             chain,
             active_child: child,

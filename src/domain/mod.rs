@@ -105,6 +105,19 @@ text_enum! {
         Rejected = "rejected",
         Completed = "completed",
         Cancelled = "cancelled",
+        Expired = "expired",
+    }
+}
+
+text_enum! {
+    /// Why a delegation expired.
+    ExpiryReason {
+        /// Neither accepted nor rejected by its `accept_by`.
+        AcceptDeadline = "accept_deadline",
+        /// Not completed by its `complete_by`.
+        CompleteDeadline = "complete_deadline",
+        /// The target instance's lease lapsed while the task was at it.
+        TargetUnresponsive = "target_unresponsive",
     }
 }
 
@@ -123,6 +136,8 @@ text_enum! {
         DelegationCancelled = "delegation_cancelled",
         /// A task's origin delegation completed: the task is done.
         TaskCompleted = "task_completed",
+        /// A delegation's deadline passed: it expired and its task went back to the source.
+        DelegationExpired = "delegation_expired",
     }
 }
 
@@ -130,8 +145,8 @@ impl DelegationStatus {
     /// Pending and accepted delegations are active: they can still change.
     pub(crate) const ACTIVE: [Self; 2] = [Self::Pending, Self::Accepted];
 
-    /// The statuses of the hops that make up a task's current chain: rejected and cancelled
-    /// hops drop out of it.
+    /// The statuses of the hops that make up a task's current chain: rejected, cancelled and
+    /// expired hops drop out of it.
     pub(crate) const IN_CHAIN: [Self; 3] = [Self::Pending, Self::Accepted, Self::Completed];
 
     /// Whether the delegation can still change.

@@ -9,7 +9,7 @@ use super::delegations::{Cancellation, Completion, transition};
 use crate::{
     domain::{
         DelegationStatus, EventKind,
-        lifecycle::{self, Completing, Transition},
+        lifecycle::{self, Completing, Expiry, Transition},
     },
     error::Error,
     store::{
@@ -71,6 +71,7 @@ async fn complete_and_bubble(
     let reach = lifecycle::check_completion(&Completing {
         task_id: &task_id,
         chain: &chain,
+        expiry: first.expiry(),
         active_child: snapshot
             .active_child
             .as_ref()
@@ -208,26 +209,32 @@ pub(super) async fn finish_in_place(
     Ok(done)
 }
 
-/// `delegations::cancel` under the family lock.
+/// `delegations::cancel` under the family lock; with an `expiry`, the same for a hop whose
+/// deadline passed: it ends EXPIRED instead of CANCELLED, and the hops it cancels below it
+/// carry the expiry too (so that their late workers are told why).
 pub(super) async fn cancel_in(
     conn: &mut Tx,
     delegation: &Delegation,
+    expiry: Option<Expiry>,
 ) -> Result<Cancellation, Error> {
-    transition_allowed(delegation, Transition::Cancel)?;
+    let how = if expiry.is_some() {
+        Transition::Expire
+    } else {
+        Transition::Cancel
+    };
+    how.check(&delegation.id, delegation.status, delegation.expiry())?;
     let at = now();
+    let ended = Change {
+        expired_at: expiry.map(|e| e.at),
+        expiry_reason: expiry.map(|e| e.reason),
+        ..Change::at(at)
+    };
     let below = delegations::active_below(conn, &delegation.id).await?;
-    let delegation = transition(
-        conn,
-        &delegation.id,
-        Transition::Cancel,
-        Change::at(at),
-        None,
-    )
-    .await?;
+    let delegation = transition(conn, &delegation.id, how, ended, None).await?;
     let ids: Vec<&str> = below.iter().map(|d| d.id.as_str()).collect();
     let cancelled = Change {
         status: Some(DelegationStatus::Cancelled),
-        ..Change::at(at)
+        ..ended
     };
     let from = Transition::Cancel.from();
     let mut cancelled_descendants = if ids.is_empty() {
@@ -272,10 +279,4 @@ pub(super) async fn cancel_in(
 fn in_order(mut rows: Vec<Delegation>, ids: &[&str]) -> Vec<Delegation> {
     rows.sort_by_key(|row| ids.iter().position(|id| *id == row.id));
     rows
-}
-
-fn transition_allowed(delegation: &Delegation, transition: Transition) -> Result<(), Error> {
-    transition
-        .check(&delegation.id, delegation.status)
-        .map(drop)
 }

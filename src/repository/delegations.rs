@@ -5,6 +5,9 @@
 //! its predecessor left; the rules in `domain::lifecycle` judge that snapshot, and the
 //! transition itself is still a compare-and-set on the status (`UPDATE … WHERE status IN …`).
 
+use std::time::Duration;
+
+use chrono::SubsecRound;
 use futures_util::Stream;
 
 use super::{
@@ -48,6 +51,12 @@ pub struct NewDelegation {
     pub notes: Option<String>,
     /// Who is delegating.
     pub delegated_by: Option<String>,
+    /// It must be accepted or rejected within this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accept_within: Option<Duration>,
+    /// It must complete within this of its creation (capped by the hop above it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub complete_within: Option<Duration>,
 }
 
 /// A task's chain from origin to current location.
@@ -99,78 +108,96 @@ pub async fn watch(
 
 /// Sends a task from its current instance to another one.
 pub async fn create(db: &Db, caller: &Caller, new: NewDelegation) -> Result<Delegation, Error> {
-    db.write(async |conn| {
-        let action = Action::CreateDelegation {
-            task_id: &new.task_id,
-            source: &new.source_instance_id,
-        };
-        access::authorize(conn, caller, action).await?;
-        // Locks in the one order every write takes them: the task family, then the request id.
-        let not_found = || Error::not_found("task", &new.task_id);
-        if !tasks::lock(conn, &new.task_id).await? {
-            return Err(not_found());
-        }
-        let source = &new.source_instance_id;
-        let target = &new.target_instance_id;
-        let snapshot = tasks::snapshot(conn, &new.task_id, Some(source), Some(target))
-            .await?
-            .ok_or_else(not_found)?;
-        let request_id = new.request_id.as_deref();
-        if let Some(original) = replay(conn, request_id, "CreateDelegation", &new).await? {
-            return Ok(original);
-        }
-        let source_lineage = db.lineages().get(conn, source).await?;
-        if source_lineage.is_empty() {
-            return Err(Error::not_found("source instance", source));
-        }
-        let target_lineage = db.lineages().get(conn, target).await?;
-        let target_status = snapshot
-            .target_status
-            .filter(|_| !target_lineage.is_empty())
-            .ok_or_else(|| Error::not_found("target instance", target))?;
-        let task = &snapshot.task;
-        lifecycle::check_new_hop(&ProposedHop {
-            task_id: &task.id,
-            task_status: task.status,
-            task_location: &task.instance_id,
-            is_subtask: task.parent_task_id.is_some(),
-            pending_delegation: snapshot.pending_delegation.as_deref(),
-            open_subtasks: usize::try_from(snapshot.open_subtasks).unwrap_or(usize::MAX),
-            arrived_by_delegation: snapshot.arrival.is_some(),
-            source,
-            target,
-            target_status,
-            kind: new.delegation_type,
-            relation: Relation::between(&source_lineage, &target_lineage),
-        })?;
-        let at = now();
-        let delegation = Delegation {
-            id: new_id(),
-            task_id: task.id.clone(),
-            // The hop continues the one that brought the task (or its parent task) here.
-            parent_delegation_id: snapshot.arrival.or(snapshot.parent_arrival),
-            source_instance_id: new.source_instance_id.clone(),
-            target_instance_id: new.target_instance_id.clone(),
-            delegation_type: new.delegation_type,
-            status: DelegationStatus::Pending,
-            delegated_at: at,
-            accepted_at: None,
-            completed_at: None,
-            result: None,
-            rejection_reason: None,
-            notes: new.notes.clone(),
-            delegated_by: new.delegated_by.clone(),
-            created_at: at,
-            updated_at: at,
-        };
-        delegations::insert(conn, &delegation).await?;
-        remember(conn, request_id, &delegation).await?;
-        let created = NewEvent::of(EventKind::DelegationCreated, &delegation, None);
-        event_log::append(conn, &[created]).await?;
-        tasks::move_to(conn, &delegation.task_id, target, at).await?;
-        Ok(delegation)
-    })
-    .await
+    let created = db
+        .write(async |conn| {
+            let action = Action::CreateDelegation {
+                task_id: &new.task_id,
+                source: &new.source_instance_id,
+            };
+            access::authorize(conn, caller, action).await?;
+            // Locks in the one order every write takes them: the task family, then the request id.
+            let not_found = || Error::not_found("task", &new.task_id);
+            if !tasks::lock(conn, &new.task_id).await? {
+                return Err(not_found());
+            }
+            let source = &new.source_instance_id;
+            let target = &new.target_instance_id;
+            let snapshot = tasks::snapshot(conn, &new.task_id, Some(source), Some(target))
+                .await?
+                .ok_or_else(not_found)?;
+            let request_id = new.request_id.as_deref();
+            if let Some(original) = replay(conn, request_id, "CreateDelegation", &new).await? {
+                return Ok(original);
+            }
+            let source_lineage = db.lineages().get(conn, source).await?;
+            if source_lineage.is_empty() {
+                return Err(Error::not_found("source instance", source));
+            }
+            let target_lineage = db.lineages().get(conn, target).await?;
+            let target_status = snapshot
+                .target_status
+                .filter(|_| !target_lineage.is_empty())
+                .ok_or_else(|| Error::not_found("target instance", target))?;
+            let task = &snapshot.task;
+            lifecycle::check_new_hop(&ProposedHop {
+                task_id: &task.id,
+                task_status: task.status,
+                task_location: &task.instance_id,
+                is_subtask: task.parent_task_id.is_some(),
+                pending_delegation: snapshot.pending_delegation.as_deref(),
+                open_subtasks: usize::try_from(snapshot.open_subtasks).unwrap_or(usize::MAX),
+                arrived_by_delegation: snapshot.arrival.is_some(),
+                source,
+                target,
+                target_status,
+                kind: new.delegation_type,
+                relation: Relation::between(&source_lineage, &target_lineage),
+            })?;
+            let at = now();
+            // Deadlines from the database's clock, the one every replica shares.
+            let after =
+                |within: Option<Duration>| within.map(|w| (snapshot.db_now + w).trunc_subsecs(6));
+            let delegation = Delegation {
+                id: new_id(),
+                task_id: task.id.clone(),
+                // The hop continues the one that brought the task (or its parent task) here.
+                parent_delegation_id: snapshot.arrival.or(snapshot.parent_arrival),
+                source_instance_id: new.source_instance_id.clone(),
+                target_instance_id: new.target_instance_id.clone(),
+                delegation_type: new.delegation_type,
+                status: DelegationStatus::Pending,
+                delegated_at: at,
+                accepted_at: None,
+                completed_at: None,
+                result: None,
+                rejection_reason: None,
+                notes: new.notes.clone(),
+                delegated_by: new.delegated_by.clone(),
+                created_at: at,
+                updated_at: at,
+                accept_by: after(new.accept_within),
+                complete_by: lifecycle::capped_complete_by(
+                    after(new.complete_within),
+                    snapshot.arrival_complete_by,
+                ),
+                expired_at: None,
+                expiry_reason: None,
+            };
+            delegations::insert(conn, &delegation).await?;
+            if delegation.accept_by.is_some() || delegation.complete_by.is_some() {
+                delegations::announce_deadline(conn).await?;
+            }
+            remember(conn, request_id, &delegation).await?;
+            let created = NewEvent::of(EventKind::DelegationCreated, &delegation, None);
+            event_log::append(conn, &[created]).await?;
+            tasks::move_to(conn, &delegation.task_id, target, at).await?;
+            Ok(delegation)
+        })
+        .await?;
+    if created.accept_by.is_some() || created.complete_by.is_some() {
+        db.signal_deadline();
+    }
+    Ok(created)
 }
 
 /// Reads one delegation.
@@ -290,7 +317,8 @@ pub(super) async fn transition(
     };
     let updated = delegations::update(conn, &[id], transition.from(), &change).await?;
     let Some(changed) = updated.into_iter().next() else {
-        transition.check(id, find(conn, id).await?.status)?;
+        let current = find(conn, id).await?;
+        transition.check(id, current.status, current.expiry())?;
         return Err(Error::Internal(format!(
             "delegation {id} changed under the family lock"
         )));
@@ -357,7 +385,7 @@ pub async fn cancel(db: &Db, caller: &Caller, id: &str) -> Result<Cancellation, 
         access::authorize(conn, caller, Action::CancelDelegation(id)).await?;
         lock(conn, id).await?;
         let delegation = find(conn, id).await?;
-        cancel_in(conn, &delegation).await
+        cancel_in(conn, &delegation, None).await
     })
     .await
 }

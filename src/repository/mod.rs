@@ -5,6 +5,7 @@
 pub mod access;
 mod completion;
 pub mod delegations;
+pub mod expiry;
 pub mod instances;
 pub mod tasks;
 

@@ -275,7 +275,7 @@ pub async fn cancel(db: &Db, caller: &Caller, id: &str) -> Result<TaskCancellati
                 cancelled_descendants,
                 cancelled_subtasks: subs,
                 ..
-            } = cancel_in(conn, active).await?;
+            } = cancel_in(conn, active, None).await?;
             cause = Some(delegation.id.clone());
             cancelled_delegations.push(delegation);
             cancelled_delegations.extend(cancelled_descendants);

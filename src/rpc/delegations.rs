@@ -8,7 +8,9 @@ use tokio_stream::{Stream, StreamExt};
 
 use prost::Message;
 
-use super::{Encoded, FromProto, all, id, optional_text, page, parse_result, text, timestamp};
+use super::{
+    Encoded, FromProto, all, deadline, id, optional_text, page, parse_result, text, timestamp,
+};
 use crate::{
     auth::Caller,
     domain::{DelegationType, EventKind, limits},
@@ -34,14 +36,25 @@ use crate::{
 pub struct DelegationApi {
     db: Db,
     hub: Hub,
+    defaults: Deadlines,
+}
+
+/// The deadlines a new hop gets when its request leaves them out (`None`: no deadline).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Deadlines {
+    /// `--default-accept-within`.
+    pub accept_within: Option<std::time::Duration>,
+    /// `--default-complete-within`.
+    pub complete_within: Option<std::time::Duration>,
 }
 
 impl DelegationApi {
-    /// A service over the hub's database.
-    pub fn new(hub: Hub) -> Self {
+    /// A service over the hub's database, with default deadlines.
+    pub fn new(hub: Hub, defaults: Deadlines) -> Self {
         Self {
             db: hub.db().clone(),
             hub,
+            defaults,
         }
     }
 }
@@ -112,6 +125,16 @@ impl DelegationService for DelegationApi {
             delegation_type: DelegationType::required("delegation_type", r.delegation_type)?,
             notes: optional_text("notes", r.notes, limits::MAX_NOTES_LEN)?,
             delegated_by: optional_text("delegated_by", r.delegated_by, limits::MAX_NAME_LEN)?,
+            accept_within: deadline(
+                "accept_within",
+                r.accept_within,
+                self.defaults.accept_within,
+            )?,
+            complete_within: deadline(
+                "complete_within",
+                r.complete_within,
+                self.defaults.complete_within,
+            )?,
         };
         telemetry::record_ids(Some(&new.task_id), None);
         let created = delegations::create(&self.db, &caller, new).await?;

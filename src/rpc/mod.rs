@@ -6,7 +6,7 @@ mod delegations;
 mod instances;
 mod tasks;
 
-pub use delegations::DelegationApi;
+pub use delegations::{Deadlines, DelegationApi};
 pub use instances::InstanceApi;
 pub use tasks::TaskApi;
 
@@ -119,11 +119,40 @@ enum_map! {
     InstanceStatus { Created, Starting, Running, Stopping, Stopped, Paused, Error, Terminated }
     TaskStatus { Pending, Claimed, InProgress, Blocked, Done, Cancelled }
     DelegationType { Route, Decompose, Escalate, Reassign }
-    DelegationStatus { Pending, Accepted, Rejected, Completed, Cancelled }
+    DelegationStatus { Pending, Accepted, Rejected, Completed, Cancelled, Expired }
     EventKind {
         DelegationCreated, DelegationAccepted, DelegationRejected, DelegationCompleted,
-        DelegationCancelled, TaskCompleted
+        DelegationCancelled, TaskCompleted, DelegationExpired
     }
+    ExpiryReason { AcceptDeadline, CompleteDeadline, TargetUnresponsive }
+}
+
+/// The longest deadline a hop may carry.
+pub const MAX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+
+/// An optional deadline: positive and at most [`MAX_DEADLINE`]; `default` when unset.
+fn deadline(
+    field: &'static str,
+    value: Option<prost_types::Duration>,
+    default: Option<std::time::Duration>,
+) -> Result<Option<std::time::Duration>, Error> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let within = u64::try_from(value.seconds)
+        .ok()
+        .zip(
+            u32::try_from(value.nanos)
+                .ok()
+                .filter(|n| *n < 1_000_000_000),
+        )
+        .map(|(seconds, nanos)| std::time::Duration::new(seconds, nanos))
+        .filter(|within| !within.is_zero())
+        .ok_or_else(|| Error::invalid(field, "must be a positive duration"))?;
+    if within > MAX_DEADLINE {
+        return Err(Error::invalid(field, "must be at most 366 days"));
+    }
+    Ok(Some(within))
 }
 
 /// A required id field.
@@ -216,6 +245,13 @@ impl From<Delegation> for pb::Delegation {
             rejection_reason: d.rejection_reason.unwrap_or_default(),
             notes: d.notes.unwrap_or_default(),
             delegated_by: d.delegated_by.unwrap_or_default(),
+            accept_by: d.accept_by.map(timestamp),
+            complete_by: d.complete_by.map(timestamp),
+            expired_at: d.expired_at.map(timestamp),
+            expiry_reason: d
+                .expiry_reason
+                .map_or(pb::ExpiryReason::Unspecified, pb::ExpiryReason::from)
+                .into(),
             id: d.id,
             task_id: d.task_id,
             source_instance_id: d.source_instance_id,

@@ -12,7 +12,9 @@ use std::sync::LazyLock;
 use super::{
     Bind, Conn, Cursor, is_member, literals, schema::task_delegations as td, sql, with_conn,
 };
-use crate::domain::{DelegationStatus, DelegationType, TaskStatus};
+use crate::domain::{
+    DelegationStatus, DelegationType, ExpiryReason, TaskStatus, lifecycle::Expiry,
+};
 
 /// One hop of a task between two instances.
 #[derive(
@@ -60,6 +62,25 @@ pub struct Delegation {
     pub created_at: NaiveDateTime,
     /// When the row last changed.
     pub updated_at: NaiveDateTime,
+    /// It must be accepted or rejected by then (the database's clock).
+    #[serde(default)]
+    pub accept_by: Option<NaiveDateTime>,
+    /// It must complete by then.
+    #[serde(default)]
+    pub complete_by: Option<NaiveDateTime>,
+    /// When it expired, or when the expiry of a hop above it cancelled it.
+    #[serde(default)]
+    pub expired_at: Option<NaiveDateTime>,
+    /// Why it, or the hop above it, expired.
+    #[serde(default)]
+    pub expiry_reason: Option<ExpiryReason>,
+}
+
+impl Delegation {
+    /// The expiry that ended it, if one did.
+    pub fn expiry(&self) -> Option<Expiry> {
+        Expiry::of(self.expired_at, self.expiry_reason)
+    }
 }
 
 /// The columns a change sets; `None` leaves a column as it is.
@@ -77,6 +98,10 @@ pub struct Change<'a> {
     pub rejection_reason: Option<&'a str>,
     /// Replaces the notes.
     pub notes: Option<&'a str>,
+    /// Set when an expiry ends it.
+    pub expired_at: Option<NaiveDateTime>,
+    /// Set when an expiry ends it.
+    pub expiry_reason: Option<ExpiryReason>,
     /// Always set.
     pub updated_at: NaiveDateTime,
 }
@@ -91,6 +116,8 @@ impl Change<'_> {
             result: None,
             rejection_reason: None,
             notes: None,
+            expired_at: None,
+            expiry_reason: None,
             updated_at: now,
         }
     }
@@ -258,10 +285,11 @@ async fn set(
              status = COALESCE($1, status), accepted_at = COALESCE($2, accepted_at),
              completed_at = COALESCE($3, completed_at), result = COALESCE($4, result),
              rejection_reason = COALESCE($5, rejection_reason), notes = COALESCE($6, notes),
-             updated_at = $7
+             expired_at = COALESCE($7, expired_at), expiry_reason = COALESCE($8, expiry_reason),
+             updated_at = $9
          WHERE {} AND status IN ({})
          RETURNING *",
-        is_member(conn, key, "$8"),
+        is_member(conn, key, "$10"),
         literals(&from),
     );
     let keys = serde_json::to_string(keys).unwrap_or_default();
@@ -272,10 +300,99 @@ async fn set(
         .bind::<Nullable<Jsonb>, _>(change.result)
         .bind::<Nullable<Text>, _>(change.rejection_reason)
         .bind::<Nullable<Text>, _>(change.notes)
+        .bind::<Nullable<Timestamp>, _>(change.expired_at)
+        .bind::<Nullable<Text>, _>(change.expiry_reason)
         .bind::<Timestamp, _>(change.updated_at)
         .bind::<Text, _>(&keys)
         .load(c)
         .await)
+}
+
+/// The active hops whose accept or complete deadline has passed by the database's clock,
+/// earliest deadline first, at most `limit` rows (a hop past both may come twice). Each half
+/// reads its own partial index of due hops.
+pub(crate) async fn due(conn: &mut Conn, limit: i64) -> QueryResult<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Due {
+        #[diesel(sql_type = Text)]
+        id: String,
+    }
+    let text = format!(
+        "SELECT id FROM (
+             SELECT id, accept_by AS due FROM task_delegations
+             WHERE status = {pending} AND accept_by IS NOT NULL AND accept_by <= {now}
+             UNION ALL
+             SELECT id, complete_by AS due FROM task_delegations
+             WHERE status IN ({active}) AND complete_by IS NOT NULL AND complete_by <= {now}
+         ) AS due_hops
+         ORDER BY due LIMIT $1",
+        pending = literals(&[DelegationStatus::Pending.as_str()]),
+        active = literals(&DelegationStatus::ACTIVE.map(DelegationStatus::as_str)),
+        now = super::clock(conn),
+    );
+    let rows: Vec<Due> = with_conn!(conn, |c| sql(&text).bind::<BigInt, _>(limit).load(c).await)?;
+    Ok(rows.into_iter().map(|row| row.id).collect())
+}
+
+/// The earliest deadline of any active hop (`None` if no active hop has one), and the
+/// database's clock: two probes of the partial indexes of due hops.
+pub(crate) async fn next_due(
+    conn: &mut Conn,
+) -> QueryResult<(Option<NaiveDateTime>, NaiveDateTime)> {
+    #[derive(QueryableByName)]
+    struct Next {
+        #[diesel(sql_type = Nullable<Timestamp>)]
+        accept: Option<NaiveDateTime>,
+        #[diesel(sql_type = Nullable<Timestamp>)]
+        complete: Option<NaiveDateTime>,
+        #[diesel(sql_type = Timestamp)]
+        now: NaiveDateTime,
+    }
+    let text = format!(
+        "SELECT (SELECT MIN(accept_by) FROM task_delegations
+                 WHERE status = {pending} AND accept_by IS NOT NULL) AS accept,
+                (SELECT MIN(complete_by) FROM task_delegations
+                 WHERE status IN ({active}) AND complete_by IS NOT NULL) AS complete,
+                {now} AS now",
+        pending = literals(&[DelegationStatus::Pending.as_str()]),
+        active = literals(&DelegationStatus::ACTIVE.map(DelegationStatus::as_str)),
+        now = super::clock(conn),
+    );
+    let next: Next = with_conn!(conn, |c| sql(&text).get_result(c).await)?;
+    let earliest = match (next.accept, next.complete) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    };
+    Ok((earliest, next.now))
+}
+
+/// The channel on which PostgreSQL tells every replica's sweeper that a deadline was written.
+pub(crate) const DEADLINES_CHANNEL: &str = "hopper_deadlines";
+
+/// Tells the sweepers of other replicas, once this transaction commits, that a hop with a
+/// deadline was written, so that one sleeping past it wakes (PostgreSQL; SQLite has one
+/// process, which [`super::Db::signal_deadline`] wakes).
+pub(crate) async fn announce_deadline(conn: &mut Conn) -> QueryResult<()> {
+    if let Conn::Pg(c) = conn {
+        diesel_async::SimpleAsyncConnection::batch_execute(
+            &mut **c,
+            &format!("NOTIFY {DEADLINES_CHANNEL}"),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The database's clock.
+pub(crate) async fn clock_now(conn: &mut Conn) -> QueryResult<NaiveDateTime> {
+    #[derive(QueryableByName)]
+    struct Now {
+        #[diesel(sql_type = Timestamp)]
+        now: NaiveDateTime,
+    }
+    let text = format!("SELECT {} AS now", super::clock(conn));
+    let now: Now = with_conn!(conn, |c| sql(&text).get_result(c).await)?;
+    Ok(now.now)
 }
 
 /// What the completion rules read about a delegation, in one statement, under the family lock.
@@ -425,6 +542,14 @@ struct TreeRow {
     d_created_at: Option<NaiveDateTime>,
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamp>)]
     d_updated_at: Option<NaiveDateTime>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamp>)]
+    d_accept_by: Option<NaiveDateTime>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamp>)]
+    d_complete_by: Option<NaiveDateTime>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamp>)]
+    d_expired_at: Option<NaiveDateTime>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    d_expiry_reason: Option<ExpiryReason>,
 }
 
 impl TreeRow {
@@ -446,6 +571,10 @@ impl TreeRow {
             delegated_by: self.d_delegated_by.clone(),
             created_at: self.d_created_at?,
             updated_at: self.d_updated_at?,
+            accept_by: self.d_accept_by,
+            complete_by: self.d_complete_by,
+            expired_at: self.d_expired_at,
+            expiry_reason: self.d_expiry_reason,
         })
     }
 }
@@ -476,7 +605,9 @@ pub async fn tree(conn: &mut Conn, task_id: &str) -> QueryResult<Tree> {
                d.completed_at AS d_completed_at, d.result AS d_result,
                d.rejection_reason AS d_rejection_reason, d.notes AS d_notes,
                d.delegated_by AS d_delegated_by, d.created_at AS d_created_at,
-               d.updated_at AS d_updated_at
+               d.updated_at AS d_updated_at, d.accept_by AS d_accept_by,
+               d.complete_by AS d_complete_by, d.expired_at AS d_expired_at,
+               d.expiry_reason AS d_expiry_reason
         FROM family f
         JOIN tasks t ON t.id = f.id
         LEFT JOIN task_delegations d ON d.task_id = t.id

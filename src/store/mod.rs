@@ -36,6 +36,6 @@ pub(crate) use pg_connect::sqlstate;
 pub use pool::{Conn, Db, SqliteConn};
 pub(crate) use pool::{is_unique_violation, with_conn};
 pub use sql::{Bind, Bound, Sql, now, sql};
-pub(crate) use sql::{Cursor, is_member, literals};
+pub(crate) use sql::{Cursor, clock, is_member, literals};
 pub use tx::Tx;
 pub use url::{DatabaseUrl, SqliteOwner};

@@ -81,6 +81,9 @@ pub(super) struct Signals {
     /// sequencer numbered events on PostgreSQL, and on a notification that another replica's
     /// sequencer did ([`listen_for_events`]). Event streams wait on it instead of polling.
     pub(super) appended: watch::Sender<u64>,
+    /// Bumped when a hop with a deadline was written, here or (through NOTIFY) on another
+    /// replica: wakes the expiry sweeper, which may be sleeping past it.
+    pub(super) deadlines: watch::Sender<u64>,
 }
 
 /// A snapshot of the connection pool, for metrics.
@@ -177,6 +180,7 @@ impl Db {
         let signals = Arc::new(Signals {
             commits: watch::channel(0).0,
             appended: watch::channel(0).0,
+            deadlines: watch::channel(0).0,
         });
         let db = Self {
             pool,
@@ -238,6 +242,18 @@ impl Db {
             Pool::Pg(_) => self.signals.commits.send_modify(|n| *n = n.wrapping_add(1)),
             Pool::Sqlite(_) => self.signal_appended(),
         }
+    }
+
+    /// A receiver that changes whenever a hop with a deadline was written.
+    pub(crate) fn deadlines(&self) -> watch::Receiver<u64> {
+        self.signals.deadlines.subscribe()
+    }
+
+    /// After a hop with a deadline was written: wakes the sweeper.
+    pub(crate) fn signal_deadline(&self) {
+        self.signals
+            .deadlines
+            .send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub(super) fn signal_appended(&self) {

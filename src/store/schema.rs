@@ -48,6 +48,10 @@ diesel::table! {
         delegated_by -> Nullable<Text>,
         created_at -> Timestamp,
         updated_at -> Timestamp,
+        accept_by -> Nullable<Timestamp>,
+        complete_by -> Nullable<Timestamp>,
+        expired_at -> Nullable<Timestamp>,
+        expiry_reason -> Nullable<Text>,
     }
 }
 

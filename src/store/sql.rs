@@ -191,6 +191,21 @@ pub(crate) fn literals(values: &[&'static str]) -> String {
     quoted.join(", ")
 }
 
+/// The database's clock as an SQL expression of the stored timestamp type (UTC): the one clock
+/// every replica agrees on, for deadlines. Both read it once per statement (PostgreSQL's
+/// `statement_timestamp()` is stable, so it can bound an index scan).
+pub(crate) fn clock(conn: &Conn) -> &'static str {
+    match conn {
+        Conn::Pg(_) => PG_CLOCK,
+        Conn::Sqlite(_) => SQLITE_CLOCK,
+    }
+}
+
+/// [`clock`] on PostgreSQL.
+pub(crate) const PG_CLOCK: &str = "CAST(statement_timestamp() AT TIME ZONE 'UTC' AS TIMESTAMP)";
+/// [`clock`] on SQLite.
+pub(crate) const SQLITE_CLOCK: &str = "strftime('%Y-%m-%d %H:%M:%f', 'now')";
+
 /// The current time as stored: UTC, truncated to microseconds, which both backends keep exactly.
 pub fn now() -> NaiveDateTime {
     Utc::now().naive_utc().trunc_subsecs(6)

@@ -8,7 +8,7 @@ use diesel::{
 };
 
 use crate::domain::{
-    DelegationStatus, DelegationType, EventKind, InstanceStatus, Scope, TaskStatus,
+    DelegationStatus, DelegationType, EventKind, ExpiryReason, InstanceStatus, Scope, TaskStatus,
 };
 
 macro_rules! text_column {
@@ -42,5 +42,6 @@ text_column!(
     TaskStatus,
     DelegationType,
     DelegationStatus,
-    EventKind
+    EventKind,
+    ExpiryReason
 );

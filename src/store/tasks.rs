@@ -9,7 +9,13 @@ use diesel_async::RunQueryDsl;
 
 use std::sync::LazyLock;
 
-use super::{Bind, Conn, Cursor, literals, schema::tasks, sql, with_conn};
+use super::{
+    Bind, Conn, Cursor, literals,
+    schema::tasks,
+    sql,
+    sql::{PG_CLOCK, SQLITE_CLOCK},
+    with_conn,
+};
 use crate::domain::{DelegationStatus, InstanceStatus, TaskStatus};
 
 /// One task.
@@ -143,6 +149,13 @@ pub struct TaskSnapshot {
     /// such instance.
     #[diesel(sql_type = Nullable<Text>)]
     pub target_status: Option<InstanceStatus>,
+    /// The `complete_by` of the hop that [`Self::arrival`] names, or else of
+    /// [`Self::parent_arrival`]: the deadline a new hop from here is capped by.
+    #[diesel(sql_type = Nullable<Timestamp>)]
+    pub arrival_complete_by: Option<NaiveDateTime>,
+    /// The database's clock when the snapshot was read.
+    #[diesel(sql_type = Timestamp)]
+    pub db_now: NaiveDateTime,
 }
 
 /// Reads a [`TaskSnapshot`]: arrivals into `at` (`None`: where the task is), and the status of
@@ -153,30 +166,45 @@ pub async fn snapshot(
     at: Option<&str>,
     target: Option<&str>,
 ) -> QueryResult<Option<TaskSnapshot>> {
-    static SNAPSHOT: LazyLock<String> = LazyLock::new(|| {
+    fn text(clock: &str) -> String {
+        let accepted = literals(&[DelegationStatus::Accepted.as_str()]);
+        // The latest accepted hop of `task` into the instance asked about.
+        let arrival = |column: &str, task: &str| {
+            format!(
+                "(SELECT d.{column} FROM task_delegations d
+                  WHERE d.task_id = {task} AND d.target_instance_id = COALESCE($2, t.instance_id)
+                    AND d.status = {accepted}
+                  ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1)"
+            )
+        };
         format!(
             "SELECT t.*,
                 (SELECT d.id FROM task_delegations d
                  WHERE d.task_id = t.id AND d.status = {pending} LIMIT 1) AS pending_delegation,
-                (SELECT d.id FROM task_delegations d
-                 WHERE d.task_id = t.id AND d.target_instance_id = COALESCE($2, t.instance_id)
-                   AND d.status = {accepted}
-                 ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS arrival,
-                (SELECT d.id FROM task_delegations d
-                 WHERE d.task_id = t.parent_task_id
-                   AND d.target_instance_id = COALESCE($2, t.instance_id)
-                   AND d.status = {accepted}
-                 ORDER BY d.delegated_at DESC, d.id DESC LIMIT 1) AS parent_arrival,
+                {own} AS arrival,
+                {parent} AS parent_arrival,
                 (SELECT COUNT(*) FROM tasks s
                  WHERE s.parent_task_id = t.id AND s.status NOT IN ({finished})) AS open_subtasks,
-                (SELECT i.status FROM hopper_instances i WHERE i.id = $3) AS target_status
+                (SELECT i.status FROM hopper_instances i WHERE i.id = $3) AS target_status,
+                CASE WHEN {own} IS NOT NULL THEN {own_by} ELSE {parent_by} END
+                    AS arrival_complete_by,
+                {clock} AS db_now
             FROM tasks t WHERE t.id = $1",
             pending = literals(&[DelegationStatus::Pending.as_str()]),
-            accepted = literals(&[DelegationStatus::Accepted.as_str()]),
+            own = arrival("id", "t.id"),
+            parent = arrival("id", "t.parent_task_id"),
+            own_by = arrival("complete_by", "t.id"),
+            parent_by = arrival("complete_by", "t.parent_task_id"),
             finished = literals(&TaskStatus::FINAL.map(TaskStatus::as_str)),
         )
-    });
-    with_conn!(conn, |c| sql(&SNAPSHOT)
+    }
+    static PG: LazyLock<String> = LazyLock::new(|| text(PG_CLOCK));
+    static SQLITE: LazyLock<String> = LazyLock::new(|| text(SQLITE_CLOCK));
+    let snapshot = match conn {
+        Conn::Pg(_) => &PG,
+        Conn::Sqlite(_) => &SQLITE,
+    };
+    with_conn!(conn, |c| sql(snapshot)
         .bind::<Text, _>(id)
         .bind::<Nullable<Text>, _>(at)
         .bind::<Nullable<Text>, _>(target)

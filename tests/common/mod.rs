@@ -326,6 +326,8 @@ pub fn hop(task: &str, source: &str, target: &str, kind: DelegationType) -> NewD
         delegation_type: kind,
         notes: None,
         delegated_by: Some("tests".to_owned()),
+        accept_within: None,
+        complete_within: None,
     }
 }
 
