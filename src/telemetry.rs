@@ -49,6 +49,11 @@ struct State {
     state: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Registry,
@@ -59,6 +64,9 @@ pub struct Metrics {
     delivered: Counter,
     pool: Family<State, Gauge>,
     bubbled: Histogram,
+    expired: Family<Reason, Counter>,
+    expiry_lag: Histogram,
+    unresponsive: Gauge,
 }
 
 /// The process's metrics.
@@ -82,6 +90,10 @@ impl Metrics {
         let (subscribers, head, pool) = (Gauge::default(), Gauge::default(), Family::default());
         let delivered = Counter::default();
         let bubbled = Histogram::new([0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0, 64.0]);
+        let expired = Family::<Reason, Counter>::default();
+        // 1 ms to about 33 s.
+        let expiry_lag = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let unresponsive = Gauge::default();
         registry.register(
             "hopper_rpc_requests",
             "gRPC requests answered, by method and the status code in the response headers \
@@ -118,6 +130,22 @@ impl Metrics {
             "Delegations a completion bubbled up to, beyond the one completed",
             bubbled.clone(),
         );
+        registry.register(
+            "hopper_delegations_expired",
+            "Delegations that expired, by reason (accept_deadline, complete_deadline, \
+             target_unresponsive)",
+            expired.clone(),
+        );
+        registry.register(
+            "hopper_expiry_lag_seconds",
+            "When an expiry happened minus when it was due (the database's clock)",
+            expiry_lag.clone(),
+        );
+        registry.register(
+            "hopper_unresponsive_instances",
+            "Instances whose lease has lapsed, as the last sweep saw them",
+            unresponsive.clone(),
+        );
         Self {
             registry,
             requests,
@@ -127,6 +155,9 @@ impl Metrics {
             delivered,
             pool,
             bubbled,
+            expired,
+            expiry_lag,
+            unresponsive,
         }
     }
 
@@ -142,6 +173,17 @@ impl Metrics {
     /// One event sent to one subscriber.
     pub fn delivered(&self) {
         self.delivered.inc();
+    }
+
+    /// One delegation expired for `reason`, `lag` after it was due.
+    pub fn expired(&self, reason: &'static str, lag: std::time::Duration) {
+        self.expired.get_or_create(&Reason { reason }).inc();
+        self.expiry_lag.observe(lag.as_secs_f64());
+    }
+
+    /// How many instances are unresponsive now.
+    pub fn unresponsive(&self, instances: i64) {
+        self.unresponsive.set(instances);
     }
 
     /// A completion that bubbled up to `hops` further delegations.

@@ -1,9 +1,11 @@
-//! Deadlines on a hop, on both backends through a real server and client: an unaccepted hop
-//! expires and its source hears why on its stream, then sends the task elsewhere; an accepted
-//! hop past its complete deadline expires and takes everything below it along; late workers
-//! are refused and change nothing; a child's deadline never outlives its parent's; hostile
-//! durations are refused naming the field; two sweepers on one database expire each hop once;
-//! a completion racing its own deadline has one outcome.
+//! Deadlines on a hop and instance leases, on both backends through a real server and client:
+//! an unaccepted hop expires and its source hears why on its stream, then sends the task
+//! elsewhere; an accepted hop past its complete deadline expires and takes everything below it
+//! along; late workers are refused and change nothing; a child's deadline never outlives its
+//! parent's; hostile durations are refused naming the field; two sweepers on one database
+//! expire each hop once; a completion racing its own deadline has one outcome; a lapsed lease
+//! expires only the hops where the task is at the instance; renewals keep an instance
+//! responsive; the restart brake gives leases a period after the service was down.
 
 mod common;
 
@@ -445,7 +447,209 @@ async fn a_completion_racing_its_deadline_has_one_outcome(backend: Backend) {
     server.stop().await;
 }
 
+/// Registers `id` under `parent` with a lease of `millis`.
+async fn leased(server: &mut TestServer, id: &str, parent: &str, millis: u64) -> pb::Instance {
+    let request = pb::RegisterInstanceRequest {
+        lease: within(millis),
+        ..rpc::register(id, Scope::Project, parent)
+    };
+    let response = server.instances.register_instance(request).await;
+    response.expect("register").into_inner().instance.unwrap()
+}
+
+async fn renew(server: &mut TestServer, id: &str) -> Result<pb::RenewInstanceLeaseResponse, Code> {
+    let request = pb::RenewInstanceLeaseRequest {
+        instance_id: id.into(),
+    };
+    let response = server.instances.renew_instance_lease(request).await;
+    response
+        .map(tonic::Response::into_inner)
+        .map_err(|s| s.code())
+}
+
+async fn status_of(server: &mut TestServer, id: &str) -> DelegationStatus {
+    DelegationStatus::try_from(get(server, id).await.status).unwrap()
+}
+
+async fn a_lapsed_lease_expires_only_the_hops_where_the_task_is(backend: Backend) {
+    let mut server = TestServer::start(backend).await;
+    server.register("global", Scope::Global, "").await;
+    leased(&mut server, "project", "global", 1500).await;
+    server
+        .register("orch", Scope::Orchestration, "project")
+        .await;
+    for task in ["waiting", "working", "passed"] {
+        server.new_task(task, "global").await;
+    }
+    renew(&mut server, "project").await.unwrap();
+    let waiting = server
+        .delegate(rpc::route("waiting", "global", "project"))
+        .await;
+    let working = server
+        .delegate(rpc::route("working", "global", "project"))
+        .await;
+    server.accept(&working.id).await;
+    let passed = server
+        .delegate(rpc::route("passed", "global", "project"))
+        .await;
+    server.accept(&passed.id).await;
+    let below = server
+        .delegate(rpc::route("passed", "project", "orch"))
+        .await;
+    server.accept(&below.id).await;
+
+    // project stops renewing: where a task is at project, its hop expires.
+    for hop in [&waiting, &working] {
+        let ended = ended(&mut server, &hop.id).await;
+        assert_eq!(ended.status, DelegationStatus::Expired as i32);
+        assert_eq!(ended.expiry_reason, ExpiryReason::TargetUnresponsive as i32);
+    }
+    assert_eq!(task_at(&mut server, "waiting").await.instance_id, "global");
+    assert_eq!(task_at(&mut server, "working").await.instance_id, "global");
+    // Work passed further down goes on, and bubbles through project's hop.
+    assert_eq!(
+        status_of(&mut server, &passed.id).await,
+        DelegationStatus::Accepted
+    );
+    let done = server.complete(&below.id).await;
+    assert_eq!(done.task.unwrap().status, pb::TaskStatus::Done as i32);
+    assert_eq!(
+        status_of(&mut server, &passed.id).await,
+        DelegationStatus::Completed
+    );
+    // No new work for an unresponsive instance, until it renews.
+    let refused = server
+        .delegations
+        .create_delegation(rpc::route("waiting", "global", "project"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused
+            .message()
+            .starts_with("target instance project is unresponsive: its lease lapsed at "),
+        "{refused:?}"
+    );
+    renew(&mut server, "project").await.unwrap();
+    server
+        .delegate(rpc::route("waiting", "global", "project"))
+        .await;
+    // Expired hops stay expired.
+    assert_eq!(
+        status_of(&mut server, &waiting.id).await,
+        DelegationStatus::Expired
+    );
+    server.stop().await;
+}
+
+async fn renewals_keep_an_instance_responsive(backend: Backend) {
+    let mut server = TestServer::start(backend).await;
+    server.register("global", Scope::Global, "").await;
+    leased(&mut server, "project", "global", 1000).await;
+    server.new_task("t", "global").await;
+    let hop = server.delegate(rpc::route("t", "global", "project")).await;
+    for _ in 0..16 {
+        let renewed = renew(&mut server, "project").await.unwrap();
+        let instance = renewed.instance.unwrap();
+        assert_eq!(renewed.live_until, instance.lease_expires_at);
+        assert_eq!(instance.lease, within(1000));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            status_of(&mut server, &hop.id).await,
+            DelegationStatus::Pending
+        );
+    }
+    // Four periods later it is still waiting; then the renewals stop.
+    let ended = ended(&mut server, &hop.id).await;
+    assert_eq!(ended.expiry_reason, ExpiryReason::TargetUnresponsive as i32);
+    // Without a lease there is nothing to renew; an unknown instance is not found.
+    assert_eq!(
+        renew(&mut server, "global").await.unwrap_err(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        renew(&mut server, "nowhere").await.unwrap_err(),
+        Code::NotFound
+    );
+    for bad in [
+        within(500),
+        within(3_600_001),
+        Some(prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        }),
+    ] {
+        let request = pb::RegisterInstanceRequest {
+            lease: bad,
+            ..rpc::register("p2", Scope::Project, "global")
+        };
+        let status = server
+            .instances
+            .register_instance(request)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
+        assert!(status.message().contains("lease"), "{status:?}");
+    }
+    server.stop().await;
+}
+
+/// All replicas down for longer than a lease: nobody could renew, so the instance gets a full
+/// period after the service is back before its hops expire; a hop deadline that passed
+/// meanwhile fires at once.
+async fn the_restart_brake_gives_leases_a_period(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let mut server = TestServer::start_with(TestDb::borrowed(&db), Config::default()).await;
+    server.register("global", Scope::Global, "").await;
+    leased(&mut server, "project", "global", 2000).await;
+    server.register("project2", Scope::Project, "global").await;
+    for task in ["leased", "deadline"] {
+        server.new_task(task, "global").await;
+    }
+    let leased_hop = server
+        .delegate(rpc::route("leased", "global", "project"))
+        .await;
+    let deadline = server
+        .delegate(pb::CreateDelegationRequest {
+            accept_within: within(1000),
+            ..rpc::route("deadline", "global", "project2")
+        })
+        .await;
+    server.stop().await;
+
+    // Down for longer than the lease and the deadline.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let mut server = TestServer::start_with(TestDb::borrowed(&db), Config::default()).await;
+    assert_eq!(
+        ended(&mut server, &deadline.id).await.status,
+        DelegationStatus::Expired as i32
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        status_of(&mut server, &leased_hop.id).await,
+        DelegationStatus::Pending
+    );
+    let project = server
+        .instances
+        .get_instance(pb::GetInstanceRequest {
+            id: "project".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instance
+        .unwrap();
+    assert!(seconds(&project.lease_expires_at) > seconds(&leased_hop.created_at) + 4.0);
+    // Not renewed within that period, it lapses after all.
+    let ended = ended(&mut server, &leased_hop.id).await;
+    assert_eq!(ended.expiry_reason, ExpiryReason::TargetUnresponsive as i32);
+    server.stop().await;
+}
+
 on_both_backends!(
+    a_lapsed_lease_expires_only_the_hops_where_the_task_is,
+    renewals_keep_an_instance_responsive,
+    the_restart_brake_gives_leases_a_period,
     an_unaccepted_hop_expires_and_its_source_hears_why,
     an_accepted_hop_past_complete_by_takes_everything_below_along,
     late_workers_are_refused_and_change_nothing,

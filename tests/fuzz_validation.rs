@@ -130,6 +130,7 @@ proptest! {
         who in caller(),
         (id, name, parent, token) in (text(), text(), text(), text()),
         (scope, status, page) in (number(), number(), number()),
+        lease in duration(),
     ) {
         let f = fixture();
         f.runtime.block_on(async {
@@ -142,8 +143,11 @@ proptest! {
                 status,
                 config: None,
                 request_id: id.clone(),
+                lease,
             };
             check(i.register_instance(from(&who, register)).await)?;
+            let renew = pb::RenewInstanceLeaseRequest { instance_id: id.clone() };
+            check(i.renew_instance_lease(from(&who, renew)).await)?;
             let get = pb::GetInstanceRequest { id: id.clone() };
             check(i.get_instance(from(&who, get)).await)?;
             let list = pb::ListInstancesRequest {

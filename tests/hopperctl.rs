@@ -953,7 +953,120 @@ async fn metrics_are_served_and_move_with_requests_and_logs_carry_the_rpc_span(b
     }
 }
 
+/// Deadlines and leases through hopperctl alone: a hop's deadline in `chain` and `pending`,
+/// `watch` printing the expiry with its reason, a lease renewed then lapsing, and the
+/// unresponsive instance marked in `instances list` and `instances tree`.
+async fn deadlines_and_leases_through_hopperctl(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let server = Server::start(&db, "127.0.0.1:0", &[]);
+    let url = server.url();
+    ok(
+        &url,
+        &[
+            "instances",
+            "register",
+            "global",
+            "--name",
+            "G",
+            "--scope",
+            "global",
+        ],
+    );
+    let leased = json(
+        &url,
+        &[
+            "instances",
+            "register",
+            "web",
+            "--name",
+            "W",
+            "--scope",
+            "project",
+            "--parent",
+            "global",
+            "--lease",
+            "1500ms",
+        ],
+    );
+    assert_eq!(leased["lease_seconds"], 1.5);
+    let renewed = ok(&url, &["instances", "renew", "web"]);
+    assert!(renewed.starts_with("web live until "), "{renewed}");
+    let mut watch = Watch(
+        Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+            .args([
+                "--server",
+                &url,
+                "watch",
+                "global",
+                "--descendants",
+                "--since",
+                "0",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let events = lines_of(watch.0.stdout.take().unwrap());
+    ok(
+        &url,
+        &[
+            "tasks", "create", "--id", "t", "--title", "T", "--at", "global",
+        ],
+    );
+    let args = [
+        "delegate",
+        "t",
+        "--from",
+        "global",
+        "--to",
+        "web",
+        "--accept-within",
+        "1h",
+        "--complete-within",
+        "2h",
+    ];
+    let hop = ok(&url, &args).trim().to_owned();
+    let pending = ok(&url, &["pending", "web"]);
+    assert!(
+        pending.contains("DEADLINE") && pending.contains("(in 59m)"),
+        "{pending}"
+    );
+    let chain = ok(&url, &["chain", "t"]);
+    assert!(chain.contains("(in 59m)"), "{chain}");
+    let shown = json(&url, &["pending", "web"]);
+    assert!(
+        shown["accept_by"].is_string() && shown["complete_by"].is_string(),
+        "{shown}"
+    );
+
+    // web stops renewing: the hop expires, the watcher says why, the instance is marked.
+    let expired = loop {
+        let line = events
+            .recv_timeout(Duration::from_secs(20))
+            .expect("an event");
+        if line.contains("delegation_expired") {
+            break line;
+        }
+    };
+    assert!(
+        expired.contains(&hop) && expired.contains("target unresponsive"),
+        "{expired}"
+    );
+    let list = ok(&url, &["instances", "list"]);
+    assert!(list.contains("unresponsive since"), "{list}");
+    let tree = ok(&url, &["instances", "tree"]);
+    assert!(tree.contains("unresponsive since"), "{tree}");
+    let drawn = ok(&url, &["tree", "t"]);
+    assert!(
+        drawn.contains("expired") && drawn.contains("target unresponsive"),
+        "{drawn}"
+    );
+    drop(watch);
+    server.stop();
+}
+
 on_both_backends!(
+    deadlines_and_leases_through_hopperctl,
     the_seed_story_runs_through_hopperctl_alone,
     rejecting_cancelling_and_completing_in_place_through_hopperctl,
     hopperctl_exit_codes_tell_refusals_usage_and_an_unreachable_server_apart,

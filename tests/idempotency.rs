@@ -30,6 +30,7 @@ fn new_instance(request_id: &str, name: &str) -> NewInstance {
         parent_id: Some("global".into()),
         status: InstanceStatus::Running,
         config: serde_json::json!({}),
+        lease: None,
     }
 }
 

@@ -688,6 +688,7 @@ async fn instances_register_list_and_change_status(backend: Backend) {
         parent_id: None,
         status: InstanceStatus::Created,
         config: json!({"region": "eu", "replicas": 3}),
+        lease: None,
     };
     assert_eq!(
         instances::register(&db, &Caller::Admin, taken.clone()).await,

@@ -11,8 +11,8 @@ use hopper_delegation::store::{self, Db, Migrate};
 /// needs (SQLite numbers events at insert, with its single writer).
 fn steps(backend: Backend) -> usize {
     match backend {
-        Backend::Sqlite => 5,
-        Backend::Postgres => 6,
+        Backend::Sqlite => 6,
+        Backend::Postgres => 7,
     }
 }
 

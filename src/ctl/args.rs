@@ -126,6 +126,15 @@ pub(super) enum Instances {
         /// Its run state (default: created).
         #[arg(long, value_parser = parse_word::<InstanceStatus>)]
         status: Option<InstanceStatus>,
+        /// A lease (1s to 1h, e.g. `30s`) it must renew (`instances renew`) at least once per
+        /// period, or it becomes unresponsive and the hops where its tasks are expire.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        lease: Option<std::time::Duration>,
+    },
+    /// Renew an instance's lease for one more period; prints until when it is live.
+    Renew {
+        /// The instance's id.
+        id: String,
     },
     /// List every instance (every page), ordered by id.
     List,

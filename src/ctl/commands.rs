@@ -51,6 +51,7 @@ pub(super) async fn instances(
             scope,
             parent,
             status,
+            lease,
         } => {
             let request = pb::RegisterInstanceRequest {
                 id,
@@ -58,10 +59,28 @@ pub(super) async fn instances(
                 scope: pb::Scope::from(scope).into(),
                 parent_id: parent.unwrap_or_default(),
                 status: status.map_or(0, |s| pb::InstanceStatus::from(s).into()),
+                lease: lease.map(wire_duration),
                 ..Default::default()
             };
             let response = c.instances.register_instance(request).await?.into_inner();
             show_instance(&record(response.instance)?, p);
+        }
+        Instances::Renew { id } => {
+            let request = pb::RenewInstanceLeaseRequest { instance_id: id };
+            let response = c
+                .instances
+                .renew_instance_lease(request)
+                .await?
+                .into_inner();
+            let instance = record(response.instance)?;
+            match p.format {
+                Format::Json => p.json(&render::instance_json(&instance)),
+                Format::Text => p.line(format!(
+                    "{} live until {}",
+                    instance.id,
+                    p.time(response.live_until.as_ref())
+                )),
+            }
         }
         Instances::List => {
             let client = &c.instances;
@@ -82,7 +101,9 @@ pub(super) async fn instances(
                 all.iter().for_each(|i| p.json(&render::instance_json(i)));
                 return Ok(());
             }
-            let mut rows = vec![header(&["ID", "NAME", "SCOPE", "STATUS", "PARENT"])];
+            let mut rows = vec![header(&[
+                "ID", "NAME", "SCOPE", "STATUS", "PARENT", "LEASE",
+            ])];
             rows.extend(all.iter().map(|i| {
                 vec![
                     Cell::plain(&i.id),
@@ -94,6 +115,7 @@ pub(super) async fn instances(
                     } else {
                         &i.parent_id
                     }),
+                    Cell::plain(p.lease(i)),
                 ]
             }));
             p.table(&rows);
@@ -210,12 +232,6 @@ pub(super) async fn delegations(
             accept_within,
             complete_within,
         } => {
-            // The server says what it thinks of the value (INVALID_ARGUMENT naming the flag's
-            // field); too large for the wire is too large for the server too.
-            let duration = |within: std::time::Duration| prost_types::Duration {
-                seconds: i64::try_from(within.as_secs()).unwrap_or(i64::MAX),
-                nanos: i32::try_from(within.subsec_nanos()).unwrap_or_default(),
-            };
             let request = pb::CreateDelegationRequest {
                 task_id: task,
                 source_instance_id: source,
@@ -224,8 +240,8 @@ pub(super) async fn delegations(
                 notes: notes.unwrap_or_default(),
                 delegated_by: delegated_by.unwrap_or_default(),
                 request_id: String::new(),
-                accept_within: accept_within.map(duration),
-                complete_within: complete_within.map(duration),
+                accept_within: accept_within.map(wire_duration),
+                complete_within: complete_within.map(wire_duration),
             };
             let created = record(d.create_delegation(request).await?.into_inner().delegation)?;
             match p.format {
@@ -343,6 +359,7 @@ async fn chain(d: &mut DelegationClient, task: String, p: &Printer) -> Result<()
         "DELEGATED",
         "ACCEPTED",
         "COMPLETED",
+        "DEADLINE",
     ])];
     rows.extend(chain.delegations.iter().enumerate().map(|(n, h)| {
         vec![
@@ -356,6 +373,7 @@ async fn chain(d: &mut DelegationClient, task: String, p: &Printer) -> Result<()
             Cell::plain(p.time(h.delegated_at.as_ref())),
             Cell::plain(p.time(h.accepted_at.as_ref())),
             Cell::plain(p.time(h.completed_at.as_ref())),
+            Cell::plain(p.deadline(h)),
         ]
     }));
     p.table(&rows);
@@ -403,7 +421,15 @@ async fn pending(d: &mut DelegationClient, instance: String, p: &Printer) -> Res
         p.line(format!("no pending delegations for {instance}"));
         return Ok(());
     }
-    let mut rows = vec![header(&["ID", "TASK", "TYPE", "FROM", "BY", "DELEGATED"])];
+    let mut rows = vec![header(&[
+        "ID",
+        "TASK",
+        "TYPE",
+        "FROM",
+        "BY",
+        "DELEGATED",
+        "DEADLINE",
+    ])];
     rows.extend(all.iter().map(|d| {
         vec![
             Cell::plain(&d.id),
@@ -416,10 +442,20 @@ async fn pending(d: &mut DelegationClient, instance: String, p: &Printer) -> Res
                 &d.delegated_by
             }),
             Cell::plain(p.time(d.delegated_at.as_ref())),
+            Cell::plain(p.deadline(d)),
         ]
     }));
     p.table(&rows);
     Ok(())
+}
+
+/// A flag's duration on the wire. The server says what it thinks of the value
+/// (INVALID_ARGUMENT naming the field); too large for the wire is too large for it too.
+fn wire_duration(within: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(within.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(within.subsec_nanos()).unwrap_or_default(),
+    }
 }
 
 #[cfg(test)]

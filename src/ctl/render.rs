@@ -80,6 +80,52 @@ impl Printer {
         self.table(&rows);
     }
 
+    /// What a hop waits on: an active hop's next deadline as `2026-11-30 12:40:01 UTC (in
+    /// 25s)` or `(overdue)`; an expired hop's reason (`accept deadline passed`); `-` otherwise.
+    pub fn deadline(&self, d: &pb::Delegation) -> String {
+        if let Some(reason) = expiry_reason(d.expiry_reason) {
+            return reason.into();
+        }
+        let due = match pb::DelegationStatus::try_from(d.status) {
+            Ok(pb::DelegationStatus::Pending) => [&d.accept_by, &d.complete_by]
+                .into_iter()
+                .flatten()
+                .min_by_key(|at| (at.seconds, at.nanos)),
+            Ok(pb::DelegationStatus::Accepted) => d.complete_by.as_ref(),
+            _ => None,
+        };
+        self.until(due)
+    }
+
+    /// A time to come as `2026-11-30 12:40:01 UTC (in 25s)`, or `(overdue)` once past; `-` if
+    /// unset.
+    pub fn until(&self, at: Option<&Timestamp>) -> String {
+        at.and_then(to_datetime).map_or_else(
+            || "-".into(),
+            |at| {
+                let left = at - Utc::now();
+                let when = if left <= chrono::TimeDelta::zero() {
+                    "overdue".into()
+                } else {
+                    ago(-left)
+                };
+                format!("{} ({when})", at.format("%Y-%m-%d %H:%M:%S UTC"))
+            },
+        )
+    }
+
+    /// An instance's lease: `live until …` or `unresponsive since …`; `-` without a lease.
+    pub fn lease(&self, i: &pb::Instance) -> String {
+        match i.lease_expires_at.as_ref().and_then(to_datetime) {
+            None => "-".into(),
+            Some(at) if at <= Utc::now() => format!(
+                "unresponsive since {}",
+                self.time(i.lease_expires_at.as_ref())
+            ),
+            Some(_) => format!("live until {}", self.until(i.lease_expires_at.as_ref())),
+        }
+    }
+
     /// A time as `2026-11-30 12:40:01 UTC (3m ago)`, or `-` if unset.
     pub fn time(&self, at: Option<&Timestamp>) -> String {
         at.and_then(to_datetime).map_or_else(
@@ -211,6 +257,16 @@ fn ago(elapsed: chrono::TimeDelta) -> String {
     }
 }
 
+/// Why a hop expired, as a phrase; `None` if it did not.
+pub(crate) fn expiry_reason(reason: i32) -> Option<&'static str> {
+    match pb::ExpiryReason::try_from(reason).ok()? {
+        pb::ExpiryReason::Unspecified => None,
+        pb::ExpiryReason::AcceptDeadline => Some("accept deadline passed"),
+        pb::ExpiryReason::CompleteDeadline => Some("complete deadline passed"),
+        pb::ExpiryReason::TargetUnresponsive => Some("target unresponsive"),
+    }
+}
+
 /// The lower-case word of a proto enum value: `DELEGATION_STATUS_PENDING` -> `pending`.
 pub(crate) fn word(name: &str, prefix: &str) -> String {
     name.strip_prefix(prefix)
@@ -285,6 +341,10 @@ pub(crate) fn instance_json(i: &pb::Instance) -> Value {
         "config": document(i.config.as_ref()),
         "created_at": time_json(i.created_at.as_ref()),
         "updated_at": time_json(i.updated_at.as_ref()),
+        "lease_seconds": i.lease.as_ref().map_or(Value::Null, |l| {
+            (l.seconds as f64 + f64::from(l.nanos) / 1e9).into()
+        }),
+        "lease_expires_at": time_json(i.lease_expires_at.as_ref()),
     })
 }
 
@@ -322,6 +382,13 @@ pub(crate) fn delegation_json(d: &pb::Delegation) -> Value {
         "completed_at": time_json(d.completed_at.as_ref()),
         "created_at": time_json(d.created_at.as_ref()),
         "updated_at": time_json(d.updated_at.as_ref()),
+        "accept_by": time_json(d.accept_by.as_ref()),
+        "complete_by": time_json(d.complete_by.as_ref()),
+        "expired_at": time_json(d.expired_at.as_ref()),
+        "expiry_reason": pb::ExpiryReason::try_from(d.expiry_reason)
+            .ok()
+            .filter(|r| *r != pb::ExpiryReason::Unspecified)
+            .map_or(Value::Null, |r| word(r.as_str_name(), "EXPIRY_REASON_").into()),
     })
 }
 
@@ -364,6 +431,7 @@ pub(super) fn show_instance(i: &pb::Instance, p: &Printer) {
             }),
         ),
         ("config", Cell::plain(document_text(i.config.as_ref()))),
+        ("lease", Cell::plain(p.lease(i))),
         ("registered", Cell::plain(p.time(i.created_at.as_ref()))),
     ]);
 }

@@ -38,6 +38,10 @@ pub(super) fn instance_tree(nodes: &[pb::InstanceTreeNode], root: Option<&str>, 
             Cell::status(render::instance_status(i.status)),
             Cell::plain(format!("pending {}", node.pending_delegations)),
             Cell::plain(format!("accepted {}", node.accepted_delegations)),
+            Cell::plain(match p.lease(i) {
+                lease if lease.starts_with("unresponsive") => lease,
+                _ => String::new(),
+            }),
         ]
     };
     p.table(&draw_tree(tops, children, row));
@@ -80,6 +84,10 @@ pub(super) fn task_tree(
             )),
             Cell::status(render::delegation_status(h.status)),
             Cell::dim(&h.id),
+            Cell::plain(match p.deadline(h) {
+                none if none == "-" => String::new(),
+                deadline => deadline,
+            }),
         ],
         Line::Task(t) => vec![
             Cell::plain(format!("{branch}{}", t.id)),

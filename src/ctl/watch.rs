@@ -171,6 +171,11 @@ fn event_row(event: &pb::DelegationEvent, printer: &Printer) -> Vec<Cell> {
         Cell::plain(format!("task {}", event.task_id)),
         Cell::dim(printer.time(event.occurred_at.as_ref())),
     ];
+    if let Some(reason) = render::expiry_reason(d.expiry_reason)
+        .filter(|_| event.kind == pb::EventKind::DelegationExpired as i32)
+    {
+        row.push(Cell::plain(reason));
+    }
     if !event.caused_by_delegation_id.is_empty() {
         row.push(Cell::dim(format!(
             "caused by {}",

@@ -170,6 +170,19 @@ pub fn due(
     }
 }
 
+/// Whether an active hop expires because its target instance is unresponsive (its lease
+/// lapsed): only where the task is at that instance, pending to it or accepted by it and not
+/// delegated onward. Work it passed further down goes on, and its completion still bubbles
+/// through this hop.
+pub fn abandoned(status: DelegationStatus, target_lapsed: bool, delegated_onward: bool) -> bool {
+    target_lapsed
+        && match status {
+            DelegationStatus::Pending => true,
+            DelegationStatus::Accepted => !delegated_onward,
+            _ => false,
+        }
+}
+
 /// The `complete_by` of a new hop: its own deadline, never later than the hop above it (a
 /// parent that has given up cannot be kept waiting by its children).
 pub fn capped_complete_by(
@@ -231,6 +244,8 @@ pub(crate) struct ProposedHop<'a> {
     pub target: &'a str,
     /// The receiving instance's run state.
     pub target_status: InstanceStatus,
+    /// When the receiving instance's lease lapsed, if it has: it is unresponsive.
+    pub target_lapsed: Option<NaiveDateTime>,
     /// The kind of hop.
     pub kind: DelegationType,
     /// Where the target lies from the source.
@@ -267,6 +282,13 @@ pub(crate) fn check_new_hop(hop: &ProposedHop<'_>) -> Result<(), Error> {
         return Err(Error::precondition(format!(
             "task {} is at instance {}, not at the source {}",
             hop.task_id, hop.task_location, hop.source
+        )));
+    }
+    if let Some(lapsed) = hop.target_lapsed {
+        return Err(Error::precondition(format!(
+            "target instance {} is unresponsive: its lease lapsed at {}",
+            hop.target,
+            lapsed.and_utc().format("%Y-%m-%dT%H:%M:%S%.3fZ")
         )));
     }
     if !hop.target_status.takes_work() {
@@ -571,6 +593,26 @@ mod tests {
     }
 
     #[test]
+    fn only_hops_where_the_task_is_at_a_lapsed_instance_are_abandoned() {
+        assert!(abandoned(Pending, true, false));
+        assert!(abandoned(Accepted, true, false));
+        assert!(
+            !abandoned(Accepted, true, true),
+            "work passed further down goes on"
+        );
+        assert!(!abandoned(Pending, false, false));
+        assert!(!abandoned(Completed, true, false));
+        let lapsed = ProposedHop {
+            target_lapsed: Some(at(0)),
+            ..hop()
+        };
+        assert_eq!(
+            check_new_hop(&lapsed).unwrap_err().to_string(),
+            "target instance p is unresponsive: its lease lapsed at 2027-01-15T08:00:00.000Z"
+        );
+    }
+
+    #[test]
     fn a_child_never_outlives_its_parent() {
         assert_eq!(capped_complete_by(Some(at(5)), Some(at(9))), Some(at(5)));
         assert_eq!(capped_complete_by(Some(at(9)), Some(at(5))), Some(at(5)));
@@ -636,6 +678,7 @@ mod tests {
             source: "g",
             target: "p",
             target_status: InstanceStatus::Running,
+            target_lapsed: None,
             kind: DelegationType::Route,
             relation: Relation::Descendant,
         }

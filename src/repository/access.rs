@@ -18,6 +18,7 @@
 //! | CancelDelegation | manages the delegation's source instance |
 //! | AcceptDelegation, RejectDelegation, CompleteDelegation | is the delegation's target instance |
 //! | UpdateDelegation | is the delegation's target or manages its source |
+//! | RenewInstanceLease | is the instance |
 //!
 //! A refusal is PERMISSION_DENIED and names the rule, but no instance other than those the
 //! request itself named. A record the request names that does not exist is NOT_FOUND, as it
@@ -80,6 +81,8 @@ pub(crate) enum Action<'a> {
     AnswerDelegation(&'a str),
     /// CancelDelegation.
     CancelDelegation(&'a str),
+    /// RenewInstanceLease.
+    RenewLease(&'a str),
 }
 
 /// [`authorize`] on a pooled connection of its own. Open and admin callers need no database.
@@ -172,6 +175,14 @@ pub(crate) async fn authorize(
                 Err(Rule::Target(id.into()))
             }
         }
+        Action::RenewLease(id) => {
+            lineage(conn, "instance", id).await?;
+            if id == me {
+                Ok(())
+            } else {
+                Err(Rule::Itself("renew the lease of instance", id.into()))
+            }
+        }
         Action::CancelDelegation(id) => {
             let d = delegation(conn, id).await?;
             (manages(conn, me, "source instance", &d.source_instance_id).await?)
@@ -199,6 +210,8 @@ enum Rule {
     Holder(String),
     /// Not the delegation's target.
     Target(String),
+    /// Only the instance itself may (what, the instance).
+    Itself(&'static str, String),
 }
 
 impl fmt::Display for Rule {
@@ -223,6 +236,7 @@ impl fmt::Display for Rule {
             Self::Holder(task) => {
                 write!(f, "complete task {task}; only the instance it is at may")
             }
+            Self::Itself(what, id) => write!(f, "{what} {id}; only the instance itself may"),
             Self::Target(delegation) => write!(
                 f,
                 "answer delegation {delegation}; only its target instance may accept, reject \

@@ -150,6 +150,9 @@ pub async fn create(db: &Db, caller: &Caller, new: NewDelegation) -> Result<Dele
                 source,
                 target,
                 target_status,
+                target_lapsed: snapshot
+                    .target_lease_expires_at
+                    .filter(|at| *at <= snapshot.db_now),
                 kind: new.delegation_type,
                 relation: Relation::between(&source_lineage, &target_lineage),
             })?;

@@ -1,81 +1,168 @@
-//! Expiry: ending hops whose deadline passed, and the sweeper that finds them.
+//! Expiry: ending hops whose deadline passed or whose target stopped renewing its lease, and
+//! the sweeper that finds them.
 //!
 //! **Exactly once.** Each expiry is one transaction under the task family's lock, like every
-//! other write. Inside it the hop is read afresh and [`lifecycle::due`] decides, from the
-//! database's clock, whether a deadline has passed; if so, the hop ends EXPIRED through the same
+//! other write. Inside it the hop is read afresh and the rules decide from the database's clock
+//! whether it is due ([`lifecycle::due`]: a deadline passed; [`lifecycle::abandoned`]: its
+//! target's lease lapsed while the task is at it); if so, the hop ends EXPIRED through the same
 //! compare-and-set and cascade as a cancellation (`completion::cancel_in`). A second sweeper
 //! (another replica) or a racing accept, reject or completion that takes the lock first leaves
 //! nothing due, so the hop has exactly one outcome and the log one event for it.
 //!
-//! **Prompt, without polling.** Each replica runs one [`sweeper`]: it expires what is due (read
-//! from two partial indexes of due hops), asks the indexes for the next deadline, and sleeps
-//! until then, or until a hop with a deadline is written here or, through NOTIFY, on another
-//! replica, which may be earlier; at most [`MAX_SLEEP`], in case a notification was lost.
+//! **Prompt, without polling the table.** Each replica runs one [`sweeper`]. A pass beats the
+//! restart brake's heartbeat, expires what is due (read from partial indexes that hold only
+//! active hops with a deadline, and the lapsed instances' active hops), asks the indexes for the
+//! next deadline or lease to lapse, and sleeps until then, or until a hop with a deadline is
+//! written here or, through NOTIFY, on another replica; at most [`HEARTBEAT`].
+//!
+//! **The restart brake.** While no replica runs (or none reaches the database) no instance can
+//! renew its lease. The first pass after such a gap (no heartbeat for [`BRAKE_GAP`]) gives every
+//! lease a full period from now before anything expires for unresponsiveness. Hop deadlines are
+//! not extended: they fire as soon as the service is back, late but once.
 
 use std::{collections::HashSet, time::Duration};
 
+use chrono::NaiveDateTime;
+
 use super::{completion::cancel_in, delegations::Cancellation};
 use crate::{
-    domain::lifecycle::{self, Expiry},
+    domain::{
+        DelegationStatus, ExpiryReason,
+        lifecycle::{self, Expiry},
+    },
     error::Error,
-    store::{Db, delegations, tasks},
+    store::{Db, delegations, instances, tasks},
+    telemetry,
 };
 
 /// How many due hops one pass reads before expiring them.
 const BATCH: i64 = 256;
 
-/// The longest the sweeper sleeps without looking, in case a wake-up was lost.
-pub const MAX_SLEEP: Duration = Duration::from_secs(5);
+/// The longest the sweeper sleeps: the restart brake's heartbeat, and the bound on a lost
+/// wake-up.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
-/// Expires delegation `id` if one of its deadlines has passed by the database's clock; `None`
-/// if none has (not due yet, or answered, finished or expired meanwhile).
+/// A heartbeat older than this means no replica was sweeping: leases get a full period.
+pub const BRAKE_GAP: Duration = Duration::from_secs(3);
+
+/// Expires delegation `id` if it is due by the database's clock; `None` if it is not (not due
+/// yet, or answered, finished or expired meanwhile, or its task passed further down).
 pub async fn expire_if_due(db: &Db, id: &str) -> Result<Option<Cancellation>, Error> {
-    db.write(async |tx| {
-        if !tasks::lock_family_of_delegation(tx, id).await? {
-            return Ok(None);
-        }
-        let Some(hop) = delegations::find(tx, id).await? else {
-            return Ok(None);
-        };
-        let now = delegations::clock_now(tx).await?;
-        let Some(reason) = lifecycle::due(hop.status, hop.accept_by, hop.complete_by, now) else {
-            return Ok(None);
-        };
-        let expiry = Expiry { at: now, reason };
-        cancel_in(tx, &hop, Some(expiry)).await.map(Some)
-    })
-    .await
+    let expired = db
+        .write(async |tx| {
+            if !tasks::lock_family_of_delegation(tx, id).await? {
+                return Ok(None);
+            }
+            let Some(hop) = delegations::find(tx, id).await? else {
+                return Ok(None);
+            };
+            let now = delegations::clock_now(tx).await?;
+            let (reason, was_due) =
+                match lifecycle::due(hop.status, hop.accept_by, hop.complete_by, now) {
+                    Some(ExpiryReason::AcceptDeadline) => {
+                        (ExpiryReason::AcceptDeadline, hop.accept_by)
+                    }
+                    Some(reason) => (reason, hop.complete_by),
+                    None if hop.status.is_active() => {
+                        let target = instances::find(tx, &hop.target_instance_id).await?;
+                        let Some(lapsed) = target.and_then(|t| t.lapsed(now)) else {
+                            return Ok(None);
+                        };
+                        let onward = hop.status == DelegationStatus::Accepted
+                            && !delegations::active_below(tx, id).await?.is_empty();
+                        if !lifecycle::abandoned(hop.status, true, onward) {
+                            return Ok(None);
+                        }
+                        (ExpiryReason::TargetUnresponsive, Some(lapsed))
+                    }
+                    None => return Ok(None),
+                };
+            let expiry = Expiry { at: now, reason };
+            let cancellation = cancel_in(tx, &hop, Some(expiry)).await?;
+            Ok(Some((cancellation, expiry, was_due)))
+        })
+        .await?;
+    Ok(expired.map(|(cancellation, expiry, was_due)| {
+        record(expiry, was_due);
+        cancellation
+    }))
 }
 
-/// Expires every hop due now; returns how many this call expired.
+fn record(expiry: Expiry, was_due: Option<NaiveDateTime>) {
+    let lag = was_due
+        .and_then(|due| (expiry.at - due).to_std().ok())
+        .unwrap_or_default();
+    telemetry::metrics().expired(expiry.reason.as_str(), lag);
+}
+
+/// Expires every hop due now, deadlines first, then those at unresponsive instances; returns
+/// how many this call expired.
 pub async fn expire_due(db: &Db) -> Result<usize, Error> {
     let mut expired = 0;
-    loop {
-        let due = delegations::due(&mut db.conn().await?, BATCH).await?;
-        let mut seen = HashSet::new();
-        for id in due.iter().filter(|id| seen.insert(id.as_str())) {
-            if expire_if_due(db, id).await?.is_some() {
-                expired += 1;
+    beat(db).await?;
+    for unresponsive in [false, true] {
+        loop {
+            let mut conn = db.conn().await?;
+            let due = if unresponsive {
+                delegations::at_unresponsive(&mut conn, BATCH).await?
+            } else {
+                delegations::due(&mut conn, BATCH).await?
+            };
+            drop(conn);
+            let mut seen = HashSet::new();
+            let mut now_expired = 0;
+            for id in due.iter().filter(|id| seen.insert(id.as_str())) {
+                if expire_if_due(db, id).await?.is_some() {
+                    now_expired += 1;
+                }
             }
-        }
-        if due.len() < usize::try_from(BATCH).unwrap_or(usize::MAX) {
-            return Ok(expired);
+            expired += now_expired;
+            // A full batch of which nothing expired (work passed further down) is not read again.
+            if due.len() < usize::try_from(BATCH).unwrap_or(usize::MAX) || now_expired == 0 {
+                break;
+            }
+            // A storm takes a while: keep the heartbeat going, or the brake would think no
+            // replica was sweeping.
+            beat(db).await?;
         }
     }
+    Ok(expired)
 }
 
-/// How long to sleep until the next deadline of an active hop, at most [`MAX_SLEEP`].
+/// Beats the heartbeat; after a gap, the restart brake.
+async fn beat(db: &Db) -> Result<(), Error> {
+    let extended = db
+        .write(async |tx| Ok(instances::brake_leases(tx, BRAKE_GAP).await?))
+        .await?;
+    if extended > 0 {
+        tracing::warn!(
+            leases = extended,
+            "no replica swept for a while: every lease gets a full period before anything \
+             expires for unresponsiveness"
+        );
+    }
+    Ok(())
+}
+
+/// How long to sleep until the next deadline or lease to lapse, at most [`HEARTBEAT`].
 async fn until_next(db: &Db) -> Result<Duration, Error> {
-    let (next, now) = delegations::next_due(&mut db.conn().await?).await?;
+    let mut conn = db.conn().await?;
+    let (next_deadline, now) = delegations::next_due(&mut conn).await?;
+    let (unresponsive, next_lapse) = instances::leases(&mut conn).await?;
+    telemetry::metrics().unresponsive(unresponsive);
+    let next = match (next_deadline, next_lapse) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     Ok(next
-        .map_or(MAX_SLEEP, |next| {
+        .map_or(HEARTBEAT, |next| {
             (next - now).to_std().unwrap_or(Duration::ZERO)
         })
-        .min(MAX_SLEEP))
+        .min(HEARTBEAT))
 }
 
-/// Expires hops as their deadlines pass, until the task is dropped. A failure (the database
-/// away) is logged and retried after a second; nothing is lost, since what is due stays due.
+/// Expires hops as they become due, until the task is dropped. A failure (the database away)
+/// is logged and retried after a heartbeat; nothing is lost, since what is due stays due.
 pub async fn sweeper(db: Db) {
     let mut written = db.deadlines();
     loop {
@@ -89,7 +176,7 @@ pub async fn sweeper(db: Db) {
             Ok(sleep) => sleep,
             Err(err) => {
                 tracing::warn!(error = %err, "expiry sweep failed; retrying");
-                Duration::from_secs(1)
+                HEARTBEAT
             }
         };
         tokio::select! {

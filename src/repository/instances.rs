@@ -1,6 +1,8 @@
 //! Registering, reading and updating instances.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
+
+use chrono::SubsecRound;
 
 use super::{
     Page, PageRequest,
@@ -35,6 +37,9 @@ pub struct NewInstance {
     pub status: InstanceStatus,
     /// Free-form configuration.
     pub config: serde_json::Value,
+    /// Its lease period, if it is to renew one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Duration>,
 }
 
 /// Registers an instance under an existing parent.
@@ -47,6 +52,13 @@ pub async fn register(db: &Db, caller: &Caller, new: NewInstance) -> Result<Inst
             return Ok(original);
         }
         let at = now();
+        let lease_ms = new
+            .lease
+            .map(|lease| i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        let lease_expires_at = match new.lease {
+            Some(lease) => Some((delegations::clock_now(tx).await? + lease).trunc_subsecs(6)),
+            None => None,
+        };
         let instance = Instance {
             id: new.id.clone().unwrap_or_else(new_id),
             name: new.name.clone(),
@@ -56,6 +68,8 @@ pub async fn register(db: &Db, caller: &Caller, new: NewInstance) -> Result<Inst
             config: new.config.clone(),
             created_at: at,
             updated_at: at,
+            lease_ms,
+            lease_expires_at,
         };
         if let Some(parent) = &instance.parent_id
             && instances::find(tx, parent).await?.is_none()
@@ -69,6 +83,22 @@ pub async fn register(db: &Db, caller: &Caller, new: NewInstance) -> Result<Inst
         Ok(instance)
     })
     .await
+}
+
+/// Renews an instance's lease for one period from now (the database's clock): one statement,
+/// no event. FAILED_PRECONDITION if the instance has no lease.
+pub async fn renew_lease(db: &Db, caller: &Caller, id: &str) -> Result<Instance, Error> {
+    let (mut conn, _turn) = db.conn_for_write().await?;
+    access::authorize(&mut conn, caller, Action::RenewLease(id)).await?;
+    if let Some(renewed) = instances::renew_lease(&mut conn, id).await? {
+        return Ok(renewed);
+    }
+    match instances::find(&mut conn, id).await? {
+        None => Err(Error::not_found("instance", id)),
+        Some(_) => Err(Error::precondition(format!(
+            "instance {id} has no lease; only an instance registered with one renews it"
+        ))),
+    }
 }
 
 /// Reads one instance.

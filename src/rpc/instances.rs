@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{FromProto, all, id, page, text};
+use super::{FromProto, all, id, lease, page, text, timestamp};
 use crate::{
     auth::Caller,
     domain::{InstanceStatus, Scope, limits},
@@ -47,6 +47,7 @@ impl InstanceService for InstanceApi {
             status: InstanceStatus::from_proto("status", r.status)?
                 .unwrap_or(InstanceStatus::Created),
             config,
+            lease: lease(r.lease)?,
         };
         let registered = instances::register(&self.db, &caller, new).await?;
         Ok(Response::new(pb::RegisterInstanceResponse {
@@ -116,6 +117,19 @@ impl InstanceService for InstanceApi {
                     accepted_delegations: node.accepted,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn renew_instance_lease(
+        &self,
+        request: Request<pb::RenewInstanceLeaseRequest>,
+    ) -> Result<Response<pb::RenewInstanceLeaseResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let instance_id = id("instance_id", request.into_inner().instance_id)?;
+        let renewed = instances::renew_lease(&self.db, &caller, &instance_id).await?;
+        Ok(Response::new(pb::RenewInstanceLeaseResponse {
+            live_until: renewed.lease_expires_at.map(timestamp),
+            instance: Some(renewed.into()),
         }))
     }
 }

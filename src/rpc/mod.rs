@@ -139,7 +139,35 @@ fn deadline(
     let Some(value) = value else {
         return Ok(default);
     };
-    let within = u64::try_from(value.seconds)
+    let within = positive(field, value)?;
+    if within > MAX_DEADLINE {
+        return Err(Error::invalid(field, "must be at most 366 days"));
+    }
+    Ok(Some(within))
+}
+
+/// An optional lease period: 1 s to 1 h.
+fn lease(value: Option<prost_types::Duration>) -> Result<Option<std::time::Duration>, Error> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let lease = positive("lease", value)?;
+    if !(LEASE_MIN..=LEASE_MAX).contains(&lease) {
+        return Err(Error::invalid("lease", "must be from 1s to 1h"));
+    }
+    Ok(Some(lease))
+}
+
+/// The shortest and longest lease an instance may hold.
+const LEASE_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const LEASE_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A wire duration that must be positive (and well-formed: nanos within a second, same sign).
+fn positive(
+    field: &'static str,
+    value: prost_types::Duration,
+) -> Result<std::time::Duration, Error> {
+    u64::try_from(value.seconds)
         .ok()
         .zip(
             u32::try_from(value.nanos)
@@ -148,11 +176,7 @@ fn deadline(
         )
         .map(|(seconds, nanos)| std::time::Duration::new(seconds, nanos))
         .filter(|within| !within.is_zero())
-        .ok_or_else(|| Error::invalid(field, "must be a positive duration"))?;
-    if within > MAX_DEADLINE {
-        return Err(Error::invalid(field, "must be at most 366 days"));
-    }
-    Ok(Some(within))
+        .ok_or_else(|| Error::invalid(field, "must be a positive duration"))
 }
 
 /// A required id field.
@@ -208,6 +232,11 @@ impl From<Instance> for pb::Instance {
             created_at: Some(timestamp(instance.created_at)),
             updated_at: Some(timestamp(instance.updated_at)),
             parent_id: instance.parent_id.unwrap_or_default(),
+            lease: instance.lease_ms.map(|ms| prost_types::Duration {
+                seconds: ms / 1000,
+                nanos: i32::try_from(ms % 1000 * 1_000_000).unwrap_or_default(),
+            }),
+            lease_expires_at: instance.lease_expires_at.map(timestamp),
             id: instance.id,
             name: instance.name,
         }

@@ -334,6 +334,27 @@ pub(crate) async fn due(conn: &mut Conn, limit: i64) -> QueryResult<Vec<String>>
     Ok(rows.into_iter().map(|row| row.id).collect())
 }
 
+/// The active hops sent to an instance whose lease has lapsed, at most `limit`: candidates for
+/// an expiry for unresponsiveness (the rules decide, under the lock, which of them the task is
+/// still at).
+pub(crate) async fn at_unresponsive(conn: &mut Conn, limit: i64) -> QueryResult<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Hop {
+        #[diesel(sql_type = Text)]
+        id: String,
+    }
+    let text = format!(
+        "SELECT d.id FROM hopper_instances i
+         JOIN task_delegations d ON d.target_instance_id = i.id AND d.status IN ({active})
+         WHERE i.lease_expires_at IS NOT NULL AND i.lease_expires_at <= {now}
+         ORDER BY i.lease_expires_at, d.delegated_at LIMIT $1",
+        active = literals(&DelegationStatus::ACTIVE.map(DelegationStatus::as_str)),
+        now = super::clock(conn),
+    );
+    let rows: Vec<Hop> = with_conn!(conn, |c| sql(&text).bind::<BigInt, _>(limit).load(c).await)?;
+    Ok(rows.into_iter().map(|row| row.id).collect())
+}
+
 /// The earliest deadline of any active hop (`None` if no active hop has one), and the
 /// database's clock: two probes of the partial indexes of due hops.
 pub(crate) async fn next_due(

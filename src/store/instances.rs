@@ -8,16 +8,24 @@ use std::{
 use chrono::NaiveDateTime;
 use diesel::{
     prelude::*,
-    sql_types::{Bool, Text},
+    sql_types::{BigInt, Bool, Nullable, Text, Timestamp},
 };
 use diesel_async::RunQueryDsl;
 
-use super::{Bind, Conn, schema::hopper_instances, sql, with_conn};
+use super::{Bind, Conn, schema::hopper_instances, sql, sql::PG_CLOCK, with_conn};
 use crate::domain::{InstanceStatus, Scope};
 
 /// One Hopper instance.
 #[derive(
-    Debug, Clone, PartialEq, Queryable, Selectable, Insertable, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    QueryableByName,
+    Selectable,
+    Insertable,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[diesel(table_name = hopper_instances)]
 pub struct Instance {
@@ -37,6 +45,98 @@ pub struct Instance {
     pub created_at: NaiveDateTime,
     /// When it last changed.
     pub updated_at: NaiveDateTime,
+    /// Its lease period in milliseconds, if it was registered with one.
+    #[serde(default)]
+    pub lease_ms: Option<i64>,
+    /// When its lease lapses unless renewed (the database's clock).
+    #[serde(default)]
+    pub lease_expires_at: Option<NaiveDateTime>,
+}
+
+impl Instance {
+    /// When its lease lapsed, if it has by `now`: the instance is unresponsive.
+    pub fn lapsed(&self, now: NaiveDateTime) -> Option<NaiveDateTime> {
+        self.lease_expires_at.filter(|at| *at <= now)
+    }
+}
+
+/// `clock + <lease_ms column> milliseconds`, as SQL for either backend.
+fn lease_from_now(conn: &Conn) -> String {
+    match conn {
+        Conn::Pg(_) => format!("{PG_CLOCK} + lease_ms * INTERVAL '1 millisecond'"),
+        Conn::Sqlite(_) => {
+            "strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || (lease_ms / 1000.0) || ' seconds')".into()
+        }
+    }
+}
+
+/// Renews an instance's lease: one period from the database's clock now. `None` if there is no
+/// such instance or it has no lease (the caller tells which). One statement.
+pub(crate) async fn renew_lease(conn: &mut Conn, id: &str) -> QueryResult<Option<Instance>> {
+    let text = format!(
+        "UPDATE hopper_instances SET lease_expires_at = {}
+         WHERE id = $1 AND lease_ms IS NOT NULL
+         RETURNING *",
+        lease_from_now(conn)
+    );
+    with_conn!(conn, |c| sql(&text)
+        .bind::<Text, _>(id)
+        .get_result(c)
+        .await
+        .optional())
+}
+
+/// The restart brake: beats the sweepers' heartbeat and, if the last beat (of any replica) is
+/// older than `gap`, gives every lease a full period from now, since nobody could renew one
+/// meanwhile. Returns how many leases it extended. Run inside a transaction.
+pub(crate) async fn brake_leases(conn: &mut Conn, gap: std::time::Duration) -> QueryResult<usize> {
+    #[derive(QueryableByName)]
+    struct Beat {
+        #[diesel(sql_type = Timestamp)]
+        beat_at: NaiveDateTime,
+        #[diesel(sql_type = Timestamp)]
+        now: NaiveDateTime,
+    }
+    let clock = super::clock(conn);
+    let lock = match conn {
+        Conn::Pg(_) => " FOR UPDATE",
+        Conn::Sqlite(_) => "",
+    };
+    let read = format!("SELECT beat_at, {clock} AS now FROM sweeper_heartbeat WHERE id = 1{lock}");
+    let beat: Beat = with_conn!(conn, |c| sql(&read).get_result(c).await)?;
+    let beat_text = format!("UPDATE sweeper_heartbeat SET beat_at = {clock} WHERE id = 1");
+    with_conn!(conn, |c| sql(&beat_text).execute(c).await)?;
+    let gap = chrono::TimeDelta::from_std(gap).unwrap_or(chrono::TimeDelta::MAX);
+    if beat.now - beat.beat_at <= gap {
+        return Ok(0);
+    }
+    let extend = format!(
+        "UPDATE hopper_instances SET lease_expires_at = {from_now}
+         WHERE lease_ms IS NOT NULL AND (lease_expires_at IS NULL OR lease_expires_at < {from_now})",
+        from_now = lease_from_now(conn)
+    );
+    with_conn!(conn, |c| sql(&extend).execute(c).await)
+}
+
+/// How many instances are unresponsive now (their lease lapsed), and the next lease to lapse
+/// after now, if any: one index probe each.
+pub(crate) async fn leases(conn: &mut Conn) -> QueryResult<(i64, Option<NaiveDateTime>)> {
+    #[derive(QueryableByName)]
+    struct Leases {
+        #[diesel(sql_type = BigInt)]
+        lapsed: i64,
+        #[diesel(sql_type = Nullable<Timestamp>)]
+        next: Option<NaiveDateTime>,
+    }
+    let text = format!(
+        "SELECT (SELECT COUNT(*) FROM hopper_instances
+                 WHERE lease_expires_at IS NOT NULL AND lease_expires_at <= {now}) AS lapsed,
+                (SELECT MIN(lease_expires_at) FROM hopper_instances
+                 WHERE lease_expires_at IS NOT NULL AND lease_expires_at > {now}) AS next",
+        now = super::clock(conn)
+    );
+    let leases: Leases = with_conn!(conn, |c| sql(&text).get_result(c).await)?;
+    Ok((leases.lapsed, leases.next))
 }
 
 /// Filters for [`list`]; `None` matches everything.

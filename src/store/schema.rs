@@ -11,6 +11,8 @@ diesel::table! {
         config -> Jsonb,
         created_at -> Timestamp,
         updated_at -> Timestamp,
+        lease_ms -> Nullable<BigInt>,
+        lease_expires_at -> Nullable<Timestamp>,
     }
 }
 

@@ -153,6 +153,9 @@ pub struct TaskSnapshot {
     /// [`Self::parent_arrival`]: the deadline a new hop from here is capped by.
     #[diesel(sql_type = Nullable<Timestamp>)]
     pub arrival_complete_by: Option<NaiveDateTime>,
+    /// When the lease of the target instance asked about lapses (or lapsed).
+    #[diesel(sql_type = Nullable<Timestamp>)]
+    pub target_lease_expires_at: Option<NaiveDateTime>,
     /// The database's clock when the snapshot was read.
     #[diesel(sql_type = Timestamp)]
     pub db_now: NaiveDateTime,
@@ -188,6 +191,8 @@ pub async fn snapshot(
                 (SELECT i.status FROM hopper_instances i WHERE i.id = $3) AS target_status,
                 CASE WHEN {own} IS NOT NULL THEN {own_by} ELSE {parent_by} END
                     AS arrival_complete_by,
+                (SELECT i.lease_expires_at FROM hopper_instances i WHERE i.id = $3)
+                    AS target_lease_expires_at,
                 {clock} AS db_now
             FROM tasks t WHERE t.id = $1",
             pending = literals(&[DelegationStatus::Pending.as_str()]),

@@ -257,6 +257,7 @@ pub async fn instance(db: &Db, id: &str, scope: Scope, parent: Option<&str>) {
             parent_id: parent.map(str::to_owned),
             status: InstanceStatus::Running,
             config: serde_json::json!({}),
+            lease: None,
         },
     )
     .await

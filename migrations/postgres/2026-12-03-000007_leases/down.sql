@@ -1,0 +1,3 @@
+DROP TABLE sweeper_heartbeat;
+DROP INDEX hopper_instances_lease_expires_at_idx;
+ALTER TABLE hopper_instances DROP COLUMN lease_expires_at, DROP COLUMN lease_ms;
