@@ -187,9 +187,6 @@ pub async fn create(db: &Db, caller: &Caller, new: NewDelegation) -> Result<Dele
                 expiry_reason: None,
             };
             delegations::insert(conn, &delegation).await?;
-            if delegation.accept_by.is_some() || delegation.complete_by.is_some() {
-                delegations::announce_deadline(conn).await?;
-            }
             remember(conn, request_id, &delegation).await?;
             let created = NewEvent::of(EventKind::DelegationCreated, &delegation, None);
             event_log::append(conn, &[created]).await?;
@@ -197,8 +194,9 @@ pub async fn create(db: &Db, caller: &Caller, new: NewDelegation) -> Result<Dele
             Ok(delegation)
         })
         .await?;
-    if created.accept_by.is_some() || created.complete_by.is_some() {
-        db.signal_deadline();
+    // The sweeper may be sleeping past this hop's deadline.
+    if let Some(due) = created.accept_by.into_iter().chain(created.complete_by).min() {
+        db.signal_deadline(due);
     }
     Ok(created)
 }

@@ -12,15 +12,19 @@
 //! **Prompt, without polling the table.** Each replica runs one [`sweeper`]. A pass beats the
 //! restart brake's heartbeat, expires what is due (read from partial indexes that hold only
 //! active hops with a deadline, and the lapsed instances' active hops), asks the indexes for the
-//! next deadline or lease to lapse, and sleeps until then, or until a hop with a deadline is
-//! written here or, through NOTIFY, on another replica; at most [`HEARTBEAT`].
+//! next deadline or lease to lapse, and sleeps until then, or until a hop is written here with
+//! an earlier deadline; at most [`HEARTBEAT`], so that a deadline written on another replica
+//! (or a lost wake-up) waits at most that long.
 //!
 //! **The restart brake.** While no replica runs (or none reaches the database) no instance can
 //! renew its lease. The first pass after such a gap (no heartbeat for [`BRAKE_GAP`]) gives every
 //! lease a full period from now before anything expires for unresponsiveness. Hop deadlines are
 //! not extended: they fire as soon as the service is back, late but once.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use chrono::NaiveDateTime;
 
@@ -98,8 +102,12 @@ fn record(expiry: Expiry, was_due: Option<NaiveDateTime>) {
 /// Expires every hop due now, deadlines first, then those at unresponsive instances; returns
 /// how many this call expired.
 pub async fn expire_due(db: &Db) -> Result<usize, Error> {
+    expire_beating(db, &mut Heart::default()).await
+}
+
+async fn expire_beating(db: &Db, heart: &mut Heart) -> Result<usize, Error> {
     let mut expired = 0;
-    beat(db).await?;
+    heart.beat(db).await?;
     for unresponsive in [false, true] {
         loop {
             let mut conn = db.conn().await?;
@@ -121,31 +129,44 @@ pub async fn expire_due(db: &Db) -> Result<usize, Error> {
             if due.len() < usize::try_from(BATCH).unwrap_or(usize::MAX) || now_expired == 0 {
                 break;
             }
-            // A storm takes a while: keep the heartbeat going, or the brake would think no
+            // A storm takes a while: the heartbeat goes on, or the brake would think no
             // replica was sweeping.
-            beat(db).await?;
+            heart.beat(db).await?;
         }
     }
     Ok(expired)
 }
 
-/// Beats the heartbeat; after a gap, the restart brake.
-async fn beat(db: &Db) -> Result<(), Error> {
-    let extended = db
-        .write(async |tx| Ok(instances::brake_leases(tx, BRAKE_GAP).await?))
-        .await?;
-    if extended > 0 {
-        tracing::warn!(
-            leases = extended,
-            "no replica swept for a while: every lease gets a full period before anything \
-             expires for unresponsiveness"
-        );
-    }
-    Ok(())
+/// One sweeper's side of the restart brake: a beat at most every half [`HEARTBEAT`].
+#[derive(Default)]
+struct Heart {
+    last: Option<Instant>,
 }
 
-/// How long to sleep until the next deadline or lease to lapse, at most [`HEARTBEAT`].
-async fn until_next(db: &Db) -> Result<Duration, Error> {
+impl Heart {
+    /// Beats the heartbeat (unless it just did); after a gap, the restart brake.
+    async fn beat(&mut self, db: &Db) -> Result<(), Error> {
+        if self.last.is_some_and(|last| last.elapsed() < HEARTBEAT / 2) {
+            return Ok(());
+        }
+        let extended = db
+            .write(async |tx| Ok(instances::brake_leases(tx, BRAKE_GAP).await?))
+            .await?;
+        self.last = Some(Instant::now());
+        if extended > 0 {
+            tracing::warn!(
+                leases = extended,
+                "no replica swept for a while: every lease gets a full period before anything \
+                 expires for unresponsiveness"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How long to sleep until the next deadline or lease to lapse, at most [`HEARTBEAT`], and the
+/// database's clock now.
+async fn until_next(db: &Db) -> Result<(Duration, NaiveDateTime), Error> {
     let mut conn = db.conn().await?;
     let (next_deadline, now) = delegations::next_due(&mut conn).await?;
     let (unresponsive, next_lapse) = instances::leases(&mut conn).await?;
@@ -154,36 +175,39 @@ async fn until_next(db: &Db) -> Result<Duration, Error> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    Ok(next
-        .map_or(HEARTBEAT, |next| {
-            (next - now).to_std().unwrap_or(Duration::ZERO)
-        })
-        .min(HEARTBEAT))
+    let sleep = next.map_or(HEARTBEAT, |next| {
+        (next - now).to_std().unwrap_or(Duration::ZERO)
+    });
+    Ok((sleep.min(HEARTBEAT), now))
 }
 
-/// Expires hops as they become due, until the task is dropped. A failure (the database away)
-/// is logged and retried after a heartbeat; nothing is lost, since what is due stays due.
+/// Expires hops as they become due, until the task is dropped. Between passes it sleeps until
+/// the next deadline, waking earlier only for a deadline written here that falls before it
+/// (another replica's reaches it within a heartbeat). A failure (the database away) is logged
+/// and retried after a heartbeat; nothing is lost, since what is due stays due.
 pub async fn sweeper(db: Db) {
-    let mut written = db.deadlines();
+    let mut heart = Heart::default();
     loop {
-        // Marked seen before the pass: a deadline written during it wakes the next sleep.
-        written.borrow_and_update();
         let pass = async {
-            expire_due(&db).await?;
+            expire_beating(&db, &mut heart).await?;
             until_next(&db).await
         };
-        let sleep = match pass.await {
-            Ok(sleep) => sleep,
+        let (sleep, db_now) = match pass.await {
+            Ok(next) => (next.0, Some(next.1)),
             Err(err) => {
                 tracing::warn!(error = %err, "expiry sweep failed; retrying");
-                HEARTBEAT
+                (HEARTBEAT, None)
             }
         };
-        tokio::select! {
-            () = tokio::time::sleep(sleep) => {}
-            changed = written.changed() => {
-                if changed.is_err() {
-                    return; // the database handle is gone: the server is stopping
+        let start = Instant::now();
+        let mut wake = start + sleep;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(wake.into()) => break,
+                due = db.deadline_written() => {
+                    let (Some(due), Some(db_now)) = (due, db_now) else { continue };
+                    let at = start + (due - db_now).to_std().unwrap_or(Duration::ZERO);
+                    wake = wake.min(at);
                 }
             }
         }

@@ -387,23 +387,6 @@ pub(crate) async fn next_due(
     Ok((earliest, next.now))
 }
 
-/// The channel on which PostgreSQL tells every replica's sweeper that a deadline was written.
-pub(crate) const DEADLINES_CHANNEL: &str = "hopper_deadlines";
-
-/// Tells the sweepers of other replicas, once this transaction commits, that a hop with a
-/// deadline was written, so that one sleeping past it wakes (PostgreSQL; SQLite has one
-/// process, which [`super::Db::signal_deadline`] wakes).
-pub(crate) async fn announce_deadline(conn: &mut Conn) -> QueryResult<()> {
-    if let Conn::Pg(c) = conn {
-        diesel_async::SimpleAsyncConnection::batch_execute(
-            &mut **c,
-            &format!("NOTIFY {DEADLINES_CHANNEL}"),
-        )
-        .await?;
-    }
-    Ok(())
-}
-
 /// The database's clock.
 pub(crate) async fn clock_now(conn: &mut Conn) -> QueryResult<NaiveDateTime> {
     #[derive(QueryableByName)]

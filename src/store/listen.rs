@@ -1,12 +1,12 @@
 //! LISTEN / NOTIFY: wakes this process's event streams when any replica's sequencer has
-//! numbered events, and its expiry sweeper when any replica wrote a deadline.
+//! numbered events.
 
 use std::time::Duration;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::StreamExt;
 
-use super::{DatabaseUrl, Db, delegations::DEADLINES_CHANNEL, event_log};
+use super::{DatabaseUrl, Db, event_log};
 
 /// Keeps a LISTEN connection to PostgreSQL and signals [`Db::appended`] whenever a sequencer of
 /// any replica numbers events, reconnecting after failures. A lost notification only delays a
@@ -18,23 +18,15 @@ pub(crate) async fn listen_for_events(db: Db) {
     loop {
         match AsyncPgConnection::establish(url).await {
             Ok(mut conn) => match conn
-                .batch_execute(&format!(
-                    "LISTEN {}; LISTEN {DEADLINES_CHANNEL}",
-                    event_log::CHANNEL
-                ))
+                .batch_execute(&format!("LISTEN {}", event_log::CHANNEL))
                 .await
             {
                 Ok(()) => {
-                    // Whatever was numbered or written while not listening is read now.
+                    // Whatever was numbered while not listening is read now.
                     db.signal_appended();
-                    db.signal_deadline();
                     let mut notifications = std::pin::pin!(conn.notifications_stream());
-                    while let Some(Ok(notification)) = notifications.next().await {
-                        if notification.channel == DEADLINES_CHANNEL {
-                            db.signal_deadline();
-                        } else {
-                            db.signal_appended();
-                        }
+                    while let Some(Ok(_)) = notifications.next().await {
+                        db.signal_appended();
                     }
                     tracing::warn!("event notification connection lost; reconnecting");
                 }

@@ -81,9 +81,10 @@ pub(super) struct Signals {
     /// sequencer numbered events on PostgreSQL, and on a notification that another replica's
     /// sequencer did ([`listen_for_events`]). Event streams wait on it instead of polling.
     pub(super) appended: watch::Sender<u64>,
-    /// Bumped when a hop with a deadline was written, here or (through NOTIFY) on another
-    /// replica: wakes the expiry sweeper, which may be sleeping past it.
-    pub(super) deadlines: watch::Sender<u64>,
+    /// The earliest deadline written through this process since the expiry sweeper last
+    /// looked, and the wake-up that tells it: it may be sleeping past that deadline. (Other
+    /// replicas' deadlines reach it within its heartbeat.)
+    pub(super) deadlines: (std::sync::Mutex<Option<chrono::NaiveDateTime>>, tokio::sync::Notify),
 }
 
 /// A snapshot of the connection pool, for metrics.
@@ -180,7 +181,7 @@ impl Db {
         let signals = Arc::new(Signals {
             commits: watch::channel(0).0,
             appended: watch::channel(0).0,
-            deadlines: watch::channel(0).0,
+            deadlines: Default::default(),
         });
         let db = Self {
             pool,
@@ -244,16 +245,25 @@ impl Db {
         }
     }
 
-    /// A receiver that changes whenever a hop with a deadline was written.
-    pub(crate) fn deadlines(&self) -> watch::Receiver<u64> {
-        self.signals.deadlines.subscribe()
+    /// After a hop with a deadline `due` was written: wakes the sweeper if that is earlier
+    /// than anything it was told since it last looked.
+    pub(crate) fn signal_deadline(&self, due: chrono::NaiveDateTime) {
+        let (earliest, wake) = &self.signals.deadlines;
+        let mut earliest = earliest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if earliest.is_none_or(|at| due < at) {
+            *earliest = Some(due);
+            wake.notify_one();
+        }
     }
 
-    /// After a hop with a deadline was written: wakes the sweeper.
-    pub(crate) fn signal_deadline(&self) {
-        self.signals
-            .deadlines
-            .send_modify(|n| *n = n.wrapping_add(1));
+    /// Waits for [`Db::signal_deadline`], then takes the earliest deadline it was given.
+    pub(crate) async fn deadline_written(&self) -> Option<chrono::NaiveDateTime> {
+        let (earliest, wake) = &self.signals.deadlines;
+        wake.notified().await;
+        earliest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     pub(super) fn signal_appended(&self) {
