@@ -646,7 +646,75 @@ async fn the_restart_brake_gives_leases_a_period(backend: Backend) {
     server.stop().await;
 }
 
+/// With authentication, the worker whose hop expired calls CompleteTask on the task that went
+/// back: it is told its hop expired, not just refused, and nothing changes.
+async fn a_late_complete_task_is_told_its_hop_expired(backend: Backend) {
+    use common::{test_tokens, token_of};
+    use hopper_delegation::auth::Authenticator;
+    let config = Config {
+        auth: Authenticator::new(Some(test_tokens(&["global", "project"])), false),
+        ..Config::default()
+    };
+    let server = TestServer::start_with(TestDb::migrated(backend).await, config).await;
+    let mut admin = server.calling_as(&token_of("admin"));
+    for (id, scope, parent) in [
+        ("global", Scope::Global, ""),
+        ("project", Scope::Project, "global"),
+    ] {
+        admin
+            .instances
+            .register_instance(rpc::register(id, scope, parent))
+            .await
+            .unwrap();
+    }
+    let mut global = server.calling_as(&token_of("global"));
+    global
+        .tasks
+        .create_task(rpc::new_task("t", "global"))
+        .await
+        .unwrap();
+    let request = pb::CreateDelegationRequest {
+        accept_within: within(300),
+        ..rpc::route("t", "global", "project")
+    };
+    let hop = global.delegations.create_delegation(request).await.unwrap();
+    let hop = hop.into_inner().delegation.unwrap();
+    let get = pb::GetDelegationRequest { id: hop.id.clone() };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while admin
+        .delegations
+        .get_delegation(get.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .delegation
+        .unwrap()
+        .status
+        != DelegationStatus::Expired as i32
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = snapshot(&server.db.pool()).await;
+    let mut worker = server.calling_as(&token_of("project"));
+    let complete = pb::CompleteTaskRequest {
+        task_id: "t".into(),
+        ..Default::default()
+    };
+    let status = worker.tasks.complete_task(complete).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .starts_with(&format!("delegation {} expired at ", hop.id)),
+        "{status:?}"
+    );
+    assert_eq!(snapshot(&server.db.pool()).await, before);
+    server.stop().await;
+}
+
 on_both_backends!(
+    a_late_complete_task_is_told_its_hop_expired,
     a_lapsed_lease_expires_only_the_hops_where_the_task_is,
     renewals_keep_an_instance_responsive,
     the_restart_brake_gives_leases_a_period,

@@ -195,7 +195,12 @@ pub async fn create(db: &Db, caller: &Caller, new: NewDelegation) -> Result<Dele
         })
         .await?;
     // The sweeper may be sleeping past this hop's deadline.
-    if let Some(due) = created.accept_by.into_iter().chain(created.complete_by).min() {
+    if let Some(due) = created
+        .accept_by
+        .into_iter()
+        .chain(created.complete_by)
+        .min()
+    {
         db.signal_deadline(due);
     }
     Ok(created)

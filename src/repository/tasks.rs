@@ -19,7 +19,7 @@ use crate::{
     auth::Caller,
     domain::{
         DelegationStatus, TaskStatus,
-        lifecycle::{self, LocalCompletion, NewSubtask},
+        lifecycle::{self, LocalCompletion, NewSubtask, Transition},
     },
     error::Error,
     store::{
@@ -226,6 +226,14 @@ pub async fn complete(
             .await?
             .ok_or_else(|| Error::not_found("task", id))?;
         let task = snapshot.task;
+        // A late worker: the task left it because its hop expired. Told so, not just refused.
+        if let Caller::Instance(me) = caller
+            && task.instance_id != *me
+            && let Some(hop) = delegations::latest_to(conn, id, me).await?
+            && hop.expiry().is_some()
+        {
+            Transition::Complete.check(&hop.id, hop.status, hop.expiry())?;
+        }
         access::authorize(conn, caller, Action::CompleteTask(&task)).await?;
         lifecycle::check_local_completion(&LocalCompletion {
             task_id: id,

@@ -150,6 +150,22 @@ pub async fn insert(conn: &mut Conn, delegation: &Delegation) -> QueryResult<()>
         .map(drop))
 }
 
+/// The latest hop of a task sent to `target`, if any.
+pub(crate) async fn latest_to(
+    conn: &mut Conn,
+    task_id: &str,
+    target: &str,
+) -> QueryResult<Option<Delegation>> {
+    with_conn!(conn, |c| td::table
+        .filter(td::task_id.eq(task_id))
+        .filter(td::target_instance_id.eq(target))
+        .order((td::delegated_at.desc(), td::id.desc()))
+        .select(Delegation::as_select())
+        .first(c)
+        .await
+        .optional())
+}
+
 /// Reads one delegation.
 pub async fn find(conn: &mut Conn, id: &str) -> QueryResult<Option<Delegation>> {
     with_conn!(conn, |c| td::table

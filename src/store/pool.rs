@@ -84,7 +84,10 @@ pub(super) struct Signals {
     /// The earliest deadline written through this process since the expiry sweeper last
     /// looked, and the wake-up that tells it: it may be sleeping past that deadline. (Other
     /// replicas' deadlines reach it within its heartbeat.)
-    pub(super) deadlines: (std::sync::Mutex<Option<chrono::NaiveDateTime>>, tokio::sync::Notify),
+    pub(super) deadlines: (
+        std::sync::Mutex<Option<chrono::NaiveDateTime>>,
+        tokio::sync::Notify,
+    ),
 }
 
 /// A snapshot of the connection pool, for metrics.
@@ -249,7 +252,9 @@ impl Db {
     /// than anything it was told since it last looked.
     pub(crate) fn signal_deadline(&self, due: chrono::NaiveDateTime) {
         let (earliest, wake) = &self.signals.deadlines;
-        let mut earliest = earliest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut earliest = earliest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if earliest.is_none_or(|at| due < at) {
             *earliest = Some(due);
             wake.notify_one();
