@@ -1,8 +1,9 @@
 //! The expiry benchmark: what deadlines and leases cost the service, and how promptly they fire.
 //!
 //! - **Writers do not pay for deadlines.** Lifecycles per second with 100,000 open hops whose
-//!   deadlines are a day away (and deadlines on every lifecycle hop too), against the same
-//!   without any deadline: two servers on two databases, runs alternated A B A B.
+//!   deadlines are a day away, against the same open hops without deadlines (with
+//!   `--lifecycle-deadlines`, every lifecycle hop of the first side carries deadlines too): two
+//!   servers on two databases, runs alternated A B A B.
 //! - **An expiry storm.** 10,000 hops due in the same second: how long until the last expired,
 //!   whether a subscriber received all 10,000 `delegation_expired` events in order, each once,
 //!   and the lifecycle rate during the storm against the rate just before it.
@@ -55,6 +56,13 @@ struct Args {
     /// Hops in the storm.
     #[arg(long, default_value_t = 10_000)]
     storm: usize,
+    /// In the writers comparison, give every lifecycle hop on the deadlines side an hour's
+    /// deadlines too (by default only the open hops differ).
+    #[arg(long)]
+    lifecycle_deadlines: bool,
+    /// Which parts to run.
+    #[arg(long, value_delimiter = ',', default_value = "writers,storm,lag,leases")]
+    parts: Vec<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -191,7 +199,8 @@ async fn writers(backend: Backend, args: &Args) {
     tree(&mut b).await;
     open_hops(&with, backend, args.open_hops, "parked", Some("1 day")).await;
     open_hops(&without, backend, args.open_hops, "parked", None).await;
-    rate(&a, true, 1.0).await;
+    let own = args.lifecycle_deadlines;
+    rate(&a, own, 1.0).await;
     rate(&b, false, 1.0).await;
     let (mut rates_with, mut rates_without) = (Vec::new(), Vec::new());
     for round in 0..args.runs {
@@ -201,7 +210,7 @@ async fn writers(backend: Backend, args: &Args) {
             [false, true]
         } {
             let r = if side {
-                rate(&a, true, args.seconds).await
+                rate(&a, own, args.seconds).await
             } else {
                 rate(&b, false, args.seconds).await
             };
@@ -215,9 +224,10 @@ async fn writers(backend: Backend, args: &Args) {
     }
     let (w, wo) = (median(rates_with), median(rates_without));
     println!(
-        "{backend:?} | writers, {} open hops | with deadlines {w:.1}/s | without {wo:.1}/s | \
-         ratio {:.3}",
+        "{backend:?} | writers, {} open hops{} | with deadlines {w:.1}/s | without {wo:.1}/s \
+         | ratio {:.3}",
         args.open_hops,
+        if own { ", lifecycle hops with deadlines too" } else { "" },
         w / wo
     );
     a.stop().await;
@@ -431,10 +441,19 @@ async fn main() {
     if args.backend != "sqlite" && postgres_available().await {
         backends.push(Backend::Postgres);
     }
+    let part = |name: &str| args.parts.iter().any(|p| p == name);
     for backend in backends {
-        writers(backend, &args).await;
-        storm(backend, &args).await;
-        lag(backend, &args).await;
-        leases(backend, &args).await;
+        if part("writers") {
+            writers(backend, &args).await;
+        }
+        if part("storm") {
+            storm(backend, &args).await;
+        }
+        if part("lag") {
+            lag(backend, &args).await;
+        }
+        if part("leases") {
+            leases(backend, &args).await;
+        }
     }
 }

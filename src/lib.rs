@@ -19,7 +19,9 @@
 //!   by itself).
 //! - [`repository`]: one function per operation, taking the caller; each authorizes itself
 //!   first ([`repository::access`], on its own connection or transaction) and each write is
-//!   one transaction ([`store::Db::write`]) or a single statement.
+//!   one transaction ([`store::Db::write`]) or a single statement. [`repository::expiry`]
+//!   expires hops whose deadline passed or whose target's lease lapsed, exactly once, and runs
+//!   each replica's sweeper.
 //! - [`domain`]: the vocabulary and the lifecycle state machine ([`domain::lifecycle`]: which
 //!   transitions exist, e.g. that a completed hop cannot be cancelled); pure.
 //! - [`store`]: the queries and the connections, one job per file (`url`, `pool`, `tx` where

@@ -35,12 +35,16 @@ use crate::{
         lifecycle::{self, Expiry},
     },
     error::Error,
-    store::{Db, delegations, instances, tasks},
+    store::{Db, Tx, delegations, instances, tasks},
     telemetry,
 };
 
 /// How many due hops one pass reads before expiring them.
 const BATCH: i64 = 256;
+
+/// How many expiries share a transaction: enough that a storm is not a commit per hop, few
+/// enough that writers waiting for the same families (or SQLite's one writer) wait little.
+const CHUNK: usize = 32;
 
 /// The longest the sweeper sleeps: the restart brake's heartbeat, and the bound on a lost
 /// wake-up.
@@ -52,44 +56,69 @@ pub const BRAKE_GAP: Duration = Duration::from_secs(3);
 /// Expires delegation `id` if it is due by the database's clock; `None` if it is not (not due
 /// yet, or answered, finished or expired meanwhile, or its task passed further down).
 pub async fn expire_if_due(db: &Db, id: &str) -> Result<Option<Cancellation>, Error> {
+    Ok(expire_chunk(db, &[id]).await?.pop())
+}
+
+/// Expires those of `ids` that are due, in one transaction (one commit for many expiries, so
+/// that a storm is not one fsync per hop), each under its family's lock; returns what each
+/// expiry cancelled.
+async fn expire_chunk(db: &Db, ids: &[&str]) -> Result<Vec<Cancellation>, Error> {
     let expired = db
         .write(async |tx| {
-            if !tasks::lock_family_of_delegation(tx, id).await? {
-                return Ok(None);
-            }
-            let Some(hop) = delegations::find(tx, id).await? else {
-                return Ok(None);
-            };
             let now = delegations::clock_now(tx).await?;
-            let (reason, was_due) =
-                match lifecycle::due(hop.status, hop.accept_by, hop.complete_by, now) {
-                    Some(ExpiryReason::AcceptDeadline) => {
-                        (ExpiryReason::AcceptDeadline, hop.accept_by)
-                    }
-                    Some(reason) => (reason, hop.complete_by),
-                    None if hop.status.is_active() => {
-                        let target = instances::find(tx, &hop.target_instance_id).await?;
-                        let Some(lapsed) = target.and_then(|t| t.lapsed(now)) else {
-                            return Ok(None);
-                        };
-                        let onward = hop.status == DelegationStatus::Accepted
-                            && !delegations::active_below(tx, id).await?.is_empty();
-                        if !lifecycle::abandoned(hop.status, true, onward) {
-                            return Ok(None);
-                        }
-                        (ExpiryReason::TargetUnresponsive, Some(lapsed))
-                    }
-                    None => return Ok(None),
-                };
-            let expiry = Expiry { at: now, reason };
-            let cancellation = cancel_in(tx, &hop, Some(expiry)).await?;
-            Ok(Some((cancellation, expiry, was_due)))
+            let mut expired = Vec::new();
+            for id in ids {
+                if let Some(one) = expire_locked(tx, id, now).await? {
+                    expired.push(one);
+                }
+            }
+            Ok(expired)
         })
         .await?;
-    Ok(expired.map(|(cancellation, expiry, was_due)| {
-        record(expiry, was_due);
-        cancellation
-    }))
+    Ok(expired
+        .into_iter()
+        .map(|(cancellation, expiry, was_due)| {
+            record(expiry, was_due);
+            cancellation
+        })
+        .collect())
+}
+
+/// One hop, inside the chunk's transaction: locks its family, reads it afresh and asks the
+/// rules whether it is due at `now`; if so, ends it. Returns the cancellation, the expiry and
+/// when it was due.
+async fn expire_locked(
+    tx: &mut Tx,
+    id: &str,
+    now: NaiveDateTime,
+) -> Result<Option<(Cancellation, Expiry, Option<NaiveDateTime>)>, Error> {
+    if !tasks::lock_family_of_delegation(tx, id).await? {
+        return Ok(None);
+    }
+    let Some(hop) = delegations::find(tx, id).await? else {
+        return Ok(None);
+    };
+    let (reason, was_due) = match lifecycle::due(hop.status, hop.accept_by, hop.complete_by, now)
+    {
+        Some(ExpiryReason::AcceptDeadline) => (ExpiryReason::AcceptDeadline, hop.accept_by),
+        Some(reason) => (reason, hop.complete_by),
+        None if hop.status.is_active() => {
+            let target = instances::find(tx, &hop.target_instance_id).await?;
+            let Some(lapsed) = target.and_then(|t| t.lapsed(now)) else {
+                return Ok(None);
+            };
+            let onward = hop.status == DelegationStatus::Accepted
+                && !delegations::active_below(tx, id).await?.is_empty();
+            if !lifecycle::abandoned(hop.status, true, onward) {
+                return Ok(None);
+            }
+            (ExpiryReason::TargetUnresponsive, Some(lapsed))
+        }
+        None => return Ok(None),
+    };
+    let expiry = Expiry { at: now, reason };
+    let cancellation = cancel_in(tx, &hop, Some(expiry)).await?;
+    Ok(Some((cancellation, expiry, was_due)))
 }
 
 fn record(expiry: Expiry, was_due: Option<NaiveDateTime>) {
@@ -118,11 +147,14 @@ async fn expire_beating(db: &Db, heart: &mut Heart) -> Result<usize, Error> {
             };
             drop(conn);
             let mut seen = HashSet::new();
+            let ids: Vec<&str> = due
+                .iter()
+                .map(String::as_str)
+                .filter(|id| seen.insert(*id))
+                .collect();
             let mut now_expired = 0;
-            for id in due.iter().filter(|id| seen.insert(id.as_str())) {
-                if expire_if_due(db, id).await?.is_some() {
-                    now_expired += 1;
-                }
+            for chunk in ids.chunks(CHUNK) {
+                now_expired += expire_isolating(db, chunk).await?;
             }
             expired += now_expired;
             // A full batch of which nothing expired (work passed further down) is not read again.
@@ -135,6 +167,31 @@ async fn expire_beating(db: &Db, heart: &mut Heart) -> Result<usize, Error> {
         }
     }
     Ok(expired)
+}
+
+/// [`expire_chunk`]; if it fails for any reason but a fault of the database, each hop again in
+/// a transaction of its own, so that one hop the rules cannot end (a bug) holds up no other.
+async fn expire_isolating(db: &Db, chunk: &[&str]) -> Result<usize, Error> {
+    match expire_chunk(db, chunk).await {
+        Ok(expired) => Ok(expired.len()),
+        Err(err @ (Error::Unavailable(_) | Error::Aborted(_) | Error::ResourceExhausted(_))) => {
+            Err(err)
+        }
+        Err(_) if chunk.len() > 1 => {
+            let mut expired = 0;
+            for id in chunk {
+                match expire_chunk(db, &[id]).await {
+                    Ok(one) => expired += one.len(),
+                    Err(err) => tracing::error!(delegation = id, error = %err, "cannot expire"),
+                }
+            }
+            Ok(expired)
+        }
+        Err(err) => {
+            tracing::error!(delegation = chunk[0], error = %err, "cannot expire");
+            Ok(0)
+        }
+    }
 }
 
 /// One sweeper's side of the restart brake: a beat at most every half [`HEARTBEAT`].
