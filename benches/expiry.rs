@@ -61,7 +61,11 @@ struct Args {
     #[arg(long)]
     lifecycle_deadlines: bool,
     /// Which parts to run.
-    #[arg(long, value_delimiter = ',', default_value = "writers,storm,lag,leases")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "writers,storm,lag,leases"
+    )]
     parts: Vec<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
@@ -227,7 +231,11 @@ async fn writers(backend: Backend, args: &Args) {
         "{backend:?} | writers, {} open hops{} | with deadlines {w:.1}/s | without {wo:.1}/s \
          | ratio {:.3}",
         args.open_hops,
-        if own { ", lifecycle hops with deadlines too" } else { "" },
+        if own {
+            ", lifecycle hops with deadlines too"
+        } else {
+            ""
+        },
         w / wo
     );
     a.stop().await;

@@ -713,7 +713,89 @@ async fn a_late_complete_task_is_told_its_hop_expired(backend: Backend) {
     server.stop().await;
 }
 
+/// A lease is renewed by its own instance or an admin, nobody else.
+async fn only_the_instance_itself_renews_its_lease(backend: Backend) {
+    use common::{test_tokens, token_of};
+    use hopper_delegation::auth::Authenticator;
+    let config = Config {
+        auth: Authenticator::new(Some(test_tokens(&["global", "project"])), false),
+        ..Config::default()
+    };
+    let server = TestServer::start_with(TestDb::migrated(backend).await, config).await;
+    let mut admin = server.calling_as(&token_of("admin"));
+    let root = rpc::register("global", Scope::Global, "");
+    admin.instances.register_instance(root).await.unwrap();
+    let project = pb::RegisterInstanceRequest {
+        lease: within(60_000),
+        ..rpc::register("project", Scope::Project, "global")
+    };
+    admin.instances.register_instance(project).await.unwrap();
+    let renew = || pb::RenewInstanceLeaseRequest {
+        instance_id: "project".into(),
+    };
+    let mut parent = server.calling_as(&token_of("global"));
+    let refused = parent
+        .instances
+        .renew_instance_lease(renew())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert_eq!(
+        refused.message(),
+        "instance global may not renew the lease of instance project; only the instance \
+         itself may"
+    );
+    let mut itself = server.calling_as(&token_of("project"));
+    itself
+        .instances
+        .renew_instance_lease(renew())
+        .await
+        .unwrap();
+    admin.instances.renew_instance_lease(renew()).await.unwrap();
+    server.stop().await;
+}
+
+/// `--default-accept-within` and `--default-complete-within` apply to hops whose request sets
+/// no deadline; a request's own deadline wins.
+async fn server_defaults_apply_when_a_request_sets_none(backend: Backend) {
+    use hopper_delegation::rpc::Deadlines;
+    let config = Config {
+        deadlines: Deadlines {
+            accept_within: Some(Duration::from_secs(60)),
+            complete_within: Some(Duration::from_secs(3600)),
+        },
+        ..Config::default()
+    };
+    let mut server = TestServer::start_with(TestDb::migrated(backend).await, config).await;
+    tree(&mut server).await;
+    server.new_task("t", "global").await;
+    let hop = server.delegate(rpc::route("t", "global", "project")).await;
+    let created = seconds(&hop.created_at);
+    assert!(
+        (seconds(&hop.accept_by) - created - 60.0).abs() < 5.0,
+        "{hop:?}"
+    );
+    assert!(
+        (seconds(&hop.complete_by) - created - 3600.0).abs() < 5.0,
+        "{hop:?}"
+    );
+    let reject = pb::RejectDelegationRequest {
+        id: hop.id,
+        reason: "again".into(),
+    };
+    server.delegations.reject_delegation(reject).await.unwrap();
+    let own = pb::CreateDelegationRequest {
+        accept_within: within(10_000),
+        ..rpc::route("t", "global", "project")
+    };
+    let hop = server.delegate(own).await;
+    assert!((seconds(&hop.accept_by) - seconds(&hop.created_at) - 10.0).abs() < 5.0);
+    server.stop().await;
+}
+
 on_both_backends!(
+    only_the_instance_itself_renews_its_lease,
+    server_defaults_apply_when_a_request_sets_none,
     a_late_complete_task_is_told_its_hop_expired,
     a_lapsed_lease_expires_only_the_hops_where_the_task_is,
     renewals_keep_an_instance_responsive,

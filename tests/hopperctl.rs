@@ -958,7 +958,7 @@ async fn metrics_are_served_and_move_with_requests_and_logs_carry_the_rpc_span(b
 /// unresponsive instance marked in `instances list` and `instances tree`.
 async fn deadlines_and_leases_through_hopperctl(backend: Backend) {
     let db = TestDb::migrated(backend).await;
-    let server = Server::start(&db, "127.0.0.1:0", &[]);
+    let server = Server::start(&db, "127.0.0.1:0", &["--metrics-listen", "127.0.0.1:0"]);
     let url = server.url();
     ok(
         &url,
@@ -1061,6 +1061,11 @@ async fn deadlines_and_leases_through_hopperctl(backend: Backend) {
         drawn.contains("expired") && drawn.contains("target unresponsive"),
         "{drawn}"
     );
+    let metrics = scrape(server.metrics.as_deref().unwrap());
+    let expired = r#"hopper_delegations_expired_total{reason="target_unresponsive"}"#;
+    assert_eq!(value(&metrics, expired), 1.0, "{metrics}");
+    assert_eq!(value(&metrics, "hopper_unresponsive_instances"), 1.0);
+    assert_eq!(value(&metrics, "hopper_expiry_lag_seconds_count"), 1.0);
     drop(watch);
     server.stop();
 }

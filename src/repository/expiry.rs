@@ -22,20 +22,25 @@
 //! not extended: they fire as soon as the service is back, late but once.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
 use chrono::NaiveDateTime;
 
-use super::{completion::cancel_in, delegations::Cancellation};
+use super::completion::cancel_in;
 use crate::{
     domain::{
         DelegationStatus, ExpiryReason,
-        lifecycle::{self, Expiry},
+        lifecycle::{self, Expiry, Transition},
     },
     error::Error,
-    store::{Db, Tx, delegations, instances, tasks},
+    store::{
+        Db, Tx,
+        delegations::{self, Change, Delegation},
+        event_log::{self, NewEvent},
+        instances, now, tasks,
+    },
     telemetry,
 };
 
@@ -44,7 +49,7 @@ const BATCH: i64 = 256;
 
 /// How many expiries share a transaction: enough that a storm is not a commit per hop, few
 /// enough that writers waiting for the same families (or SQLite's one writer) wait little.
-const CHUNK: usize = 32;
+const CHUNK: usize = 64;
 
 /// The longest the sweeper sleeps: the restart brake's heartbeat, and the bound on a lost
 /// wake-up.
@@ -53,72 +58,128 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A heartbeat older than this means no replica was sweeping: leases get a full period.
 pub const BRAKE_GAP: Duration = Duration::from_secs(3);
 
-/// Expires delegation `id` if it is due by the database's clock; `None` if it is not (not due
+/// Expires delegation `id` if it is due by the database's clock; `false` if it is not (not due
 /// yet, or answered, finished or expired meanwhile, or its task passed further down).
-pub async fn expire_if_due(db: &Db, id: &str) -> Result<Option<Cancellation>, Error> {
-    Ok(expire_chunk(db, &[id]).await?.pop())
+pub async fn expire_if_due(db: &Db, id: &str) -> Result<bool, Error> {
+    Ok(expire_chunk(db, &[id]).await? == 1)
 }
 
-/// Expires those of `ids` that are due, in one transaction (one commit for many expiries, so
-/// that a storm is not one fsync per hop), each under its family's lock; returns what each
-/// expiry cancelled.
-async fn expire_chunk(db: &Db, ids: &[&str]) -> Result<Vec<Cancellation>, Error> {
+/// Expires those of `ids` that are due, in one transaction, under their families' locks (one
+/// statement for all), judged at one clock read; returns how many expired.
+///
+/// Pending hops, the usual storm, go in bulk: nothing can be below a pending hop (its task
+/// takes no subtask and no onward hop until it is accepted), so the compare-and-set, the
+/// events and the tasks' return are one statement each for all of them. An accepted hop goes
+/// through the cancellation's cascade (`completion::cancel_in`), one at a time.
+async fn expire_chunk(db: &Db, ids: &[&str]) -> Result<usize, Error> {
     let expired = db
         .write(async |tx| {
             let now = delegations::clock_now(tx).await?;
+            tasks::lock_families_of_delegations(tx, ids).await?;
+            let mut targets = HashMap::new();
+            let mut pending: HashMap<ExpiryReason, Vec<Delegation>> = HashMap::new();
             let mut expired = Vec::new();
-            for id in ids {
-                if let Some(one) = expire_locked(tx, id, now).await? {
-                    expired.push(one);
+            for hop in delegations::find_many(tx, ids).await? {
+                let Some((reason, was_due)) = verdict(tx, &hop, now, &mut targets).await? else {
+                    continue;
+                };
+                if hop.status == DelegationStatus::Pending {
+                    pending.entry(reason).or_default().push(hop);
+                } else {
+                    cancel_in(tx, &hop, Some(Expiry { at: now, reason })).await?;
+                    expired.push((Expiry { at: now, reason }, was_due));
+                }
+            }
+            for (reason, hops) in pending {
+                let expiry = Expiry { at: now, reason };
+                for hop in expire_pending(tx, &hops, expiry).await? {
+                    let was_due = match reason {
+                        ExpiryReason::AcceptDeadline => hop.accept_by,
+                        ExpiryReason::CompleteDeadline => hop.complete_by,
+                        ExpiryReason::TargetUnresponsive => {
+                            targets.get(&hop.target_instance_id).copied().flatten()
+                        }
+                    };
+                    expired.push((expiry, was_due));
                 }
             }
             Ok(expired)
         })
         .await?;
-    Ok(expired
-        .into_iter()
-        .map(|(cancellation, expiry, was_due)| {
-            record(expiry, was_due);
-            cancellation
-        })
-        .collect())
+    for (expiry, was_due) in &expired {
+        record(*expiry, *was_due);
+    }
+    Ok(expired.len())
 }
 
-/// One hop, inside the chunk's transaction: locks its family, reads it afresh and asks the
-/// rules whether it is due at `now`; if so, ends it. Returns the cancellation, the expiry and
-/// when it was due.
-async fn expire_locked(
+/// Whether `hop` expires at `now`, why, and when that was due: a deadline that passed, or a
+/// target whose lease lapsed while the task is at it. `targets` keeps each target's lapse.
+async fn verdict(
     tx: &mut Tx,
-    id: &str,
+    hop: &Delegation,
     now: NaiveDateTime,
-) -> Result<Option<(Cancellation, Expiry, Option<NaiveDateTime>)>, Error> {
-    if !tasks::lock_family_of_delegation(tx, id).await? {
-        return Ok(None);
-    }
-    let Some(hop) = delegations::find(tx, id).await? else {
-        return Ok(None);
-    };
-    let (reason, was_due) = match lifecycle::due(hop.status, hop.accept_by, hop.complete_by, now)
-    {
-        Some(ExpiryReason::AcceptDeadline) => (ExpiryReason::AcceptDeadline, hop.accept_by),
-        Some(reason) => (reason, hop.complete_by),
-        None if hop.status.is_active() => {
-            let target = instances::find(tx, &hop.target_instance_id).await?;
-            let Some(lapsed) = target.and_then(|t| t.lapsed(now)) else {
-                return Ok(None);
-            };
-            let onward = hop.status == DelegationStatus::Accepted
-                && !delegations::active_below(tx, id).await?.is_empty();
-            if !lifecycle::abandoned(hop.status, true, onward) {
-                return Ok(None);
-            }
-            (ExpiryReason::TargetUnresponsive, Some(lapsed))
+    targets: &mut HashMap<String, Option<NaiveDateTime>>,
+) -> Result<Option<(ExpiryReason, Option<NaiveDateTime>)>, Error> {
+    match lifecycle::due(hop.status, hop.accept_by, hop.complete_by, now) {
+        Some(ExpiryReason::AcceptDeadline) => {
+            return Ok(Some((ExpiryReason::AcceptDeadline, hop.accept_by)));
         }
-        None => return Ok(None),
+        Some(reason) => return Ok(Some((reason, hop.complete_by))),
+        None if !hop.status.is_active() => return Ok(None),
+        None => {}
+    }
+    let target = &hop.target_instance_id;
+    let lapsed = match targets.get(target) {
+        Some(lapsed) => *lapsed,
+        None => {
+            let instance = instances::find(tx, target).await?;
+            let lapsed = instance.and_then(|i| i.lapsed(now));
+            targets.insert(target.clone(), lapsed);
+            lapsed
+        }
     };
-    let expiry = Expiry { at: now, reason };
-    let cancellation = cancel_in(tx, &hop, Some(expiry)).await?;
-    Ok(Some((cancellation, expiry, was_due)))
+    let Some(lapsed) = lapsed else {
+        return Ok(None);
+    };
+    let onward = hop.status == DelegationStatus::Accepted
+        && !delegations::active_below(tx, &hop.id).await?.is_empty();
+    Ok(lifecycle::abandoned(hop.status, true, onward)
+        .then_some((ExpiryReason::TargetUnresponsive, Some(lapsed))))
+}
+
+/// Ends pending `hops` EXPIRED for one reason: one compare-and-set (a hop answered meanwhile
+/// stays as it is), one append of their events, their tasks back at their sources (a
+/// statement per source). Returns the hops that expired.
+async fn expire_pending(
+    tx: &mut Tx,
+    hops: &[Delegation],
+    expiry: Expiry,
+) -> Result<Vec<Delegation>, Error> {
+    let ids: Vec<&str> = hops.iter().map(|h| h.id.as_str()).collect();
+    let at = now();
+    let change = Change {
+        status: Some(Transition::Expire.to()),
+        expired_at: Some(expiry.at),
+        expiry_reason: Some(expiry.reason),
+        ..Change::at(at)
+    };
+    let expired = delegations::update(tx, &ids, &[DelegationStatus::Pending], &change).await?;
+    let events: Vec<_> = expired
+        .iter()
+        .map(|hop| NewEvent::of(Transition::Expire.event(), hop, None))
+        .collect();
+    event_log::append(tx, &events).await?;
+    let mut by_source: HashMap<&str, Vec<&str>> = HashMap::new();
+    for hop in &expired {
+        by_source
+            .entry(hop.source_instance_id.as_str())
+            .or_default()
+            .push(hop.task_id.as_str());
+    }
+    for (source, task_ids) in by_source {
+        tasks::move_all_to(tx, &task_ids, source, at).await?;
+    }
+    Ok(expired)
 }
 
 fn record(expiry: Expiry, was_due: Option<NaiveDateTime>) {
@@ -173,7 +234,7 @@ async fn expire_beating(db: &Db, heart: &mut Heart) -> Result<usize, Error> {
 /// a transaction of its own, so that one hop the rules cannot end (a bug) holds up no other.
 async fn expire_isolating(db: &Db, chunk: &[&str]) -> Result<usize, Error> {
     match expire_chunk(db, chunk).await {
-        Ok(expired) => Ok(expired.len()),
+        Ok(expired) => Ok(expired),
         Err(err @ (Error::Unavailable(_) | Error::Aborted(_) | Error::ResourceExhausted(_))) => {
             Err(err)
         }
@@ -181,7 +242,7 @@ async fn expire_isolating(db: &Db, chunk: &[&str]) -> Result<usize, Error> {
             let mut expired = 0;
             for id in chunk {
                 match expire_chunk(db, &[id]).await {
-                    Ok(one) => expired += one.len(),
+                    Ok(one) => expired += one,
                     Err(err) => tracing::error!(delegation = id, error = %err, "cannot expire"),
                 }
             }

@@ -150,6 +150,16 @@ pub async fn insert(conn: &mut Conn, delegation: &Delegation) -> QueryResult<()>
         .map(drop))
 }
 
+/// Reads the delegations of `ids` that exist, in no particular order: one statement.
+pub(crate) async fn find_many(conn: &mut Conn, ids: &[&str]) -> QueryResult<Vec<Delegation>> {
+    let text = format!(
+        "SELECT * FROM task_delegations WHERE {}",
+        is_member(conn, "id", "$1")
+    );
+    let keys = serde_json::to_string(ids).unwrap_or_default();
+    with_conn!(conn, |c| sql(&text).bind::<Text, _>(&keys).load(c).await)
+}
+
 /// The latest hop of a task sent to `target`, if any.
 pub(crate) async fn latest_to(
     conn: &mut Conn,

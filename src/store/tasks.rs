@@ -104,21 +104,61 @@ pub(crate) async fn lock_family_of_delegation(
     lock_root(conn, TASK_OF, delegation_id).await
 }
 
+/// [`lock_family_of_delegation`] for many delegations in one statement (the expiry sweeper's
+/// chunks). Every lock is a row lock on a root task, taken by one UPDATE.
+pub(crate) async fn lock_families_of_delegations(conn: &mut Conn, ids: &[&str]) -> QueryResult<()> {
+    if matches!(conn, Conn::Sqlite(_)) {
+        return Ok(());
+    }
+    let tasks_of = format!(
+        "(SELECT task_id FROM task_delegations WHERE {})",
+        super::is_member(conn, "id", "$1")
+    );
+    let text = LOCK_ROOT.replace("id = {start}", &format!("id IN {tasks_of}"));
+    let keys = serde_json::to_string(ids).unwrap_or_default();
+    with_conn!(conn, |c| sql(&text).bind::<Text, _>(&keys).execute(c).await)?;
+    Ok(())
+}
+
+/// Locks the roots of task families: `{start}` names the tasks whose families.
+/// A no-op UPDATE rather than `SELECT … FOR UPDATE`, so that the statement reads the same as
+/// the other writes (and would run on SQLite too).
+const LOCK_ROOT: &str = "
+    WITH RECURSIVE up (id, parent_task_id) AS (
+        SELECT id, parent_task_id FROM tasks WHERE id = {start}
+        UNION ALL
+        SELECT t.id, t.parent_task_id FROM tasks t JOIN up ON t.id = up.parent_task_id
+    )
+    UPDATE tasks SET updated_at = updated_at
+    WHERE id IN (SELECT id FROM up WHERE parent_task_id IS NULL)";
+
+/// Moves tasks back to `instance_id` (expired hops' tasks to their common source): one
+/// statement.
+pub(crate) async fn move_all_to(
+    conn: &mut Conn,
+    ids: &[&str],
+    instance_id: &str,
+    now: NaiveDateTime,
+) -> QueryResult<()> {
+    let text = format!(
+        "UPDATE tasks SET instance_id = $1, updated_at = $2 WHERE {}",
+        super::is_member(conn, "id", "$3")
+    );
+    let keys = serde_json::to_string(ids).unwrap_or_default();
+    with_conn!(conn, |c| sql(&text)
+        .bind::<Text, _>(instance_id)
+        .bind::<Timestamp, _>(now)
+        .bind::<Text, _>(&keys)
+        .execute(c)
+        .await)?;
+    Ok(())
+}
+
 /// Locks the root of the family of the task `start` selects (with `$1` bound to `key`).
 async fn lock_root(conn: &mut Conn, start: &'static str, key: &str) -> QueryResult<bool> {
     if matches!(conn, Conn::Sqlite(_)) {
         return Ok(true); // BEGIN IMMEDIATE holds the write lock
     }
-    // A no-op UPDATE rather than `SELECT … FOR UPDATE`, so that the statement reads the same as
-    // the other writes (and would run on SQLite too).
-    const LOCK_ROOT: &str = "
-        WITH RECURSIVE up (id, parent_task_id) AS (
-            SELECT id, parent_task_id FROM tasks WHERE id = {start}
-            UNION ALL
-            SELECT t.id, t.parent_task_id FROM tasks t JOIN up ON t.id = up.parent_task_id
-        )
-        UPDATE tasks SET updated_at = updated_at
-        WHERE id IN (SELECT id FROM up WHERE parent_task_id IS NULL)";
     let text = LOCK_ROOT.replace("{start}", start);
     let locked = with_conn!(conn, |c| sql(&text).bind::<Text, _>(key).execute(c).await)?;
     Ok(locked > 0)
