@@ -83,16 +83,24 @@ fn hour() -> Option<prost_types::Duration> {
 
 /// Global → project → orch, and `parked` under global for hops nobody answers.
 async fn tree(server: &mut TestServer) {
-    server.register("global", pb::Scope::Global, "").await;
-    server
-        .register("project", pb::Scope::Project, "global")
-        .await;
-    server
-        .register("orch", pb::Scope::Orchestration, "project")
-        .await;
+    server.hierarchy().await;
     server
         .register("parked", pb::Scope::Project, "global")
         .await;
+}
+
+/// Every `delegation_expired` event below Global from now on.
+async fn expiries(server: &mut TestServer) -> tonic::Streaming<pb::WatchEventsResponse> {
+    let request = pb::WatchEventsRequest {
+        kinds: vec![pb::EventKind::DelegationExpired as i32],
+        ..rpc::watch("global", true)
+    };
+    server
+        .delegations
+        .watch_events(request)
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// One lifecycle; with `deadlines`, both hops carry an hour's deadlines.
@@ -247,15 +255,7 @@ async fn storm(backend: Backend, args: &Args) {
     let mut server = TestServer::start_with(TestDb::borrowed(&db), Config::default()).await;
     tree(&mut server).await;
     let before = rate(&server, false, args.seconds).await;
-    let mut stream = server
-        .delegations
-        .watch_events(pb::WatchEventsRequest {
-            kinds: vec![pb::EventKind::DelegationExpired as i32],
-            ..rpc::watch("global", true)
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = expiries(&mut server).await;
     // Due in the same second, a little after the insert.
     open_hops(&db, backend, args.storm, "parked", Some("3 seconds")).await;
     let inserted = Instant::now();
@@ -302,15 +302,7 @@ async fn lag(backend: Backend, args: &Args) {
     let mut server = TestServer::start(backend).await;
     tree(&mut server).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let mut stream = server
-        .delegations
-        .watch_events(pb::WatchEventsRequest {
-            kinds: vec![pb::EventKind::DelegationExpired as i32],
-            ..rpc::watch("global", true)
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = expiries(&mut server).await;
     let n = (args.seconds * 50.0) as usize;
     let parked = {
         let server = &server;

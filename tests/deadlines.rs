@@ -33,12 +33,7 @@ fn within(millis: u64) -> Option<prost_types::Duration> {
 
 /// Global -> project -> orch, and project2 beside project.
 async fn tree(server: &mut TestServer) {
-    server.register("global", Scope::Global, "").await;
-    server.register("project", Scope::Project, "global").await;
-    server
-        .register("orch", Scope::Orchestration, "project")
-        .await;
-    server.register("project2", Scope::Project, "global").await;
+    server.hierarchy().await;
 }
 
 async fn watch(server: &mut TestServer, instance: &str) -> Streaming<pb::WatchEventsResponse> {

@@ -33,12 +33,7 @@ fn result_struct() -> Struct {
 
 /// Global -> Project -> Orchestration, plus a second project, and task `t` at Global.
 async fn hierarchy(server: &mut TestServer) {
-    server.register("global", Scope::Global, "").await;
-    server.register("project", Scope::Project, "global").await;
-    server
-        .register("orch", Scope::Orchestration, "project")
-        .await;
-    server.register("project2", Scope::Project, "global").await;
+    server.hierarchy().await;
     server.new_task("t", "global").await;
 }
 

@@ -80,6 +80,17 @@ impl TestServer {
         response.expect("register").into_inner().instance.unwrap()
     }
 
+    /// Registers Global -> Project -> Orchestration (`global`, `project`, `orch`) and a second
+    /// project, `project2`, all RUNNING.
+    pub async fn hierarchy(&mut self) {
+        self.register("global", pb::Scope::Global, "").await;
+        self.register("project", pb::Scope::Project, "global").await;
+        self.register("orch", pb::Scope::Orchestration, "project")
+            .await;
+        self.register("project2", pb::Scope::Project, "global")
+            .await;
+    }
+
     /// Creates a task (see [`new_task`]); it must succeed.
     pub async fn new_task(&mut self, id: &str, at: &str) -> pb::Task {
         let response = self.tasks.create_task(new_task(id, at)).await;
