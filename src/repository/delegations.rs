@@ -57,6 +57,19 @@ pub struct NewDelegation {
     /// It must complete within this of its creation (capped by the hop above it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub complete_within: Option<Duration>,
+    /// The server's defaults for a request that set no deadline. Not part of what a retry
+    /// with the same `request_id` is compared on: replicas may be configured apart.
+    #[serde(skip)]
+    pub defaults: Deadlines,
+}
+
+/// The deadlines a new hop gets when its request leaves them out (`None`: no deadline).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deadlines {
+    /// `--default-accept-within`.
+    pub accept_within: Option<Duration>,
+    /// `--default-complete-within`.
+    pub complete_within: Option<Duration>,
 }
 
 /// A task's chain from origin to current location.
@@ -178,9 +191,9 @@ pub async fn create(db: &Db, caller: &Caller, new: NewDelegation) -> Result<Dele
                 delegated_by: new.delegated_by.clone(),
                 created_at: at,
                 updated_at: at,
-                accept_by: after(new.accept_within),
+                accept_by: after(new.accept_within.or(new.defaults.accept_within)),
                 complete_by: lifecycle::capped_complete_by(
-                    after(new.complete_within),
+                    after(new.complete_within.or(new.defaults.complete_within)),
                     snapshot.arrival_complete_by,
                 ),
                 expired_at: None,

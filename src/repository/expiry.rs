@@ -79,15 +79,25 @@ async fn expire_chunk(db: &Db, ids: &[&str]) -> Result<usize, Error> {
             let mut targets = HashMap::new();
             let mut pending: HashMap<ExpiryReason, Vec<Delegation>> = HashMap::new();
             let mut expired = Vec::new();
-            for hop in delegations::find_many(tx, ids).await? {
+            // Hops above first (a hop is made after the one it continues): an expired hop's
+            // cascade cancels the due hops below it, which are then not expired again.
+            let mut hops = delegations::find_many(tx, ids).await?;
+            hops.sort_by(|a, b| (a.delegated_at, &a.id).cmp(&(b.delegated_at, &b.id)));
+            let mut cancelled = HashSet::new();
+            for hop in hops {
+                if cancelled.contains(&hop.id) {
+                    continue;
+                }
                 let Some((reason, was_due)) = verdict(tx, &hop, now, &mut targets).await? else {
                     continue;
                 };
                 if hop.status == DelegationStatus::Pending {
                     pending.entry(reason).or_default().push(hop);
                 } else {
-                    cancel_in(tx, &hop, Some(Expiry { at: now, reason })).await?;
-                    expired.push((Expiry { at: now, reason }, was_due));
+                    let expiry = Expiry { at: now, reason };
+                    let cascade = cancel_in(tx, &hop, Some(expiry)).await?;
+                    cancelled.extend(cascade.cancelled_descendants.into_iter().map(|d| d.id));
+                    expired.push((expiry, was_due));
                 }
             }
             for (reason, hops) in pending {
@@ -307,8 +317,16 @@ pub async fn sweeper(db: Db) {
     let mut heart = Heart::default();
     loop {
         let pass = async {
-            expire_beating(&db, &mut heart).await?;
-            until_next(&db).await
+            let expired = expire_beating(&db, &mut heart).await?;
+            let (sleep, db_now) = until_next(&db).await?;
+            // Still due after a pass that expired nothing: a hop that cannot be ended (logged
+            // by the pass). Waiting a heartbeat keeps it from spinning.
+            let sleep = if expired == 0 && sleep.is_zero() {
+                HEARTBEAT
+            } else {
+                sleep
+            };
+            Ok::<_, Error>((sleep, db_now))
         };
         let (sleep, db_now) = match pass.await {
             Ok(next) => (next.0, Some(next.1)),

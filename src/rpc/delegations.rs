@@ -21,7 +21,7 @@ use crate::{
         watch_events_response::Payload,
     },
     repository::{
-        delegations::{self, Listing, NewDelegation},
+        delegations::{self, Deadlines, Listing, NewDelegation},
         tasks,
     },
     store::{
@@ -37,15 +37,6 @@ pub struct DelegationApi {
     db: Db,
     hub: Hub,
     defaults: Deadlines,
-}
-
-/// The deadlines a new hop gets when its request leaves them out (`None`: no deadline).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Deadlines {
-    /// `--default-accept-within`.
-    pub accept_within: Option<std::time::Duration>,
-    /// `--default-complete-within`.
-    pub complete_within: Option<std::time::Duration>,
 }
 
 impl DelegationApi {
@@ -125,16 +116,9 @@ impl DelegationService for DelegationApi {
             delegation_type: DelegationType::required("delegation_type", r.delegation_type)?,
             notes: optional_text("notes", r.notes, limits::MAX_NOTES_LEN)?,
             delegated_by: optional_text("delegated_by", r.delegated_by, limits::MAX_NAME_LEN)?,
-            accept_within: deadline(
-                "accept_within",
-                r.accept_within,
-                self.defaults.accept_within,
-            )?,
-            complete_within: deadline(
-                "complete_within",
-                r.complete_within,
-                self.defaults.complete_within,
-            )?,
+            accept_within: deadline("accept_within", r.accept_within)?,
+            complete_within: deadline("complete_within", r.complete_within)?,
+            defaults: self.defaults,
         };
         telemetry::record_ids(Some(&new.task_id), None);
         let created = delegations::create(&self.db, &caller, new).await?;

@@ -6,7 +6,8 @@ mod delegations;
 mod instances;
 mod tasks;
 
-pub use delegations::{Deadlines, DelegationApi};
+pub use crate::repository::delegations::Deadlines;
+pub use delegations::DelegationApi;
 pub use instances::InstanceApi;
 pub use tasks::TaskApi;
 
@@ -130,14 +131,13 @@ enum_map! {
 /// The longest deadline a hop may carry.
 pub const MAX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
 
-/// An optional deadline: positive and at most [`MAX_DEADLINE`]; `default` when unset.
+/// An optional deadline: positive and at most [`MAX_DEADLINE`].
 fn deadline(
     field: &'static str,
     value: Option<prost_types::Duration>,
-    default: Option<std::time::Duration>,
 ) -> Result<Option<std::time::Duration>, Error> {
     let Some(value) = value else {
-        return Ok(default);
+        return Ok(None);
     };
     let within = positive(field, value)?;
     if within > MAX_DEADLINE {

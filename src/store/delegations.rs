@@ -367,9 +367,10 @@ pub(crate) async fn due(conn: &mut Conn, limit: i64) -> QueryResult<Vec<String>>
     Ok(rows.into_iter().map(|row| row.id).collect())
 }
 
-/// The active hops sent to an instance whose lease has lapsed, at most `limit`: candidates for
-/// an expiry for unresponsiveness (the rules decide, under the lock, which of them the task is
-/// still at).
+/// The active hops sent to an instance whose lease has lapsed and not passed further down
+/// (no active hop continues them), at most `limit`: candidates for an expiry for
+/// unresponsiveness (the rules decide again under the lock). Work passed down is left out
+/// here, so that it is not read again on every pass.
 pub(crate) async fn at_unresponsive(conn: &mut Conn, limit: i64) -> QueryResult<Vec<String>> {
     #[derive(QueryableByName)]
     struct Hop {
@@ -381,7 +382,9 @@ pub(crate) async fn at_unresponsive(conn: &mut Conn, limit: i64) -> QueryResult<
          WHERE d.status IN ({active}) AND d.target_instance_id IN (
              SELECT i.id FROM hopper_instances i
              WHERE i.lease_expires_at IS NOT NULL AND i.lease_expires_at <= {now})
-         LIMIT $1",
+           AND NOT EXISTS (SELECT 1 FROM task_delegations c
+                           WHERE c.parent_delegation_id = d.id AND c.status IN ({active}))
+         ORDER BY d.id LIMIT $1",
         active = literals(&DelegationStatus::ACTIVE.map(DelegationStatus::as_str)),
         now = super::clock(conn),
     );

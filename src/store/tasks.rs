@@ -114,7 +114,17 @@ pub(crate) async fn lock_families_of_delegations(conn: &mut Conn, ids: &[&str]) 
         "(SELECT task_id FROM task_delegations WHERE {})",
         super::is_member(conn, "id", "$1")
     );
-    let text = LOCK_ROOT.replace("id = {start}", &format!("id IN {tasks_of}"));
+    // Roots locked in id order (FOR NO KEY UPDATE conflicts with the no-op UPDATE of
+    // `lock_root`), so that two sweepers locking overlapping chunks cannot deadlock.
+    let text = format!(
+        "WITH RECURSIVE up (id, parent_task_id) AS (
+             SELECT id, parent_task_id FROM tasks WHERE id IN {tasks_of}
+             UNION ALL
+             SELECT t.id, t.parent_task_id FROM tasks t JOIN up ON t.id = up.parent_task_id
+         )
+         SELECT id FROM tasks WHERE id IN (SELECT id FROM up WHERE parent_task_id IS NULL)
+         ORDER BY id FOR NO KEY UPDATE"
+    );
     let keys = serde_json::to_string(ids).unwrap_or_default();
     with_conn!(conn, |c| sql(&text).bind::<Text, _>(&keys).execute(c).await)?;
     Ok(())

@@ -329,6 +329,7 @@ pub fn hop(task: &str, source: &str, target: &str, kind: DelegationType) -> NewD
         delegated_by: Some("tests".to_owned()),
         accept_within: None,
         complete_within: None,
+        defaults: Default::default(),
     }
 }
 

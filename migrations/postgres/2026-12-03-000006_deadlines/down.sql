@@ -1,7 +1,12 @@
--- Expired hops become cancelled ones, and their events cancellations.
+-- Expired hops become cancelled ones, and their events cancellations (with the snapshot of
+-- the hop in each event too, which the older binary must be able to read).
 UPDATE task_delegations SET status = 'cancelled' WHERE status = 'expired';
-UPDATE delegation_events SET kind = 'delegation_cancelled' WHERE kind = 'delegation_expired';
-UPDATE event_queue SET kind = 'delegation_cancelled' WHERE kind = 'delegation_expired';
+UPDATE delegation_events SET kind = 'delegation_cancelled',
+    delegation = jsonb_set(delegation, '{status}', '"cancelled"')
+    WHERE kind = 'delegation_expired';
+UPDATE event_queue SET kind = 'delegation_cancelled',
+    delegation = jsonb_set(delegation, '{status}', '"cancelled"')
+    WHERE kind = 'delegation_expired';
 ALTER TABLE event_queue DROP CONSTRAINT event_queue_kind_check;
 ALTER TABLE event_queue ADD CONSTRAINT event_queue_kind_check CHECK (kind IN
     ('delegation_created', 'delegation_accepted', 'delegation_rejected', 'delegation_completed',

@@ -3,7 +3,9 @@
 PRAGMA foreign_keys = OFF;
 BEGIN IMMEDIATE;
 UPDATE task_delegations SET status = 'cancelled' WHERE status = 'expired';
-UPDATE delegation_events SET kind = 'delegation_cancelled' WHERE kind = 'delegation_expired';
+UPDATE delegation_events SET kind = 'delegation_cancelled',
+    delegation = jsonb_set(delegation, '$.status', 'cancelled')
+    WHERE kind = 'delegation_expired';
 
 ALTER TABLE task_delegations RENAME TO task_delegations_old;
 CREATE TABLE task_delegations (
