@@ -94,6 +94,21 @@ impl Drop for Server {
 /// A `hopperctl watch` child, killed if the test fails before it is stopped.
 struct Watch(Child);
 
+impl Watch {
+    /// `hopperctl --server URL watch ARGS`, with the lines it prints to stdout.
+    fn start(url: &str, args: &[&str]) -> (Self, mpsc::Receiver<String>) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hopperctl"))
+            .args(["--server", url, "watch"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = lines_of(child.stdout.take().unwrap());
+        (Self(child), lines)
+    }
+}
+
 impl Drop for Watch {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -573,14 +588,7 @@ async fn rejecting_cancelling_and_completing_in_place_through_hopperctl(backend:
     );
 
     // What happened at web-ci, replayed as text: one aligned line per event.
-    let mut watch = Watch(
-        Command::new(env!("CARGO_BIN_EXE_hopperctl"))
-            .args(["--server", &url, "watch", "web-ci", "--since", "0"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let lines = lines_of(watch.0.stdout.take().unwrap());
+    let (mut watch, lines) = Watch::start(&url, &["web-ci", "--since", "0"]);
     let next = || lines.recv_timeout(Duration::from_secs(30)).unwrap();
     let (created, accepted, cancelled) = (next(), next(), next());
     let hop = format!("{c_below}  web → web-ci  task c  20");
@@ -714,25 +722,10 @@ async fn watch_follows_completions_bubbling_up_and_resumes_after_a_restart(backe
     let url = server.url();
     register_hierarchy(&url);
 
-    let mut watch = Watch(
-        Command::new(env!("CARGO_BIN_EXE_hopperctl"))
-            .args([
-                "--server",
-                &url,
-                "watch",
-                "global",
-                "--descendants",
-                "--since",
-                "0",
-                "-o",
-                "json",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (mut watch, events) = Watch::start(
+        &url,
+        &["global", "--descendants", "--since", "0", "-o", "json"],
     );
-    let events = lines_of(watch.0.stdout.take().unwrap());
 
     let (_, to_ci) = route_down(&url, "first");
     ok(&url, &["complete", &to_ci]);
@@ -754,15 +747,7 @@ async fn watch_follows_completions_bubbling_up_and_resumes_after_a_restart(backe
 
     // A second watcher, of web-ci only and without --since: its cursor comes from the
     // progress mark the server sends once it has joined (within the 200 ms interval).
-    let mut quiet = Watch(
-        Command::new(env!("CARGO_BIN_EXE_hopperctl"))
-            .args(["--server", &url, "watch", "web-ci", "-o", "json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let quiet_events = lines_of(quiet.0.stdout.take().unwrap());
+    let (mut quiet, quiet_events) = Watch::start(&url, &["web-ci", "-o", "json"]);
     std::thread::sleep(Duration::from_secs(1));
 
     // The server goes away; the next lifecycle is written through another server on the
@@ -857,16 +842,7 @@ async fn metrics_are_served_and_move_with_requests_and_logs_carry_the_rpc_span(b
     assert_eq!(value(&before, "hopper_watch_subscribers"), 0.0);
 
     register_hierarchy(&url);
-    let mut watch = Watch(
-        Command::new(env!("CARGO_BIN_EXE_hopperctl"))
-            .args([
-                "--server", &url, "watch", "web-ci", "--since", "0", "-o", "json",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let events = lines_of(watch.0.stdout.take().unwrap());
+    let (mut watch, events) = Watch::start(&url, &["web-ci", "--since", "0", "-o", "json"]);
     let (_, to_ci) = route_down(&url, "m");
     ok(
         &url,
@@ -991,22 +967,7 @@ async fn deadlines_and_leases_through_hopperctl(backend: Backend) {
     assert_eq!(leased["lease_seconds"], 1.5);
     let renewed = ok(&url, &["instances", "renew", "web"]);
     assert!(renewed.starts_with("web live until "), "{renewed}");
-    let mut watch = Watch(
-        Command::new(env!("CARGO_BIN_EXE_hopperctl"))
-            .args([
-                "--server",
-                &url,
-                "watch",
-                "global",
-                "--descendants",
-                "--since",
-                "0",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let events = lines_of(watch.0.stdout.take().unwrap());
+    let (watch, events) = Watch::start(&url, &["global", "--descendants", "--since", "0"]);
     ok(
         &url,
         &[

@@ -230,9 +230,9 @@ pub async fn complete(
         if let Caller::Instance(me) = caller
             && task.instance_id != *me
             && let Some(hop) = delegations::latest_to(conn, id, me).await?
-            && hop.expiry().is_some()
+            && let Some(expiry) = hop.expiry()
         {
-            Transition::Complete.check(&hop.id, hop.status, hop.expiry())?;
+            Transition::Complete.check(&hop.id, hop.status, Some(expiry))?;
         }
         access::authorize(conn, caller, Action::CompleteTask(&task)).await?;
         lifecycle::check_local_completion(&LocalCompletion {
