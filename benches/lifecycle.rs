@@ -505,7 +505,8 @@ const CHAIN: &str = "WITH RECURSIVE chain AS (
            ON p.id = c.parent_delegation_id AND p.task_id = c.task_id)
      SELECT id, task_id, parent_delegation_id, source_instance_id, target_instance_id,
             delegation_type, status, delegated_at, accepted_at, completed_at, result,
-            rejection_reason, notes, delegated_by, created_at, updated_at
+            rejection_reason, notes, delegated_by, created_at, updated_at, accept_by,
+            complete_by, expired_at, expiry_reason
      FROM chain ORDER BY depth DESC";
 const PENDING: &str =
     "SELECT * FROM task_delegations WHERE target_instance_id = 'orch' AND status = 'pending'
