@@ -52,6 +52,19 @@ pub enum Error {
     /// A cursor outside what the event log holds; the message says where to resume.
     #[error("{0}")]
     OutOfRange(String),
+    /// A cursor older than the retained log: the events after `after` were pruned up to and
+    /// including `pruned_through`. OUT_OF_RANGE, with the sequences in an `ErrorInfo`.
+    #[error(
+        "events after sequence {after} were pruned; the oldest available is {}: re-read the \
+         state and resume after sequence {pruned_through}",
+        pruned_through + 1
+    )]
+    CursorExpired {
+        /// The cursor asked for.
+        after: i64,
+        /// The last pruned sequence: where to resume after re-reading the state.
+        pruned_through: i64,
+    },
     /// The service or its database cannot serve now; retrying later may succeed. The message
     /// is written for the client: it never carries the database's own error text.
     #[error("{0}")]
@@ -224,6 +237,21 @@ impl From<Error> for Status {
             Error::Unauthenticated(_) => Status::unauthenticated(message),
             Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::OutOfRange(_) => Status::out_of_range(message),
+            Error::CursorExpired { pruned_through, .. } => Status::with_error_details(
+                Code::OutOfRange,
+                message,
+                ErrorDetails::with_error_info(
+                    "CURSOR_EXPIRED",
+                    "hopper.delegation.v1",
+                    [
+                        ("resume_after_sequence".into(), pruned_through.to_string()),
+                        (
+                            "oldest_available_sequence".into(),
+                            (pruned_through + 1).to_string(),
+                        ),
+                    ],
+                ),
+            ),
             Error::Unavailable(_) => Status::unavailable(message),
             Error::Aborted(_) => Status::aborted(message),
             Error::ResourceExhausted(_) => Status::resource_exhausted(message),
@@ -292,6 +320,27 @@ mod tests {
             let status = Status::from(err);
             assert_eq!((status.code(), status.message()), (code, message));
         }
+    }
+
+    #[test]
+    fn an_expired_cursor_says_where_history_begins() {
+        let status = Status::from(Error::CursorExpired {
+            after: 0,
+            pruned_through: 2,
+        });
+        assert_eq!(status.code(), Code::OutOfRange);
+        assert_eq!(
+            status.message(),
+            "events after sequence 0 were pruned; the oldest available is 3: re-read the state \
+             and resume after sequence 2"
+        );
+        let info = status.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("CURSOR_EXPIRED", "hopper.delegation.v1")
+        );
+        assert_eq!(info.metadata["resume_after_sequence"], "2");
+        assert_eq!(info.metadata["oldest_available_sequence"], "3");
     }
 
     #[test]

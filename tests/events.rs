@@ -348,6 +348,14 @@ async fn a_cursor_older_than_retention_is_out_of_range(backend: Backend) {
         status.message().contains("resume after sequence 2"),
         "{status:?}"
     );
+    // The same, for programs: an ErrorInfo with the sequences.
+    let info = tonic_types::StatusExt::get_error_details(&status)
+        .error_info()
+        .cloned()
+        .expect("ErrorInfo");
+    assert_eq!(info.reason, "CURSOR_EXPIRED");
+    assert_eq!(info.metadata["resume_after_sequence"], "2");
+    assert_eq!(info.metadata["oldest_available_sequence"], "3");
     // Resuming from the watermark is accepted.
     let mut stream = watch(&mut server, "global", true, Some(2), &[])
         .await

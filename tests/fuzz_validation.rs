@@ -215,6 +215,7 @@ proptest! {
                 notes: reason.clone(),
                 delegated_by: String::new(),
                 request_id: String::new(),
+                id: id.clone(),
             };
             check(d.create_delegation(from(&who, create)).await)?;
             let get = pb::GetDelegationRequest { id: id.clone() };
@@ -227,6 +228,19 @@ proptest! {
                 notes: None,
             };
             check(d.complete_delegation(from(&who, complete)).await)?;
+            let of_instance = pb::ListInstanceDelegationsRequest {
+                instance_id: target.clone(),
+                direction: kind,
+                statuses: kinds.clone(),
+                page_size: page,
+                page_token: token.clone(),
+            };
+            check(d.list_instance_delegations(from(&who, of_instance)).await)?;
+            let counted = pb::CountDelegationsRequest {
+                instance_id: target.clone(),
+                direction: page,
+            };
+            check(d.count_delegations(from(&who, counted)).await)?;
             let pending = pb::ListPendingDelegationsRequest {
                 instance_id: target,
                 page_size: page,

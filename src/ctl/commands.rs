@@ -240,6 +240,7 @@ pub(super) async fn delegations(
                 notes: notes.unwrap_or_default(),
                 delegated_by: delegated_by.unwrap_or_default(),
                 request_id: String::new(),
+                id: String::new(),
                 accept_within: accept_within.map(wire_duration),
                 complete_within: complete_within.map(wire_duration),
             };

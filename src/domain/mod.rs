@@ -110,6 +110,16 @@ text_enum! {
 }
 
 text_enum! {
+    /// Which side of a delegation an instance is on.
+    DelegationDirection {
+        /// The instance is the delegation's target.
+        Incoming = "incoming",
+        /// The instance is the delegation's source.
+        Outgoing = "outgoing",
+    }
+}
+
+text_enum! {
     /// Why a delegation expired.
     ExpiryReason {
         /// Neither accepted nor rejected by its `accept_by`.

@@ -228,12 +228,10 @@ impl Hub {
 
 fn check_cursor(after: i64, bounds: event_log::Bounds) -> Result<(), Error> {
     if after < bounds.pruned_through {
-        return Err(Error::OutOfRange(format!(
-            "events after sequence {after} were pruned; the oldest available is {}: re-read \
-             the state and resume after sequence {}",
-            bounds.pruned_through + 1,
-            bounds.pruned_through
-        )));
+        return Err(Error::CursorExpired {
+            after,
+            pruned_through: bounds.pruned_through,
+        });
     }
     if after > bounds.head {
         return Err(Error::OutOfRange(format!(

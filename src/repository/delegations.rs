@@ -14,13 +14,13 @@ use super::{
     Page, PageRequest,
     access::{self, Action},
     completion::{cancel_in, complete_in},
-    decode_cursor, encode_cursor, new_id, remember, replay,
+    decode_cursor, encode_cursor, new_id, remember, replay, taken,
 };
 pub use crate::store::delegations::Listing;
 use crate::{
     auth::Caller,
     domain::{
-        DelegationStatus, DelegationType, EventKind,
+        DelegationDirection, DelegationStatus, DelegationType, EventKind,
         lifecycle::{self, ProposedHop, Relation, Transition},
     },
     error::Error,
@@ -39,6 +39,9 @@ use crate::{
 pub struct NewDelegation {
     /// Makes the request idempotent: a retry with the same id returns the original result.
     pub request_id: Option<String>,
+    /// The caller's id for the new delegation; `None`: a generated UUID v7.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// The task to delegate.
     pub task_id: String,
     /// The sending instance.
@@ -174,7 +177,7 @@ pub async fn create(db: &Db, caller: &Caller, new: NewDelegation) -> Result<Dele
             let after =
                 |within: Option<Duration>| within.map(|w| (snapshot.db_now + w).trunc_subsecs(6));
             let delegation = Delegation {
-                id: new_id(),
+                id: new.id.clone().unwrap_or_else(new_id),
                 task_id: task.id.clone(),
                 // The hop continues the one that brought the task (or its parent task) here.
                 parent_delegation_id: snapshot.arrival.or(snapshot.parent_arrival),
@@ -199,7 +202,14 @@ pub async fn create(db: &Db, caller: &Caller, new: NewDelegation) -> Result<Dele
                 expired_at: None,
                 expiry_reason: None,
             };
-            delegations::insert(conn, &delegation).await?;
+            // Under the family lock no second pending hop can race this one: a unique
+            // violation is a caller-chosen id that is taken.
+            delegations::insert(conn, &delegation)
+                .await
+                .map_err(|err| match new.id {
+                    Some(_) => taken("delegation", &delegation.id)(err),
+                    None => err.into(),
+                })?;
             remember(conn, request_id, &delegation).await?;
             let created = NewEvent::of(EventKind::DelegationCreated, &delegation, None);
             event_log::append(conn, &[created]).await?;
@@ -252,7 +262,7 @@ pub async fn update_notes(
         .ok_or_else(|| Error::not_found("delegation", id))
 }
 
-/// Lists a task's delegations or an instance's pending ones, oldest first, a page at a time.
+/// Lists a task's delegations or an instance's, oldest first, a page at a time.
 /// NOT_FOUND if the task or instance does not exist.
 pub async fn list(
     db: &Db,
@@ -262,29 +272,56 @@ pub async fn list(
 ) -> Result<Page<Delegation>, Error> {
     let after = decode_cursor(&page.token)?;
     let mut conn = db.conn().await?;
-    let action = match listing {
-        Listing::OfTask(id) => Action::ReadTask(id),
-        Listing::PendingFor(id) => Action::ManageInstance(id),
-    };
-    access::authorize(&mut conn, caller, action).await?;
-    let missing = match listing {
-        Listing::OfTask(id) => tasks::find(&mut conn, id)
-            .await?
-            .is_none()
-            .then_some(("task", id)),
-        Listing::PendingFor(id) => db
-            .lineages()
-            .get(&mut conn, id)
-            .await?
-            .is_empty()
-            .then_some(("instance", id)),
-    };
-    if let Some((entity, id)) = missing {
-        return Err(Error::not_found(entity, id));
+    match listing {
+        Listing::OfTask(id) => {
+            access::authorize(&mut conn, caller, Action::ReadTask(id)).await?;
+            if tasks::find(&mut conn, id).await?.is_none() {
+                return Err(Error::not_found("task", id));
+            }
+        }
+        Listing::PendingFor(id)
+        | Listing::OfInstance {
+            instance_id: id, ..
+        } => {
+            access::authorize(&mut conn, caller, Action::ManageInstance(id)).await?;
+            instance_exists(db, &mut conn, id).await?;
+        }
     }
     let limit = i64::try_from(page.size + 1).unwrap_or(i64::MAX);
     let rows = delegations::list(&mut conn, listing, after.as_ref(), limit).await?;
     Ok(Page::cut(rows, page.size, cursor_of))
+}
+
+/// Counts an instance's delegations on one side (`None`: either) by status, every status
+/// listed in declaration order, zeros included. NOT_FOUND if the instance does not exist.
+pub async fn count_by_status(
+    db: &Db,
+    caller: &Caller,
+    instance_id: &str,
+    direction: Option<DelegationDirection>,
+) -> Result<Vec<(DelegationStatus, u64)>, Error> {
+    let mut conn = db.conn().await?;
+    access::authorize(&mut conn, caller, Action::ManageInstance(instance_id)).await?;
+    instance_exists(db, &mut conn, instance_id).await?;
+    let counted = delegations::count_by_status(&mut conn, instance_id, direction).await?;
+    Ok(DelegationStatus::ALL
+        .iter()
+        .map(|&status| {
+            let n = counted
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map_or(0, |(_, n)| *n);
+            (status, u64::try_from(n).unwrap_or_default())
+        })
+        .collect())
+}
+
+/// NOT_FOUND unless the instance exists.
+async fn instance_exists(db: &Db, conn: &mut Conn, id: &str) -> Result<(), Error> {
+    if db.lineages().get(conn, id).await?.is_empty() {
+        return Err(Error::not_found("instance", id));
+    }
+    Ok(())
 }
 
 fn cursor_of(delegation: &Delegation) -> String {

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     auth::Caller,
-    domain::{DelegationType, EventKind, limits},
+    domain::{DelegationDirection, DelegationStatus, DelegationType, EventKind, limits},
     error::Error,
     fanout::{Hub, Item, Subscription},
     proto::{
@@ -110,6 +110,7 @@ impl DelegationService for DelegationApi {
         let new = NewDelegation {
             request_id: limits::optional_id("request_id", &r.request_id)?
                 .map(|id| caller.request_key(id)),
+            id: limits::optional_id("id", &r.id)?,
             task_id: id("task_id", r.task_id)?,
             source_instance_id: id("source_instance_id", r.source_instance_id)?,
             target_instance_id: id("target_instance_id", r.target_instance_id)?,
@@ -216,6 +217,53 @@ impl DelegationService for DelegationApi {
         Ok(Response::new(pb::ListPendingDelegationsResponse {
             delegations: all(page.items),
             next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn list_instance_delegations(
+        &self,
+        request: Request<pb::ListInstanceDelegationsRequest>,
+    ) -> Result<Response<pb::ListInstanceDelegationsResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        let instance_id = id("instance_id", r.instance_id)?;
+        let direction = DelegationDirection::from_proto("direction", r.direction)?;
+        let statuses = r
+            .statuses
+            .into_iter()
+            .map(|status| DelegationStatus::required("statuses", status))
+            .collect::<Result<Vec<_>, _>>()?;
+        let page = page(r.page_size, r.page_token)?;
+        let listing = Listing::OfInstance {
+            instance_id: &instance_id,
+            direction,
+            statuses: &statuses,
+        };
+        let page = delegations::list(&self.db, &caller, listing, &page).await?;
+        Ok(Response::new(pb::ListInstanceDelegationsResponse {
+            delegations: all(page.items),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn count_delegations(
+        &self,
+        request: Request<pb::CountDelegationsRequest>,
+    ) -> Result<Response<pb::CountDelegationsResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        let instance_id = id("instance_id", r.instance_id)?;
+        let direction = DelegationDirection::from_proto("direction", r.direction)?;
+        let counts =
+            delegations::count_by_status(&self.db, &caller, &instance_id, direction).await?;
+        Ok(Response::new(pb::CountDelegationsResponse {
+            counts: counts
+                .into_iter()
+                .map(|(status, count)| pb::DelegationStatusCount {
+                    status: pb::DelegationStatus::from(status).into(),
+                    count,
+                })
+                .collect(),
         }))
     }
 

@@ -126,6 +126,7 @@ enum_map! {
         DelegationCancelled, TaskCompleted, DelegationExpired
     }
     ExpiryReason { AcceptDeadline, CompleteDeadline, TargetUnresponsive }
+    DelegationDirection { Incoming, Outgoing }
 }
 
 /// The longest deadline a hop may carry.

@@ -13,7 +13,8 @@ use super::{
     Bind, Conn, Cursor, is_member, literals, schema::task_delegations as td, sql, with_conn,
 };
 use crate::domain::{
-    DelegationStatus, DelegationType, ExpiryReason, TaskStatus, lifecycle::Expiry,
+    DelegationDirection, DelegationStatus, DelegationType, ExpiryReason, TaskStatus,
+    lifecycle::Expiry,
 };
 
 /// One hop of a task between two instances.
@@ -30,7 +31,7 @@ use crate::domain::{
 )]
 #[diesel(table_name = td)]
 pub struct Delegation {
-    /// Unique id (UUID v7).
+    /// Unique id (a UUID v7, or the creator's choice).
     pub id: String,
     /// The task being delegated.
     pub task_id: String,
@@ -130,6 +131,27 @@ pub enum Listing<'a> {
     OfTask(&'a str),
     /// The pending delegations sent to an instance.
     PendingFor(&'a str),
+    /// The delegations an instance sent or received (`None`: either) in one of `statuses`
+    /// (empty: any).
+    OfInstance {
+        /// The instance.
+        instance_id: &'a str,
+        /// Which side of the delegations it is on.
+        direction: Option<DelegationDirection>,
+        /// The statuses to list.
+        statuses: &'a [DelegationStatus],
+    },
+}
+
+/// `task_delegations.status IN (…)`, with the statuses as literals (see [`super::literals`]).
+fn status_in(
+    statuses: &[DelegationStatus],
+) -> diesel::expression::SqlLiteral<diesel::sql_types::Bool> {
+    let texts: Vec<&'static str> = statuses.iter().map(|s| s.as_str()).collect();
+    diesel::dsl::sql(&format!(
+        "task_delegations.status IN ({})",
+        literals(&texts)
+    ))
 }
 
 /// `task_delegations.status = '<status>'`, with the status as a literal (see
@@ -139,6 +161,28 @@ fn status_is(status: DelegationStatus) -> diesel::expression::SqlLiteral<diesel:
         "task_delegations.status = {}",
         literals(&[status.as_str()])
     ))
+}
+
+/// The delegations with `instance_id` on `direction`'s side: their target, their source, or
+/// (`None`) either.
+fn on_side(
+    instance_id: &str,
+    direction: Option<DelegationDirection>,
+) -> diesel::expression::SqlLiteral<
+    diesel::sql_types::Bool,
+    diesel::expression::UncheckedBind<
+        diesel::expression::SqlLiteral<diesel::sql_types::Bool>,
+        <String as diesel::expression::AsExpression<Text>>::Expression,
+    >,
+> {
+    let columns = match direction {
+        Some(DelegationDirection::Incoming) => " = task_delegations.target_instance_id",
+        Some(DelegationDirection::Outgoing) => " = task_delegations.source_instance_id",
+        None => " IN (task_delegations.source_instance_id, task_delegations.target_instance_id)",
+    };
+    diesel::dsl::sql::<diesel::sql_types::Bool>("")
+        .bind::<Text, _>(instance_id.to_owned())
+        .sql(columns)
 }
 
 /// Inserts a new delegation.
@@ -200,6 +244,18 @@ pub async fn list(
             Listing::PendingFor(instance_id) => query
                 .filter(td::target_instance_id.eq(instance_id))
                 .filter(status_is(DelegationStatus::Pending)),
+            Listing::OfInstance {
+                instance_id,
+                direction,
+                statuses,
+            } => {
+                query = query.filter(on_side(instance_id, direction));
+                if statuses.is_empty() {
+                    query
+                } else {
+                    query.filter(status_in(statuses))
+                }
+            }
         };
         if let Some((at, id)) = after {
             query = query.filter(
@@ -214,6 +270,21 @@ pub async fn list(
             .load(c)
             .await
     })
+}
+
+/// How many of `instance_id`'s delegations on `direction`'s side (`None`: either) are in each
+/// status; statuses with none are left out.
+pub(crate) async fn count_by_status(
+    conn: &mut Conn,
+    instance_id: &str,
+    direction: Option<DelegationDirection>,
+) -> QueryResult<Vec<(DelegationStatus, i64)>> {
+    with_conn!(conn, |c| td::table
+        .filter(on_side(instance_id, direction))
+        .group_by(td::status)
+        .select((td::status, diesel::dsl::count_star()))
+        .load(c)
+        .await)
 }
 
 /// The task's pending delegation, if it has one.

@@ -321,6 +321,7 @@ pub fn new_subtask(id: &str, parent: &str) -> NewTask {
 pub fn hop(task: &str, source: &str, target: &str, kind: DelegationType) -> NewDelegation {
     NewDelegation {
         request_id: None,
+        id: None,
         task_id: task.to_owned(),
         source_instance_id: source.to_owned(),
         target_instance_id: target.to_owned(),
