@@ -201,14 +201,17 @@ impl Fault {
         }
     }
 
-    /// Class 40 (transaction rollback: serialization failure, deadlock) is a conflict, except
-    /// 40003 (the outcome of the statement is unknown); 08 (connection exception), 57
+    /// Class 40 (transaction rollback: serialization failure, deadlock) and 55P03 (a lock not
+    /// granted in time) are a conflict, except 40003 (the outcome of the statement is
+    /// unknown); 08 (connection exception), 57
     /// (operator intervention: shutdown, crash, starting up), 58 (system error) and 25006
     /// (a read-only standby) mean the database cannot serve now; 53300 (too many connections)
     /// too, and the rest of 53 (insufficient resources: disk full, out of memory) is no room.
     fn of_sqlstate(code: &str) -> Self {
         match code {
             "40003" | "53300" | "25006" => Self::Unreachable,
+            // 55P03: a lock not granted within `lock_timeout` (or NOWAIT); nothing written.
+            "55P03" => Self::Conflict,
             _ if code.starts_with("40") => Self::Conflict,
             _ if code.starts_with("53") => Self::Full,
             _ if ["08", "57", "58"]
@@ -383,6 +386,11 @@ mod tests {
             "SQLSTATE 40P01: deadlock detected: process 12 waits for ShareLock on transaction 99",
         );
         assert!(matches!(&deadlock, Error::Aborted(m) if !m.contains("process")));
+        let lock_timeout = db_error(
+            DatabaseErrorKind::Unknown,
+            "SQLSTATE 55P03: canceling statement due to lock timeout",
+        );
+        assert!(matches!(lock_timeout, Error::Aborted(_)));
         for code in [
             "57P01", "57P02", "57P03", "08006", "08P01", "58030", "53300", "25006",
         ] {

@@ -66,12 +66,16 @@ Written by clients/python/scripts/generate.py; do not edit. Regenerate with that
 
 # `from hopper.delegation.v1 import x_pb2 as y` (mypy-protobuf, grpcio-tools and protoc all
 # write this form), possibly indented.
-_FROM_IMPORT = re.compile(r"^(?P<indent>[ \t]*)from[ \t]+hopper\.delegation\.v1[ \t]+import[ \t]", re.M)
-# The module name handed to protobuf's builder, e.g.
-# `_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hopper.delegation.v1.resources_pb2', _globals)`.
+_FROM_IMPORT = re.compile(
+    r"^(?P<indent>[ \t]*)from[ \t]+hopper\.delegation\.v1[ \t]+import[ \t]", re.M
+)
+# The module name handed to protobuf's builder, e.g. `_builder.BuildTopDescriptorsAndMessages(
+# DESCRIPTOR, 'hopper.delegation.v1.resources_pb2', _globals)`.
 _BUILDER_MODULE = re.compile(r"""(?P<q>['"])hopper\.delegation\.v1\.(?P<mod>\w+_pb2)(?P=q)""")
 # Anything else that would still import the top-level `hopper` package.
-_LEFTOVER_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+hopper(?:\.|[ \t])|import[ \t]+hopper(?:\.|[ \t]|$|,))", re.M)
+_LEFTOVER_IMPORT = re.compile(
+    r"^[ \t]*(?:from[ \t]+hopper(?:\.|[ \t])|import[ \t]+hopper(?:\.|[ \t]|$|,))", re.M
+)
 
 
 class GenerateError(Exception):
@@ -123,7 +127,10 @@ def _plugin(name: str) -> str:
 
 
 def _proto_files() -> list[str]:
-    files = sorted(p.relative_to(PROTO_ROOT).as_posix() for p in (PROTO_ROOT / PROTO_PACKAGE_DIR).glob("*.proto"))
+    files = sorted(
+        p.relative_to(PROTO_ROOT).as_posix()
+        for p in (PROTO_ROOT / PROTO_PACKAGE_DIR).glob("*.proto")
+    )
     if not files:
         raise GenerateError(f"no .proto files in {PROTO_ROOT / PROTO_PACKAGE_DIR}")
     return files
@@ -155,7 +162,9 @@ def _run_protoc(out: Path) -> None:
 def _rewrite(name: str, text: str) -> str:
     text = _FROM_IMPORT.sub(lambda m: f"{m['indent']}from {TARGET_PY_PACKAGE} import ", text)
     if name.endswith(".py"):
-        text = _BUILDER_MODULE.sub(lambda m: f"{m['q']}{TARGET_PY_PACKAGE}.{m['mod']}{m['q']}", text)
+        text = _BUILDER_MODULE.sub(
+            lambda m: f"{m['q']}{TARGET_PY_PACKAGE}.{m['mod']}{m['q']}", text
+        )
     leftover = _LEFTOVER_IMPORT.search(text)
     if leftover:
         line = text.count("\n", 0, leftover.start()) + 1
@@ -213,7 +222,9 @@ def check(files: dict[str, str]) -> int:
     stale = sorted(set(old) - set(files))
     changed = sorted(n for n in set(files) & set(old) if files[n] != old[n])
     if not (missing or stale or changed):
-        print(f"OK: {len(files)} generated files in {OUT_DIR.relative_to(REPO_ROOT)} are up to date")
+        print(
+            f"OK: {len(files)} generated files in {OUT_DIR.relative_to(REPO_ROOT)} are up to date"
+        )
         return 0
     rel = OUT_DIR.relative_to(REPO_ROOT).as_posix()
     print(f"generated code in {rel} is out of date:")
@@ -224,8 +235,12 @@ def check(files: dict[str, str]) -> int:
     for name in changed:
         diff = list(
             difflib.unified_diff(
-                old[name].splitlines(), files[name].splitlines(),
-                f"{rel}/{name} (committed)", f"{rel}/{name} (regenerated)", lineterm="", n=1,
+                old[name].splitlines(),
+                files[name].splitlines(),
+                f"{rel}/{name} (committed)",
+                f"{rel}/{name} (regenerated)",
+                lineterm="",
+                n=1,
             )
         )
         plus = sum(1 for d in diff if d.startswith("+") and not d.startswith("+++"))
@@ -242,7 +257,8 @@ def check(files: dict[str, str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="regenerate into a temporary directory and exit 1 if the committed files differ",
     )
     opts = parser.parse_args(argv)

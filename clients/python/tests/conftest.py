@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -203,23 +204,28 @@ class Server:
                 self.process.wait()
 
 
+class MakeServer(Protocol):
+    """Makes a server (not started yet) over ``database`` with extra ``serve`` arguments."""
+
+    def __call__(self, database: Database, args: list[str] | None = None) -> Server: ...
+
+
 @pytest.fixture
-def make_server(server_bin: Path, tmp_path: Path) -> Iterator[type[Server]]:
-    """Starts servers that are all stopped when the test ends."""
-    started: list[Server] = []
+def make_server(server_bin: Path, tmp_path: Path) -> Iterator[MakeServer]:
+    """Makes servers that are all stopped when the test ends."""
+    made: list[Server] = []
 
-    class Started(Server):
-        def __init__(self, database: Database, args: list[str] | None = None) -> None:
-            super().__init__(server_bin, database, tmp_path, list(args or []))
-            started.append(self)
+    def make(database: Database, args: list[str] | None = None) -> Server:
+        server = Server(server_bin, database, tmp_path, list(args or []))
+        made.append(server)
+        return server
 
-    yield Started
-    for server in started:
+    yield make
+    for server in made:
         server.stop()
 
 
 @pytest.fixture
-def server(make_server: type[Server], database: Database) -> Server:
+def server(make_server: MakeServer, database: Database) -> Server:
     """A running server over a fresh database, on each backend."""
     return make_server(database).start()
-

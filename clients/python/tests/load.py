@@ -46,7 +46,7 @@ class Writers:
                     hop = client.create_delegation(
                         task_id=task.id, source_instance_id="global", target_instance_id="project"
                     )
-                    _until_done(lambda: client.accept_delegation(id=hop.id))
+                    _until_done(lambda hop=hop: client.accept_delegation(id=hop.id))
                     done += 1
         except BaseException as error:  # reported by join()
             self.errors.append(error)
@@ -87,12 +87,12 @@ def logged(target: str, instance_id: str = "global") -> list[tuple[int, int, str
         request = delegation_service_pb2.WatchEventsRequest(
             instance_id=instance_id, include_descendants=True, after_sequence=0
         )
-        out = []
+        out: list[tuple[int, int, str]] = []
         call = stub.WatchEvents(request, timeout=60)
         for response in call:
             if response.HasField("progress"):
                 call.cancel()
                 break
             e = response.event
-            out.append((e.sequence, e.kind, e.delegation.id))
+            out.append((e.sequence, int(e.kind), e.delegation.id))
         return out

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import Database, Server
+from conftest import Database, MakeServer, Server
 from load import Writers, hierarchy, logged
 
 from hopper_delegation import (
@@ -57,9 +57,13 @@ class Collector:
 def test_a_watch_holds_the_log_across_a_sigkill_and_restart(server: Server) -> None:
     with HopperClient(server.target) as client:
         hierarchy(client)
-    live = Collector(HopperClient(server.target).watch("global", descendants=True, progress_interval=0.3))
+    live = Collector(
+        HopperClient(server.target).watch("global", descendants=True, progress_interval=0.3)
+    )
     history = Collector(
-        HopperClient(server.target).watch("global", descendants=True, after=0, progress_interval=0.3)
+        HopperClient(server.target).watch(
+            "global", descendants=True, after=0, progress_interval=0.3
+        )
     )
     writers = Writers(server.target).start()
     time.sleep(1.0)
@@ -79,7 +83,7 @@ def test_a_watch_holds_the_log_across_a_sigkill_and_restart(server: Server) -> N
 
 
 def test_a_watch_moves_to_another_replica_when_its_own_dies(
-    make_server: type[Server], postgres: Database
+    make_server: MakeServer, postgres: Database
 ) -> None:
     first = make_server(postgres).start()
     second = make_server(postgres).start()
@@ -88,7 +92,9 @@ def test_a_watch_moves_to_another_replica_when_its_own_dies(
         hierarchy(client)
     # pick_first: the watches read from the first replica while it lives.
     watches = [
-        Collector(HopperClient(replicas).watch("global", descendants=True, after=0, progress_interval=0.3))
+        Collector(
+            HopperClient(replicas).watch("global", descendants=True, after=0, progress_interval=0.3)
+        )
         for _ in range(3)
     ]
     writers = Writers(second.target, count=3).start()
@@ -126,7 +132,7 @@ def test_a_hung_server_is_a_fault_the_watch_resumes_from(server: Server) -> None
 
 
 def test_an_expired_cursor_says_where_history_begins(
-    make_server: type[Server], database: Database
+    make_server: MakeServer, database: Database
 ) -> None:
     server = make_server(database, ["--event-retention", "0s", "--prune-interval", "50ms"]).start()
     with HopperClient(server.target) as client:
@@ -167,8 +173,8 @@ async def test_an_async_watch_holds_the_log_across_a_sigkill_and_restart(server:
     with HopperClient(server.target) as client:
         hierarchy(client)
     writers = Writers(server.target).start()
-    async with AsyncHopperClient(server.target) as client:
-        watch = client.watch("global", descendants=True, after=0, progress_interval=0.3)
+    async with AsyncHopperClient(server.target) as aclient:
+        watch = aclient.watch("global", descendants=True, after=0, progress_interval=0.3)
         seen: list[tuple[int, int, str]] = []
 
         async def read() -> None:
@@ -184,9 +190,47 @@ async def test_an_async_watch_holds_the_log_across_a_sigkill_and_restart(server:
         assert await asyncio.to_thread(writers.join) > 0
         log = await asyncio.to_thread(logged, server.target)
         async with asyncio.timeout(60):
-            while not seen or seen[-1][0] < log[-1][0]:
+            while not seen or seen[-1][0] < log[-1][0]:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         await watch.aclose()
         await reader
         assert seen == log
         assert watch.reconnects >= 1
+
+
+def test_start_returns_once_the_stream_is_caught_up(server: Server) -> None:
+    with HopperClient(server.target) as client:
+        hierarchy(client)
+        client.create_task(id="t", title="t", instance_id="global")
+        hop = client.create_delegation(
+            task_id="t", source_instance_id="global", target_instance_id="project"
+        )
+        client.accept_delegation(id=hop.id)
+        replaying = client.watch("global", descendants=True, after=0)
+        assert replaying.start() == 2
+        live = client.watch("global", descendants=True)
+        assert live.start() == 2
+        done = client.complete_delegation(id=hop.id)
+        assert [e.sequence for e in (next(replaying), next(replaying), next(replaying))] == [
+            1,
+            2,
+            3,
+        ]
+        assert next(live).delegation == done.delegation
+        replaying.close()
+        live.close()
+
+
+async def test_an_async_start_returns_once_the_stream_is_caught_up(server: Server) -> None:
+    with HopperClient(server.target) as client:
+        hierarchy(client)
+        client.create_task(id="t", title="t", instance_id="global")
+        hop = client.create_delegation(
+            task_id="t", source_instance_id="global", target_instance_id="project"
+        )
+    async with AsyncHopperClient(server.target) as aclient:
+        watch = aclient.watch("global", descendants=True, after=0)
+        assert await watch.start() == 1
+        await aclient.accept_delegation(id=hop.id)
+        assert [(await anext(watch)).sequence for _ in range(2)] == [1, 2]
+        await watch.aclose()

@@ -86,6 +86,11 @@ class Connection:
             ("grpc.enable_retries", 1),
             # The server's limit; a result may be up to 1 MiB as JSON.
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            # grpcio's reconnect backoff grows to 120 s: a server back after a restart would
+            # wait that long for its clients, and a lease lapse meanwhile. Retry within 1 s.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         if "," in grpc_target:
             # gRPC would send the whole list as :authority, which HTTP/2 servers refuse.

@@ -20,6 +20,7 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
@@ -129,6 +130,7 @@ class Watch(Iterator[Event]):
         self._waiting_since: float | None = None
         self._silenced = False
         self._dog: threading.Thread | None = None
+        self._ready: deque[Event] = deque()  # read by start(), not yet delivered
 
     @property
     def cursor(self) -> int | None:
@@ -144,6 +146,27 @@ class Watch(Iterator[Event]):
         return self
 
     def __next__(self) -> Event:
+        if self._ready:
+            return self._ready.popleft()
+        while True:
+            event = self._state.take(self._message())
+            if event is not None:
+                return event
+
+    def start(self) -> int | None:
+        """Opens the stream and waits until the server has caught it up (its first progress
+        mark): every event after the returned cursor will be delivered. Read the state you
+        need after this, and nothing between the two is lost."""
+        while True:
+            response = self._message()
+            event = self._state.take(response)
+            if event is not None:
+                self._ready.append(event)
+            elif response.HasField("progress"):
+                return self._state.cursor
+
+    def _message(self) -> dpb.WatchEventsResponse:
+        """The next message of the stream, opening a new one after a fault."""
         state = self._state
         while True:
             if self._closed:
@@ -156,26 +179,22 @@ class Watch(Iterator[Event]):
                     self._dog.start()
             self._waiting_since = time.monotonic()
             try:
-                response = next(self._call)
+                response: dpb.WatchEventsResponse = next(self._call)
+                return response
             except StopIteration:
                 self._fault("the stream ended")
-                continue
             except grpc.RpcError as error:
                 if self._closed:
                     raise StopIteration from None
                 if self._silenced:
                     self._fault(f"no message for {state.silence:.0f}s")
-                    continue
-                if not _is_fault(error):
+                elif not _is_fault(error):
                     self.close()
                     raise from_rpc_error(error) from None
-                self._fault(from_rpc_error(error))
-                continue
+                else:
+                    self._fault(from_rpc_error(error))
             finally:
                 self._waiting_since = None
-            event = state.take(response)
-            if event is not None:
-                return event
 
     def _fault(self, why: object) -> None:
         call, self._call = self._call, None
@@ -222,6 +241,7 @@ class AsyncWatch(AsyncIterator[Event]):
         self._call: Any = None
         self._closed = False
         self._closing = asyncio.Event()
+        self._ready: deque[Event] = deque()  # read by start(), not yet delivered
 
     @property
     def cursor(self) -> int | None:
@@ -237,6 +257,25 @@ class AsyncWatch(AsyncIterator[Event]):
         return self
 
     async def __anext__(self) -> Event:
+        if self._ready:
+            return self._ready.popleft()
+        while True:
+            event = self._state.take(await self._message())
+            if event is not None:
+                return event
+
+    async def start(self) -> int | None:
+        """:meth:`Watch.start`: opens the stream and waits until it is caught up."""
+        while True:
+            response = await self._message()
+            event = self._state.take(response)
+            if event is not None:
+                self._ready.append(event)
+            elif response.HasField("progress"):
+                return self._state.cursor
+
+    async def _message(self) -> dpb.WatchEventsResponse:
+        """The next message of the stream, opening a new one after a fault."""
         state = self._state
         while True:
             if self._closed:
@@ -249,6 +288,11 @@ class AsyncWatch(AsyncIterator[Event]):
             except TimeoutError:
                 await self._fault(f"no message for {state.silence:.0f}s")
                 continue
+            except asyncio.CancelledError:
+                # grpc.aio raises this from a read of a call cancelled here: aclose().
+                if self._closed:
+                    raise StopAsyncIteration from None
+                raise
             except grpc.RpcError as error:
                 if self._closed:
                     raise StopAsyncIteration from None
@@ -260,9 +304,8 @@ class AsyncWatch(AsyncIterator[Event]):
             if response is grpc.aio.EOF:
                 await self._fault("the stream ended")
                 continue
-            event = state.take(response)
-            if event is not None:
-                return event
+            message: dpb.WatchEventsResponse = response
+            return message
 
     async def _fault(self, why: object) -> None:
         call, self._call = self._call, None
