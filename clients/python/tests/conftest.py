@@ -9,6 +9,7 @@ where that is a failure. ``HOPPER_SERVER_BIN`` names a built server to use inste
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -83,42 +84,39 @@ class Database:
             _psql(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
 
 
+@contextlib.contextmanager
+def fresh_postgres() -> Iterator[Database]:
+    """A PostgreSQL database of its own, dropped afterwards; skipped (or, where PostgreSQL is
+    required, failed) when no server answers."""
+    if not postgres_up():
+        if POSTGRES_REQUIRED:
+            pytest.fail(f"PostgreSQL is required and not running at {ADMIN_URL}")
+        pytest.skip("PostgreSQL is not running")
+    name = f"hopper_py_{uuid.uuid4().hex[:12]}"
+    _psql(f"CREATE DATABASE {name}")
+    parts = urlsplit(ADMIN_URL)
+    db = Database("postgres", urlunsplit(parts._replace(path=f"/{name}")), name)
+    try:
+        yield db
+    finally:
+        db.drop()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     """A fresh database on each backend."""
-    backend: str = request.param
-    if backend == "sqlite":
+    if request.param == "sqlite":
         yield Database("sqlite", f"sqlite://{tmp_path / 'hopper.db'}")
-        return
-    if not postgres_up():
-        if POSTGRES_REQUIRED:
-            pytest.fail(f"PostgreSQL is required and not running at {ADMIN_URL}")
-        pytest.skip("PostgreSQL is not running")
-    name = f"hopper_py_{uuid.uuid4().hex[:12]}"
-    _psql(f"CREATE DATABASE {name}")
-    parts = urlsplit(ADMIN_URL)
-    db = Database("postgres", urlunsplit(parts._replace(path=f"/{name}")), name)
-    try:
-        yield db
-    finally:
-        db.drop()
+    else:
+        with fresh_postgres() as db:
+            yield db
 
 
 @pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[Database]:
+def postgres() -> Iterator[Database]:
     """A fresh PostgreSQL database (for what only PostgreSQL can do: several replicas)."""
-    if not postgres_up():
-        if POSTGRES_REQUIRED:
-            pytest.fail(f"PostgreSQL is required and not running at {ADMIN_URL}")
-        pytest.skip("PostgreSQL is not running")
-    name = f"hopper_py_{uuid.uuid4().hex[:12]}"
-    _psql(f"CREATE DATABASE {name}")
-    parts = urlsplit(ADMIN_URL)
-    db = Database("postgres", urlunsplit(parts._replace(path=f"/{name}")), name)
-    try:
+    with fresh_postgres() as db:
         yield db
-    finally:
-        db.drop()
 
 
 @dataclass

@@ -156,6 +156,7 @@ def test_an_expired_cursor_says_where_history_begins(
             time.sleep(0.05)
         # Resuming from where history begins is accepted; a cursor ahead of the log is not.
         watch = client.watch("global", descendants=True, after=2, progress_interval=0.3)
+        assert watch.start() == 2  # live before the pruner can take what comes next
         client.create_task(id="u", title="u", instance_id="global")
         later = client.create_delegation(
             task_id="u", source_instance_id="global", target_instance_id="project"

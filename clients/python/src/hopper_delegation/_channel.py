@@ -88,8 +88,9 @@ class Connection:
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             # grpcio's reconnect backoff grows to 120 s: a server back after a restart would
             # wait that long for its clients, and a lease lapse meanwhile. Retry within 1 s.
+            # (Not grpc.min_reconnect_backoff_ms: it is also the connect timeout, and 100 ms
+            # fails connections to a busy server.)
             ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         if "," in grpc_target:

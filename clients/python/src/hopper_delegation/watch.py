@@ -113,7 +113,23 @@ class _Cursor:
         return pause
 
 
-class Watch(Iterator[Event]):
+class _Watched:
+    """What both watches show: the cursor and the reconnections."""
+
+    _state: _Cursor
+
+    @property
+    def cursor(self) -> int | None:
+        """The sequence to persist and resume after (``after=``)."""
+        return self._state.cursor
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the watch has opened a new stream after a fault."""
+        return self._state.reconnects
+
+
+class Watch(_Watched, Iterator[Event]):
     """A blocking iterator of events that resumes by itself; see the module's doc."""
 
     def __init__(
@@ -131,16 +147,6 @@ class Watch(Iterator[Event]):
         self._silenced = False
         self._dog: threading.Thread | None = None
         self._ready: deque[Event] = deque()  # read by start(), not yet delivered
-
-    @property
-    def cursor(self) -> int | None:
-        """The sequence to persist and resume after (``after=``)."""
-        return self._state.cursor
-
-    @property
-    def reconnects(self) -> int:
-        """How many times the watch has opened a new stream after a fault."""
-        return self._state.reconnects
 
     def __iter__(self) -> Watch:
         return self
@@ -228,7 +234,7 @@ class Watch(Iterator[Event]):
         self.close()
 
 
-class AsyncWatch(AsyncIterator[Event]):
+class AsyncWatch(_Watched, AsyncIterator[Event]):
     """An async iterator of events that resumes by itself; see the module's doc."""
 
     def __init__(
@@ -242,16 +248,6 @@ class AsyncWatch(AsyncIterator[Event]):
         self._closed = False
         self._closing = asyncio.Event()
         self._ready: deque[Event] = deque()  # read by start(), not yet delivered
-
-    @property
-    def cursor(self) -> int | None:
-        """The sequence to persist and resume after (``after=``)."""
-        return self._state.cursor
-
-    @property
-    def reconnects(self) -> int:
-        """How many times the watch has opened a new stream after a fault."""
-        return self._state.reconnects
 
     def __aiter__(self) -> AsyncWatch:
         return self
