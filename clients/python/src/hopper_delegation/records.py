@@ -43,16 +43,14 @@ def _at(seconds: int, nanos: int) -> datetime:
     return _EPOCH + timedelta(0, seconds, nanos // 1000)
 
 
-def _time(message: Any, field: str) -> datetime | None:
-    """The Timestamp field of ``message`` as an aware UTC datetime; ``None`` if unset."""
-    if not message.HasField(field):
-        return None
-    ts: timestamp_pb2.Timestamp = getattr(message, field)
+def _time(ts: timestamp_pb2.Timestamp) -> datetime | None:
+    """A Timestamp as an aware UTC datetime; ``None`` if unset (no record is at the epoch)."""
+    seconds, nanos = ts.seconds, ts.nanos
+    return _at(seconds, nanos) if seconds or nanos else None
+
+
+def _required_time(ts: timestamp_pb2.Timestamp) -> datetime:
     return _at(ts.seconds, ts.nanos)
-
-
-def _required_time(message: Any, field: str) -> datetime:
-    return _time(message, field) or _EPOCH
 
 
 def _duration(message: Any, field: str) -> timedelta | None:
@@ -153,10 +151,10 @@ class Instance:
             parent_id=_optional(m.parent_id),
             status=_INSTANCE_STATUS[m.status],
             config=from_struct(m.config),
-            created_at=_required_time(m, "created_at"),
-            updated_at=_required_time(m, "updated_at"),
+            created_at=_required_time(m.created_at),
+            updated_at=_required_time(m.updated_at),
             lease=_duration(m, "lease"),
-            lease_expires_at=_time(m, "lease_expires_at"),
+            lease_expires_at=_time(m.lease_expires_at),
         )
 
 
@@ -184,8 +182,8 @@ class Task:
             parent_task_id=_optional(m.parent_task_id),
             status=_TASK_STATUS[m.status],
             result=_struct(m, "result"),
-            created_at=_required_time(m, "created_at"),
-            updated_at=_required_time(m, "updated_at"),
+            created_at=_required_time(m.created_at),
+            updated_at=_required_time(m.updated_at),
         )
 
 
@@ -216,27 +214,30 @@ class Delegation:
 
     @classmethod
     def from_proto(cls, m: rpb.Delegation) -> Delegation:
+        # Positional and inlined: a watch converts one per event (see docs/PERFORMANCE.md).
+        time, at = _time, _at
+        created, updated = m.created_at, m.updated_at
         return cls(
-            id=m.id,
-            task_id=m.task_id,
-            parent_delegation_id=_optional(m.parent_delegation_id),
-            source_instance_id=m.source_instance_id,
-            target_instance_id=m.target_instance_id,
-            delegation_type=_DELEGATION_TYPE[m.delegation_type],
-            status=_DELEGATION_STATUS[m.status],
-            delegated_at=_required_time(m, "delegated_at"),
-            accepted_at=_time(m, "accepted_at"),
-            completed_at=_time(m, "completed_at"),
-            result=_struct(m, "result"),
-            rejection_reason=_optional(m.rejection_reason),
-            notes=m.notes,
-            delegated_by=m.delegated_by,
-            created_at=_required_time(m, "created_at"),
-            updated_at=_required_time(m, "updated_at"),
-            accept_by=_time(m, "accept_by"),
-            complete_by=_time(m, "complete_by"),
-            expired_at=_time(m, "expired_at"),
-            expiry_reason=_EXPIRY_REASON.get(m.expiry_reason),
+            m.id,
+            m.task_id,
+            m.parent_delegation_id or None,
+            m.source_instance_id,
+            m.target_instance_id,
+            _DELEGATION_TYPE[m.delegation_type],
+            _DELEGATION_STATUS[m.status],
+            _required_time(m.delegated_at),
+            time(m.accepted_at),
+            time(m.completed_at),
+            from_struct(m.result) if m.HasField("result") else None,
+            m.rejection_reason or None,
+            m.notes,
+            m.delegated_by,
+            at(created.seconds, created.nanos),
+            at(updated.seconds, updated.nanos),
+            time(m.accept_by),
+            time(m.complete_by),
+            time(m.expired_at),
+            _EXPIRY_REASON.get(m.expiry_reason),
         )
 
 
@@ -254,12 +255,12 @@ class Event:
     @classmethod
     def from_proto(cls, m: dpb.DelegationEvent) -> Event:
         return cls(
-            sequence=m.sequence,
-            kind=_EVENT_KIND[m.kind],
-            occurred_at=_required_time(m, "occurred_at"),
-            delegation=Delegation.from_proto(m.delegation) if m.HasField("delegation") else None,
-            task_id=m.task_id,
-            caused_by_delegation_id=_optional(m.caused_by_delegation_id),
+            m.sequence,
+            _EVENT_KIND[m.kind],
+            _required_time(m.occurred_at),
+            Delegation.from_proto(m.delegation) if m.HasField("delegation") else None,
+            m.task_id,
+            m.caused_by_delegation_id or None,
         )
 
 
