@@ -4,7 +4,8 @@ Orchestration; the records validate as upstream's pydantic ``DelegationResponse`
 
 from __future__ import annotations
 
-from datetime import datetime
+import time
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -108,7 +109,6 @@ def test_create_accept_complete(server: Server) -> None:
             "rejected": 0,
             "completed": 1,
             "cancelled": 0,
-            "expired": 0,
         }
         response = DelegationResponse.model_validate(completed, from_attributes=True)
         assert response.status == "completed" and response.result == result
@@ -155,3 +155,22 @@ def test_the_chain_of_a_task_routed_global_project_orchestration(server: Server)
         assert statuses == ["completed", "completed"]
         for record in repo.get_delegation_chain("TASK-CHAIN"):
             DelegationResponse.model_validate(record, from_attributes=True)
+
+
+def test_an_expired_hop_reads_as_upstreams_cancelled(server: Server) -> None:
+    """A hop whose target's lease lapsed: upstream has no "expired", so it is "cancelled"."""
+    with HopperClient(server.target) as client:
+        repo = tree(client)
+        client.register_instance(
+            id="leased", name="leased", scope=Scope.ORCHESTRATION, parent_id="project-del",
+            lease=timedelta(seconds=1),
+        )  # fmt: skip
+        client.create_task(id="TASK-X", title="x", instance_id="project-del")
+        repo.create_delegation("DEL-X", "TASK-X", "project-del", "leased")
+        deadline = time.monotonic() + 30
+        while (record := repo.get("DEL-X")) is not None and record.status == "pending":
+            assert time.monotonic() < deadline, "the hop never expired"
+            time.sleep(0.1)
+        assert record is not None and record.status == "cancelled" and record.is_terminal
+        DelegationResponse.model_validate(record, from_attributes=True)
+        assert repo.count_delegations_by_status("leased")["cancelled"] == 1

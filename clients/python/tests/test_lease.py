@@ -107,3 +107,18 @@ async def test_an_async_keeper_keeps_the_lease(server: Server) -> None:
         assert keeper.renewals >= 8 and len(renewed) == keeper.renewals
         with pytest.raises(TypeError):
             LeaseKeeper(aclient, "worker", LEASE).start()
+
+
+def test_a_callback_that_raises_does_not_stop_the_keeper(server: Server) -> None:
+    with HopperClient(server.target) as client:
+        hop = leased_worker(client)
+
+        def broken(live_until: datetime) -> None:
+            raise RuntimeError("the instance's own bug")
+
+        with LeaseKeeper(client, "worker", LEASE, on_renewed=broken) as keeper:
+            time.sleep(3 * LEASE.total_seconds())
+        assert keeper.renewals >= 6 and keeper.error is None
+        assert client.get_delegation(id=hop).status is DelegationStatus.PENDING
+        with pytest.raises(RuntimeError, match="started already"):
+            keeper.start()

@@ -57,9 +57,11 @@ class Collector:
 def test_a_watch_holds_the_log_across_a_sigkill_and_restart(server: Server) -> None:
     with HopperClient(server.target) as client:
         hierarchy(client)
-    live = Collector(
-        HopperClient(server.target).watch("global", descendants=True, progress_interval=0.3)
+    live_watch = HopperClient(server.target).watch(
+        "global", descendants=True, progress_interval=0.3
     )
+    live_watch.start()  # "from now" is now, before the writers start
+    live = Collector(live_watch)
     history = Collector(
         HopperClient(server.target).watch(
             "global", descendants=True, after=0, progress_interval=0.3
@@ -234,4 +236,41 @@ async def test_an_async_start_returns_once_the_stream_is_caught_up(server: Serve
         assert await watch.start() == 1
         await aclient.accept_delegation(id=hop.id)
         assert [(await anext(watch)).sequence for _ in range(2)] == [1, 2]
+        await watch.aclose()
+
+
+def test_the_cursor_never_runs_ahead_of_what_was_delivered(server: Server) -> None:
+    with HopperClient(server.target) as client:
+        hierarchy(client)
+        for task in ("a", "b", "c"):
+            client.create_task(id=task, title=task, instance_id="global")
+            client.create_delegation(
+                task_id=task, source_instance_id="global", target_instance_id="project"
+            )
+        watch = client.watch("global", descendants=True, after=0)
+        assert watch.start() == 3  # the three events are read ahead
+        assert watch.cursor == 0, "nothing is delivered yet"
+        assert next(watch).sequence == 1
+        assert watch.cursor == 1
+        # Resuming from the persisted cursor delivers what this watch has not.
+        resumed = client.watch("global", descendants=True, after=watch.cursor)
+        assert [next(resumed).sequence for _ in range(2)] == [2, 3]
+        resumed.close()
+        watch.close()
+
+
+async def test_a_timeout_around_a_read_leaves_the_async_watch_usable(server: Server) -> None:
+    with HopperClient(server.target) as client:
+        hierarchy(client)
+    async with AsyncHopperClient(server.target) as aclient:
+        watch = aclient.watch("global", descendants=True, progress_interval=0.3)
+        await watch.start()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(watch), 0.1)  # nothing happens: the caller gives up
+        await aclient.create_task(id="t", title="t", instance_id="global")
+        hop = await aclient.create_delegation(
+            task_id="t", source_instance_id="global", target_instance_id="project"
+        )
+        event = await asyncio.wait_for(anext(watch), 10)
+        assert event.delegation is not None and event.delegation.id == hop.id
         await watch.aclose()

@@ -23,6 +23,7 @@ from .errors import (
     AlreadyExists,
     Cancelled,
     CursorExpired,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     HopperError,
@@ -34,6 +35,7 @@ from .errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    Unimplemented,
     Unknown,
 )
 from .lease import LeaseKeeper
@@ -61,6 +63,7 @@ __all__ = [
     "Cancelled",
     "Completion",
     "CursorExpired",
+    "DataLoss",
     "DeadlineExceeded",
     "Delegation",
     "DelegationChain",
@@ -91,6 +94,7 @@ __all__ = [
     "TaskStatus",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
     "Unknown",
     "Watch",
 ]

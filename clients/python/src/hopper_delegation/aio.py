@@ -100,11 +100,14 @@ class AsyncHopperClient:
                     timeout=attempt_timeout or self.timeout,
                     metadata=self.connection.metadata,
                 )
-            except grpc.aio.AioRpcError as error:
-                code = error.code()
-                if code not in retried_on or attempt >= self.retry_attempts:
-                    raise from_rpc_error(error) from None
-                await asyncio.sleep(0 if code == grpc.StatusCode.ABORTED else pause(attempt))
+            except grpc.aio.AioRpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                if error.code not in retried_on or attempt >= self.retry_attempts:
+                    raise error from None
+                # ABORTED wrote nothing and may go through at once: a short pause only.
+                await asyncio.sleep(
+                    pause(attempt) / (10 if error.code == grpc.StatusCode.ABORTED else 1)
+                )
                 attempt += 1
                 continue
             return op.convert(response)
@@ -178,10 +181,15 @@ class AsyncHopperClient:
         include_descendants: bool = False,
         after_sequence: int | None = None,
         kinds: Iterable[EventKind] | None = None,
+        progress_interval: float = PROGRESS_INTERVAL,
     ) -> AsyncWatch:
         """WatchEvents with the proto's field names: the same as :meth:`watch`."""
         return self.watch(
-            instance_id, descendants=include_descendants, after=after_sequence, kinds=kinds
+            instance_id,
+            descendants=include_descendants,
+            after=after_sequence,
+            kinds=kinds,
+            progress_interval=progress_interval,
         )
 
     async def close(self) -> None:

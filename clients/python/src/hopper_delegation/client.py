@@ -108,11 +108,12 @@ class HopperClient:
                     timeout=attempt_timeout or self.timeout,
                     metadata=self.connection.metadata,
                 )
-            except grpc.RpcError as error:
-                code: grpc.StatusCode = error.code()
-                if code not in retried_on or attempt >= self.retry_attempts:
-                    raise from_rpc_error(error) from None
-                time.sleep(0 if code == grpc.StatusCode.ABORTED else pause(attempt))
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                if error.code not in retried_on or attempt >= self.retry_attempts:
+                    raise error from None
+                # ABORTED wrote nothing and may go through at once: a short pause only.
+                time.sleep(pause(attempt) / (10 if error.code == grpc.StatusCode.ABORTED else 1))
                 attempt += 1
                 continue
             return op.convert(response)
@@ -187,10 +188,15 @@ class HopperClient:
         include_descendants: bool = False,
         after_sequence: int | None = None,
         kinds: Iterable[EventKind] | None = None,
+        progress_interval: float = PROGRESS_INTERVAL,
     ) -> Watch:
         """WatchEvents with the proto's field names: the same as :meth:`watch`."""
         return self.watch(
-            instance_id, descendants=include_descendants, after=after_sequence, kinds=kinds
+            instance_id,
+            descendants=include_descendants,
+            after=after_sequence,
+            kinds=kinds,
+            progress_interval=progress_interval,
         )
 
     def close(self) -> None:

@@ -9,7 +9,9 @@ string values (``"route"``, ``"pending"``), so that upstream's pydantic
 Where this service is stricter than upstream's model, it says so: a transition the current
 state forbids raises :class:`~hopper_delegation.FailedPrecondition` (upstream's model methods
 check nothing), and ``mark_rejected`` without a reason sends ``"no reason given"`` (the service
-requires one). ``mark_*`` return ``None`` for an unknown id, as upstream does.
+requires one). ``mark_*`` return ``None`` for an unknown id, as upstream does. A hop that
+expired (a deadline or a lapsed lease; upstream has no such status) reads as ``"cancelled"``,
+the upstream status of a hop called off with its task sent back, and is counted so.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ T = TypeVar("T")
 #: The reason sent when ``mark_rejected`` is given none.
 NO_REASON = "no reason given"
 
-_TERMINAL = ("completed", "rejected", "cancelled", "expired")
+_TERMINAL = ("completed", "rejected", "cancelled")
+
+
+def _status(status: DelegationStatus) -> str:
+    """Upstream's word for a status: ``expired`` is not one of them."""
+    return "cancelled" if status is DelegationStatus.EXPIRED else status.name.lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +79,7 @@ class DelegationRecord:
             source_instance_id=d.source_instance_id or None,
             target_instance_id=d.target_instance_id or None,
             delegation_type=d.delegation_type.name.lower(),
-            status=d.status.name.lower(),
+            status=_status(d.status),
             delegated_at=d.delegated_at,
             accepted_at=d.accepted_at,
             completed_at=d.completed_at,
@@ -201,7 +208,10 @@ class TaskDelegationRepository:
         counts = self.client.count_delegations(
             instance_id=instance_id, direction=DelegationDirection.INCOMING
         )
-        return {status.name.lower(): n for status, n in counts.items()}
+        by_word = dict.fromkeys(("pending", "accepted", "completed", "rejected", "cancelled"), 0)
+        for status, n in counts.items():
+            by_word[_status(status)] += n
+        return by_word
 
 
 def _or_none(read: Callable[[], T]) -> T | None:

@@ -9,6 +9,7 @@ again. The server's error details are decoded: :class:`InvalidArgument` names it
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import grpc
@@ -123,6 +124,18 @@ class Cancelled(HopperError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unimplemented(HopperError):
+    """The server does not have this RPC (it is older than this client)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class DataLoss(HopperError):
+    """Unrecoverable data loss (the service does not send it; a proxy may)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class Unknown(HopperError):
     """A status the service does not send (from a proxy, say)."""
 
@@ -145,6 +158,8 @@ _BY_CODE: dict[grpc.StatusCode, type[HopperError]] = {
         OutOfRange,
         Internal,
         Cancelled,
+        Unimplemented,
+        DataLoss,
         Unknown,
     )
 }
@@ -161,7 +176,10 @@ def from_rpc_error(error: grpc.RpcError) -> HopperError:
     message: str = call.details() or ""
     details = _details(call.trailing_metadata())
     if code == grpc.StatusCode.OUT_OF_RANGE and _ERROR_INFO in details:
-        reason, metadata = _error_info(details[_ERROR_INFO])
+        try:
+            reason, metadata = _error_info(details[_ERROR_INFO])
+        except (ValueError, IndexError, UnicodeDecodeError):
+            reason, metadata = "", {}
         if reason == "CURSOR_EXPIRED":
             return CursorExpired(
                 message,
@@ -170,7 +188,23 @@ def from_rpc_error(error: grpc.RpcError) -> HopperError:
             )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(message, _first_field(details.get(_BAD_REQUEST)))
+    if _transient_reset(code, message):
+        return Unavailable(message)
     return _BY_CODE.get(code, Unknown)(message)
+
+
+_RESET = re.compile(r"RST_STREAM with error code (\d+)\b")
+
+
+def _transient_reset(code: grpc.StatusCode, message: str) -> bool:
+    """A stream reset by a dying server or a proxy: grpcio reports NO_ERROR and
+    INTERNAL_ERROR resets as INTERNAL, CANCEL ones as CANCELLED (REFUSED_STREAM is already
+    UNAVAILABLE). They are faults, to retry; a PROTOCOL_ERROR is a misconfiguration that a
+    retry would meet forever."""
+    if code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED):
+        return False
+    reset = _RESET.search(message)
+    return reset is not None and int(reset[1]) in (0, 2, 7, 8)
 
 
 # --- The status details, read from protobuf's wire format -----------------------------------
@@ -252,9 +286,12 @@ def _error_info(data: bytes) -> tuple[str, dict[str, str]]:
 def _first_field(data: bytes | None) -> str | None:
     if data is None:
         return None
-    for number, violation in _fields(data):
-        if number == 1 and isinstance(violation, bytes):
-            field = dict(_fields(violation)).get(1)
-            if isinstance(field, bytes):
-                return field.decode()
+    try:
+        for number, violation in _fields(data):
+            if number == 1 and isinstance(violation, bytes):
+                field = dict(_fields(violation)).get(1)
+                if isinstance(field, bytes):
+                    return field.decode()
+    except (ValueError, IndexError, UnicodeDecodeError):
+        pass
     return None

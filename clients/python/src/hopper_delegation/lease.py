@@ -56,8 +56,8 @@ class LeaseKeeper:
         #: Until when the instance is live, on the server's clock (``None`` before the first
         #: renewal).
         self.live_until: datetime | None = None
-        #: The refusal that stopped the keeper, if one did.
-        self.error: HopperError | None = None
+        #: The refusal (or the error) that stopped the keeper, if one did.
+        self.error: Exception | None = None
         #: How many renewals succeeded.
         self.renewals = 0
         self._renewed_at: float | None = None  # time.monotonic() of the last renewal
@@ -73,20 +73,48 @@ class LeaseKeeper:
     def period(self) -> float:
         return self.lease.total_seconds()
 
-    def _renewed(self, instance: Instance) -> tuple[bool, datetime]:
-        """Records a renewal; whether the lease had lapsed before it, and the new live_until."""
+    def _attempt_timeout(self) -> float:
+        return max(self.period / 3, 0.5)
+
+    def _after(
+        self, instance: Instance | None, error: Exception | None
+    ) -> tuple[list[Callable[[], object]], float | None]:
+        """What follows one renewal attempt: the callbacks now due, and the pause before the
+        next attempt (``None``: stop, on a refusal)."""
+        due: list[Callable[[], object]] = []
+        if error is not None:
+            if not isinstance(error, HopperError) or not error.retryable:
+                self.error = error
+                log.warning("lease keeper of %s stops: %s", self.instance_id, error)
+                return due, None
+            if self._lapsed_here() and self.on_lapse:
+                due.append(self.on_lapse)
+            return due, self.period / 10
+        assert instance is not None
+        if instance.lease is not None and instance.lease != self.lease:
+            log.warning(
+                "%s holds a lease of %s, not %s: keeping that", self.instance_id, instance.lease,
+                self.lease,
+            )  # fmt: skip
+            self.lease = instance.lease
         live_until = instance.lease_expires_at or datetime.now().astimezone()
-        # The renewal happened at live_until - lease on the server's clock.
-        lapsed = (
+        # The renewal happened at live_until - lease on the server's clock: later than the
+        # previous live_until means the lease lapsed in between.
+        if (
             self.live_until is not None
             and live_until - self.lease > self.live_until
             and not self._lapse_reported
-        )
+            and self.on_lapse
+        ):
+            due.append(self.on_lapse)
         self.live_until = live_until
         self._renewed_at = time.monotonic()
         self._lapse_reported = False
         self.renewals += 1
-        return lapsed, live_until
+        if self.on_renewed:
+            on_renewed = self.on_renewed
+            due.append(lambda: on_renewed(live_until))
+        return due, self.period / 3
 
     def _lapsed_here(self) -> bool:
         """Whether a whole period passed here without a renewal (reported once)."""
@@ -97,13 +125,9 @@ class LeaseKeeper:
         self._lapse_reported = True
         return True
 
-    def _next(self, failed: bool) -> float:
-        """The pause before the next renewal: a third of the period, sooner after a fault."""
-        return self.period / (10 if failed else 3)
-
-    def _refused(self, error: HopperError) -> None:
-        self.error = error
-        log.warning("lease keeper of %s stops: %s", self.instance_id, error)
+    def _started(self) -> None:
+        if self._thread is not None or self._task is not None:
+            raise RuntimeError(f"the lease keeper of {self.instance_id} was started already")
 
     # --- blocking: a thread -----------------------------------------------------------------
 
@@ -111,6 +135,10 @@ class LeaseKeeper:
         """Starts the keeper thread (blocking client); renews at once."""
         if not isinstance(self.client, HopperClient):
             raise TypeError("an AsyncHopperClient's keeper starts with `async with` or astart()")
+        for callback in (self.on_lapse, self.on_renewed):
+            if inspect.iscoroutinefunction(callback):
+                raise TypeError("a blocking keeper's callbacks are plain functions")
+        self._started()
         self._thread = threading.Thread(
             target=self._run, name=f"lease-{self.instance_id}", daemon=True
         )
@@ -121,26 +149,20 @@ class LeaseKeeper:
         client = self.client
         assert isinstance(client, HopperClient)
         while not self._stop.is_set():
-            failed = False
+            instance, error = None, None
             try:
                 instance = client._call(
                     _ops.renew_instance_lease(instance_id=self.instance_id),
-                    attempt_timeout=max(self.period / 3, 0.5),
+                    attempt_timeout=self._attempt_timeout(),
                 )
-            except HopperError as error:
-                if not error.retryable:
-                    self._refused(error)
-                    return
-                failed = True
-                if self._lapsed_here() and self.on_lapse:
-                    self.on_lapse()
-            else:
-                lapsed, live_until = self._renewed(instance)
-                if lapsed and self.on_lapse:
-                    self.on_lapse()
-                if self.on_renewed:
-                    self.on_renewed(live_until)
-            self._stop.wait(self._next(failed))
+            except Exception as e:
+                error = e
+            due, pause = self._after(instance, error)
+            for callback in due:
+                _safely(callback)
+            if pause is None:
+                return
+            self._stop.wait(pause)
 
     def stop(self) -> None:
         """Stops the thread; raises the refusal that stopped it earlier, if any."""
@@ -166,33 +188,28 @@ class LeaseKeeper:
         """Starts the keeper task (async client); renews at once."""
         if not isinstance(self.client, AsyncHopperClient):
             raise TypeError("a HopperClient's keeper starts with `with` or start()")
+        self._started()
         self._stopping = asyncio.Event()
         self._task = asyncio.create_task(self._arun(self.client, self._stopping))
         return self
 
     async def _arun(self, client: AsyncHopperClient, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
-            failed = False
+            instance, error = None, None
             try:
                 instance = await client._call(
                     _ops.renew_instance_lease(instance_id=self.instance_id),
-                    attempt_timeout=max(self.period / 3, 0.5),
+                    attempt_timeout=self._attempt_timeout(),
                 )
-            except HopperError as error:
-                if not error.retryable:
-                    self._refused(error)
-                    return
-                failed = True
-                if self._lapsed_here() and self.on_lapse:
-                    await _maybe_await(self.on_lapse())
-            else:
-                lapsed, live_until = self._renewed(instance)
-                if lapsed and self.on_lapse:
-                    await _maybe_await(self.on_lapse())
-                if self.on_renewed:
-                    await _maybe_await(self.on_renewed(live_until))
+            except Exception as e:
+                error = e
+            due, pause = self._after(instance, error)
+            for callback in due:
+                await _asafely(callback)
+            if pause is None:
+                return
             try:
-                async with asyncio.timeout(self._next(failed)):
+                async with asyncio.timeout(pause):
                     await stopping.wait()
             except TimeoutError:
                 pass
@@ -218,6 +235,19 @@ class LeaseKeeper:
             raise self.error
 
 
-async def _maybe_await(value: Awaitable[None] | None) -> None:
+def _safely(callback: Callable[[], object]) -> object:
+    """Runs a user's callback; what it raises is logged, and the keeper keeps renewing."""
+    try:
+        return callback()
+    except Exception:
+        log.exception("a lease keeper's callback raised")
+        return None
+
+
+async def _asafely(callback: Callable[[], object]) -> None:
+    value = _safely(callback)
     if inspect.isawaitable(value):
-        await value
+        try:
+            await value
+        except Exception:
+            log.exception("a lease keeper's callback raised")

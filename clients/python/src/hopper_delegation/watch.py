@@ -2,14 +2,18 @@
 disconnects, server restarts and a switch between replicas.
 
 The watch keeps a cursor, the sequence of the last event *or progress mark* it received, and
-whenever its stream fails with a fault (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED, a reset
-stream) or falls silent (no message for three progress intervals: a half-open connection), it
-opens a new stream after that cursor, backing off with jitter from 0.1 s to 5 s. The server
-replays exactly the events after the cursor; the watch also drops any event at or below it, so
-nothing is ever delivered twice. A refusal (NOT_FOUND, PERMISSION_DENIED, …) ends the watch
-with its exception; a cursor older than the retained log raises
-:class:`~hopper_delegation.CursorExpired`. Persist :attr:`Watch.cursor` and pass it as
-``after=`` to resume in another process.
+whenever its stream fails with a fault (any retryable status: UNAVAILABLE, ABORTED,
+DEADLINE_EXCEEDED, a transient stream reset) or falls silent (no message for three progress
+intervals: a half-open connection), it opens a new stream after that cursor, backing off with
+jitter from 0.1 s to 5 s. The server replays exactly the events after the cursor; the watch
+also drops any event at or below it, so nothing is ever delivered twice. A refusal
+(NOT_FOUND, PERMISSION_DENIED, …) ends the watch with its exception; a cursor older than the
+retained log raises :class:`~hopper_delegation.CursorExpired`. Persist :attr:`Watch.cursor`
+after handling each event and pass it as ``after=`` to resume in another process.
+
+The stream opens on the first ``next()`` (or :meth:`Watch.start`): with ``after=None`` the
+watch delivers what happens from then on; call ``start()`` to pin that moment before reading
+any state the events will update.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
@@ -36,30 +40,10 @@ log = logging.getLogger("hopper_delegation.watch")
 #: The server's default ``--progress-interval``.
 PROGRESS_INTERVAL = 5.0
 
-_FAULTS = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-
-def _is_fault(error: grpc.RpcError) -> bool:
-    call: Any = error
-    code = call.code()
-    if code in _FAULTS:
-        return True
-    # A stream reset by a dying server or a proxy reaches grpcio as INTERNAL: transient for
-    # NO_ERROR, INTERNAL_ERROR, REFUSED_STREAM and CANCEL, not for a PROTOCOL_ERROR (a
-    # misconfiguration that would fail forever).
-    reset = _RESET.search(call.details() or "")
-    return code == grpc.StatusCode.INTERNAL and reset is not None and reset[1] in "0278"
-
-
-_RESET = re.compile(r"RST_STREAM with error code (\d)\b")
-
 
 class _Cursor:
-    """What both watches share: the cursor, the request after it, and the backoff."""
+    """What both watches share: the cursor, the request after it, the backoff, and the events
+    read ahead by ``start()``."""
 
     def __init__(
         self,
@@ -76,6 +60,7 @@ class _Cursor:
         self.silence = 3 * progress_interval
         self.failures = 0
         self.reconnects = 0
+        self.ready: deque[Event] = deque()  # read by start(), not delivered yet
 
     def request(self) -> dpb.WatchEventsRequest:
         request = dpb.WatchEventsRequest(
@@ -87,19 +72,28 @@ class _Cursor:
             request.after_sequence = self.cursor
         return request
 
+    def delivered(self) -> int | None:
+        """The cursor to persist: before the first event read ahead but not delivered yet."""
+        return self.ready[0].sequence - 1 if self.ready else self.cursor
+
     def take(self, response: dpb.WatchEventsResponse) -> Event | None:
-        """The event in ``response``, if it is one after the cursor; advances the cursor."""
+        """The event in ``response``, if it is one after the cursor; advances the cursor once
+        the event is converted (a progress mark moves it too)."""
         self.failures = 0
-        if response.HasField("progress"):
+        payload = response.WhichOneof("payload")
+        if payload == "progress":
             sequence = response.progress.sequence
             if self.cursor is None or sequence > self.cursor:
                 self.cursor = sequence
             return None
-        event = response.event
-        if self.cursor is not None and event.sequence <= self.cursor:
+        if payload != "event":
             return None
-        self.cursor = event.sequence
-        return Event.from_proto(event)
+        sequence = response.event.sequence
+        if self.cursor is not None and sequence <= self.cursor:
+            return None
+        event = Event.from_proto(response.event)
+        self.cursor = sequence
+        return event
 
     def backoff(self, why: object) -> float:
         """The pause before the next stream, after a fault."""
@@ -120,8 +114,9 @@ class _Watched:
 
     @property
     def cursor(self) -> int | None:
-        """The sequence to persist and resume after (``after=``)."""
-        return self._state.cursor
+        """The sequence to persist and resume after (``after=``): every event up to it has been
+        delivered by this iterator."""
+        return self._state.delivered()
 
     @property
     def reconnects(self) -> int:
@@ -141,19 +136,20 @@ class Watch(_Watched, Iterator[Event]):
         self._state = state
         self._call: Any = None
         self._closed = False
+        self._lock = threading.Lock()  # the call and the flags below, against the watchdog
         self._wake = threading.Event()
-        # Set while __next__ waits on the stream: the watchdog cancels a silent one.
+        # Set while _message waits on the stream: the watchdog cancels a silent one.
         self._waiting_since: float | None = None
         self._silenced = False
         self._dog: threading.Thread | None = None
-        self._ready: deque[Event] = deque()  # read by start(), not yet delivered
 
     def __iter__(self) -> Watch:
         return self
 
     def __next__(self) -> Event:
-        if self._ready:
-            return self._ready.popleft()
+        ready = self._state.ready
+        if ready:
+            return ready.popleft()
         while True:
             event = self._state.take(self._message())
             if event is not None:
@@ -167,71 +163,95 @@ class Watch(_Watched, Iterator[Event]):
             response = self._message()
             event = self._state.take(response)
             if event is not None:
-                self._ready.append(event)
-            elif response.HasField("progress"):
+                self._state.ready.append(event)
+            elif response.WhichOneof("payload") == "progress":
                 return self._state.cursor
 
     def _message(self) -> dpb.WatchEventsResponse:
         """The next message of the stream, opening a new one after a fault."""
         state = self._state
         while True:
-            if self._closed:
-                raise StopIteration
-            if self._call is None:
-                self._silenced = False
-                self._call = self._open(state.request())
-                if self._dog is None:
-                    self._dog = threading.Thread(target=self._watchdog, daemon=True)
-                    self._dog.start()
-            self._waiting_since = time.monotonic()
+            with self._lock:
+                if self._closed:
+                    raise StopIteration
+                if self._call is None:
+                    self._silenced = False
+                    self._call = self._open(state.request())
+                    if self._dog is None:
+                        self._dog = threading.Thread(
+                            target=_watchdog, args=(weakref.ref(self), self._wake), daemon=True
+                        )
+                        self._dog.start()
+                call = self._call
+                self._waiting_since = time.monotonic()
             try:
-                response: dpb.WatchEventsResponse = next(self._call)
+                response: dpb.WatchEventsResponse = next(call)
                 return response
             except StopIteration:
                 self._fault("the stream ended")
-            except grpc.RpcError as error:
+            except grpc.RpcError as rpc_error:
                 if self._closed:
                     raise StopIteration from None
                 if self._silenced:
                     self._fault(f"no message for {state.silence:.0f}s")
-                elif not _is_fault(error):
+                    continue
+                error = from_rpc_error(rpc_error)
+                if not error.retryable:
                     self.close()
-                    raise from_rpc_error(error) from None
-                else:
-                    self._fault(from_rpc_error(error))
+                    raise error from None
+                self._fault(error)
             finally:
                 self._waiting_since = None
 
     def _fault(self, why: object) -> None:
-        call, self._call = self._call, None
+        with self._lock:
+            call, self._call = self._call, None
         if call is not None:
             call.cancel()
         self._wake.wait(self._state.backoff(why))
 
-    def _watchdog(self) -> None:
-        silence = self._state.silence
-        while not self._closed:
+    def _cancel_if_silent(self) -> None:
+        with self._lock:
             since = self._waiting_since
-            if since is not None and time.monotonic() - since >= silence:
-                call = self._call
-                if call is not None:
-                    self._silenced = True
-                    call.cancel()
-                self._waiting_since = None
-            self._wake.wait(silence / 4)
+            if since is None or time.monotonic() - since < self._state.silence:
+                return
+            if self._call is not None:
+                self._silenced = True
+                self._call.cancel()
+            self._waiting_since = None
 
     def close(self) -> None:
         """Ends the watch: the stream is cancelled and iteration stops."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            call = self._call
         self._wake.set()
-        if self._call is not None:
-            self._call.cancel()
+        if call is not None:
+            call.cancel()
+
+    def __del__(self) -> None:
+        # A watch dropped without close() (a `break` out of its loop) ends its stream.
+        if not getattr(self, "_closed", True):
+            self.close()
 
     def __enter__(self) -> Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _watchdog(watch: weakref.ref[Watch], wake: threading.Event) -> None:
+    """Cancels the watch's stream when it has been silent too long; holds only a weak
+    reference, so that a dropped watch is collected (and closed)."""
+    while True:
+        w = watch()
+        if w is None or w._closed:
+            return
+        interval = w._state.silence / 4
+        w._cancel_if_silent()
+        del w
+        wake.wait(interval)
 
 
 class AsyncWatch(_Watched, AsyncIterator[Event]):
@@ -247,14 +267,14 @@ class AsyncWatch(_Watched, AsyncIterator[Event]):
         self._call: Any = None
         self._closed = False
         self._closing = asyncio.Event()
-        self._ready: deque[Event] = deque()  # read by start(), not yet delivered
 
     def __aiter__(self) -> AsyncWatch:
         return self
 
     async def __anext__(self) -> Event:
-        if self._ready:
-            return self._ready.popleft()
+        ready = self._state.ready
+        if ready:
+            return ready.popleft()
         while True:
             event = self._state.take(await self._message())
             if event is not None:
@@ -266,8 +286,8 @@ class AsyncWatch(_Watched, AsyncIterator[Event]):
             response = await self._message()
             event = self._state.take(response)
             if event is not None:
-                self._ready.append(event)
-            elif response.HasField("progress"):
+                self._state.ready.append(event)
+            elif response.WhichOneof("payload") == "progress":
                 return self._state.cursor
 
     async def _message(self) -> dpb.WatchEventsResponse:
@@ -285,17 +305,23 @@ class AsyncWatch(_Watched, AsyncIterator[Event]):
                 await self._fault(f"no message for {state.silence:.0f}s")
                 continue
             except asyncio.CancelledError:
-                # grpc.aio raises this from a read of a call cancelled here: aclose().
+                # grpc.aio cancels the call when a read is cancelled (aclose(), or the
+                # caller's own timeout around anext()): that call is done for; the next read
+                # opens a new one after the cursor.
+                call, self._call = self._call, None
+                if call is not None:
+                    call.cancel()
                 if self._closed:
                     raise StopAsyncIteration from None
                 raise
-            except grpc.RpcError as error:
+            except grpc.RpcError as rpc_error:
                 if self._closed:
                     raise StopAsyncIteration from None
-                if not _is_fault(error):
+                error = from_rpc_error(rpc_error)
+                if not error.retryable:
                     await self.aclose()
-                    raise from_rpc_error(error) from None
-                await self._fault(from_rpc_error(error))
+                    raise error from None
+                await self._fault(error)
                 continue
             if response is grpc.aio.EOF:
                 await self._fault("the stream ended")
