@@ -213,6 +213,8 @@ async def test_the_story_on_the_async_client(server: Server) -> None:
         await watch.aclose()
         assert sequences == sorted(sequences) and len(sequences) == 7
         assert watch.cursor == sequences[-1]
+    with pytest.raises(RuntimeError, match="closed"):
+        await client.get_task(id="t")
 
 
 def test_the_enums_are_the_protos() -> None:

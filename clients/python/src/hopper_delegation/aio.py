@@ -68,11 +68,14 @@ class AsyncHopperClient:
         self.timeout = timeout
         self.retry_attempts = retry_attempts
         self._channel: grpc.aio.Channel | None = None
+        self._closed = False
         self._stubs: dict[str, Any] = {}
 
     @property
     def channel(self) -> grpc.aio.Channel:
         """The channel, made on first use in the running event loop."""
+        if self._closed:
+            raise RuntimeError("the client is closed")
         if self._channel is None:
             asyncio.get_running_loop()  # a RuntimeError outside a loop, not a broken channel
             self._channel = self.connection.aio_channel()
@@ -193,7 +196,8 @@ class AsyncHopperClient:
         )
 
     async def close(self) -> None:
-        """Closes the channel."""
+        """Closes the channel; the client cannot be used afterwards."""
+        self._closed = True
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
