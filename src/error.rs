@@ -203,10 +203,10 @@ impl Fault {
 
     /// Class 40 (transaction rollback: serialization failure, deadlock) and 55P03 (a lock not
     /// granted in time) are a conflict, except 40003 (the outcome of the statement is
-    /// unknown); 08 (connection exception), 57
-    /// (operator intervention: shutdown, crash, starting up), 58 (system error) and 25006
-    /// (a read-only standby) mean the database cannot serve now; 53300 (too many connections)
-    /// too, and the rest of 53 (insufficient resources: disk full, out of memory) is no room.
+    /// unknown); 08 (connection exception), 57 (operator intervention: shutdown, crash,
+    /// starting up), 58 (system error) and 25006 (a read-only standby) mean the database
+    /// cannot serve now; 53300 (too many connections) too, and the rest of 53 (insufficient
+    /// resources: disk full, out of memory) is no room.
     fn of_sqlstate(code: &str) -> Self {
         match code {
             "40003" | "53300" | "25006" => Self::Unreachable,
