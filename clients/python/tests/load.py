@@ -3,7 +3,9 @@ server holds it (read by a raw stub, to check the client's watch against)."""
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -46,7 +48,7 @@ class Writers:
                     hop = client.create_delegation(
                         task_id=task.id, source_instance_id="global", target_instance_id="project"
                     )
-                    _until_done(lambda hop=hop: client.accept_delegation(id=hop.id))
+                    _until_done(functools.partial(client.accept_delegation, id=hop.id))
                     done += 1
         except BaseException as error:  # reported by join()
             self.errors.append(error)
@@ -62,8 +64,7 @@ class Writers:
         return sum(self.written)
 
 
-def _until_done(write: object) -> None:
-    assert callable(write)
+def _until_done(write: Callable[[], object]) -> None:
     for _ in range(100):
         try:
             write()

@@ -77,6 +77,24 @@ class Paged(Generic[T]):
     request: Message
     items: Callable[[Any], Sequence[T]]
 
+    def after(self, page_token: str) -> Any:
+        """The request for the page after the one that ended with ``page_token``."""
+        request: Any = type(self.request)()
+        request.CopyFrom(self.request)
+        request.page_token = page_token
+        return request
+
+
+M = TypeVar("M", bound=Callable[..., Any])
+
+
+def named(method: M, build: Callable[..., Any], client: str) -> M:
+    """``method``, a client's method made from ``build``, under its name and with its doc."""
+    method.__name__ = build.__name__
+    method.__qualname__ = f"{client}.{build.__name__}"
+    method.__doc__ = build.__doc__
+    return method
+
 
 def new_request_id() -> str:
     """A fresh request id: the same one is sent on every retry of a create."""

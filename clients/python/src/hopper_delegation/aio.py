@@ -28,10 +28,7 @@ def _unary(
     async def method(self: AsyncHopperClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return await self._call(build(*args, **kwargs))
 
-    method.__name__ = build.__name__
-    method.__qualname__ = f"AsyncHopperClient.{build.__name__}"
-    method.__doc__ = build.__doc__
-    return method
+    return _ops.named(method, build, "AsyncHopperClient")
 
 
 def _paged(
@@ -40,10 +37,7 @@ def _paged(
     def method(self: AsyncHopperClient, /, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[T]:
         return self._pages(build(*args, **kwargs))
 
-    method.__name__ = build.__name__
-    method.__qualname__ = f"AsyncHopperClient.{build.__name__}"
-    method.__doc__ = build.__doc__
-    return method
+    return _ops.named(method, build, "AsyncHopperClient")
 
 
 class AsyncHopperClient:
@@ -129,9 +123,7 @@ class AsyncHopperClient:
                 yield item
             if not response.next_page_token:
                 return
-            request = type(request)()
-            request.CopyFrom(op.request)
-            request.page_token = response.next_page_token
+            request = op.after(response.next_page_token)
 
     register_instance = _unary(_ops.register_instance)
     get_instance = _unary(_ops.get_instance)

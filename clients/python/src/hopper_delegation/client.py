@@ -42,10 +42,7 @@ def _unary(
     def method(self: HopperClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return self._call(build(*args, **kwargs))
 
-    method.__name__ = build.__name__
-    method.__qualname__ = f"HopperClient.{build.__name__}"
-    method.__doc__ = build.__doc__
-    return method
+    return _ops.named(method, build, "HopperClient")
 
 
 def _paged(
@@ -54,10 +51,7 @@ def _paged(
     def method(self: HopperClient, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
         return self._pages(build(*args, **kwargs))
 
-    method.__name__ = build.__name__
-    method.__qualname__ = f"HopperClient.{build.__name__}"
-    method.__doc__ = build.__doc__
-    return method
+    return _ops.named(method, build, "HopperClient")
 
 
 class HopperClient:
@@ -129,9 +123,7 @@ class HopperClient:
             yield from op.items(response)
             if not response.next_page_token:
                 return
-            request = type(request)()
-            request.CopyFrom(op.request)
-            request.page_token = response.next_page_token
+            request = op.after(response.next_page_token)
 
     register_instance = _unary(_ops.register_instance)
     get_instance = _unary(_ops.get_instance)
